@@ -1,0 +1,1 @@
+"""cdjax: coupled diffusion models of signals and logits, and Ex-Diff speech enhancement, in JAX."""
