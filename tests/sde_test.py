@@ -1,0 +1,136 @@
+"""SDE marginals against Monte-Carlo simulation of the forward processes, and closed forms."""
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from cdjax import sde as sde_lib
+
+NUM_PATHS = 20000
+
+
+def _check_moments(samples, mean, std, rtol_std=0.03):
+  """Sample moments of [P, D] samples equal (mean [D], std) within Monte-Carlo error."""
+  samples = np.asarray(samples, np.float64)
+  se = np.maximum(std, 1e-6) / math.sqrt(samples.shape[0])
+  np.testing.assert_array_less(np.abs(samples.mean(0) - mean), 5 * se + 1e-6)
+  np.testing.assert_allclose(samples.std(0), np.broadcast_to(std, samples.shape[1:]), rtol=rtol_std, atol=1e-5)
+
+
+@pytest.mark.parametrize("schedule", ["cosine", "linear"])
+def test_vp_discrete_chain_matches_closed_form(schedule):
+  sde = sde_lib.get_sde("vp_discrete", N=150, schedule=schedule)
+  x0 = jnp.array([1.0, -0.5, 0.0])
+  betas = sde.betas
+
+  def step(x, inputs):
+    key, beta = inputs
+    x = jnp.sqrt(1 - beta) * x + jnp.sqrt(beta) * jax.random.normal(key, x.shape)
+    return x, x
+
+  keys = jax.random.split(jax.random.PRNGKey(0), sde.N)
+  _, xs = jax.lax.scan(step, jnp.broadcast_to(x0, (NUM_PATHS, 3)), (keys, betas))
+  for t in [0, 10, 75, 149]:
+    mean, std = sde.marginal(x0[None], jnp.array([float(t)]))
+    _check_moments(xs[t], np.asarray(mean[0]), float(std[0]))
+
+
+def test_vp_discrete_cosine_schedule_values():
+  sde = sde_lib.get_sde("vp_discrete", N=150, schedule="cosine")
+  abar = np.asarray(sde.alphas_cumprod)
+  assert np.all(np.diff(abar) < 0)
+  assert float(sde.betas.max()) <= np.float32(0.999)
+  # Closed form of Nichol & Dhariwal's cosine schedule away from the clipped end.
+  f = lambda t: math.cos((t / 150 + 0.008) / 1.008 * math.pi / 2) ** 2
+  np.testing.assert_allclose(abar[74], f(75) / f(0), rtol=1e-5)
+  assert abar[-1] < 1e-4
+  a, std = sde.coeffs(jnp.array(-1.0))
+  assert float(a) == 1.0 and float(std) == 0.0
+
+
+def _euler_maruyama_forward(sde, x0, y, t_end, num_steps, key):
+  dt = t_end / num_steps
+
+  def step(x, inputs):
+    i, k = inputs
+    t = jnp.full((x.shape[0],), i * dt)
+    drift = sde.drift(x, t, y)
+    g = sde_lib.bcast(sde.diffusion(t), x)
+    return x + drift * dt + g * math.sqrt(dt) * jax.random.normal(k, x.shape, x.dtype), None
+
+  keys = jax.random.split(key, num_steps)
+  x, _ = jax.lax.scan(step, x0, (jnp.arange(num_steps), keys))
+  return x
+
+
+@pytest.mark.parametrize("name,kwargs,t_end", [
+    ("ouve", {}, 0.5), ("ouve", {}, 1.0), ("ve", dict(sigma_min=0.01, sigma_max=5.0), 0.7)])
+def test_continuous_marginals_match_simulation(name, kwargs, t_end):
+  with jax.enable_x64(True):
+    sde = sde_lib.get_sde(name, **kwargs)
+    x0 = jnp.broadcast_to(jnp.array([0.8, -0.3], jnp.float64), (NUM_PATHS, 2))
+    y = jnp.broadcast_to(jnp.array([0.1, 0.4], jnp.float64), (NUM_PATHS, 2))
+    xt = _euler_maruyama_forward(sde, x0, y, t_end, 1000, jax.random.PRNGKey(1))
+    mean, std = sde.marginal(x0[:1], jnp.array([t_end]), y[:1])
+    _check_moments(xt, np.asarray(mean[0]), float(std[0]))
+
+
+def test_ouve_closed_forms():
+  sde = sde_lib.get_sde("ouve")
+  assert (sde.theta, sde.sigma_min, sde.sigma_max, sde.t_eps, sde.N) == (1.5, 0.05, 0.5, 0.03, 30)
+  x0, y, t = jnp.array([[2.0, -1.0]]), jnp.array([[0.5, 0.5]]), jnp.array([0.4])
+  mean, std = sde.marginal(x0, t, y)
+  np.testing.assert_allclose(mean, y + (x0 - y) * np.exp(-1.5 * 0.4), rtol=1e-6)
+  # SGMSE+'s _std, written out independently.
+  logsig = math.log(10.0)
+  var = 0.05**2 * math.exp(-2 * 1.5 * 0.4) * (math.exp(2 * (1.5 + logsig) * 0.4) - 1) * logsig / (1.5 + logsig)
+  np.testing.assert_allclose(std, [math.sqrt(var)], rtol=1e-5)
+  np.testing.assert_allclose(sde.diffusion(jnp.array(0.4)), 0.05 * 10**0.4 * math.sqrt(2 * logsig), rtol=1e-6)
+
+
+@pytest.mark.parametrize("name", ["vp_discrete", "ve", "ouve"])
+def test_tweedie_inverts_the_marginal(name):
+  sde = sde_lib.get_sde(name)
+  k1, k2, k3 = jax.random.split(jax.random.PRNGKey(2), 3)
+  x0, y, z = (jax.random.normal(k, (4, 3, 5)) for k in (k1, k2, k3))
+  t = sde.sample_time(jax.random.PRNGKey(3), (4,))
+  mean, std = sde.marginal(x0, t, y)
+  x = mean + sde_lib.bcast(std, z) * z
+  score = sde.score_from_eps(z, t)
+  np.testing.assert_allclose(sde.x0_from_score(x, score, t, y), x0, rtol=1e-3, atol=1e-3)
+  np.testing.assert_allclose(sde.eps_from_score(score, t), z, rtol=1e-5, atol=1e-6)
+
+
+def test_prior_sample_moments():
+  y = jnp.full((NUM_PATHS, 2), 0.3)
+  ouve = sde_lib.get_sde("ouve")
+  _check_moments(ouve.prior_sample(jax.random.PRNGKey(0), y.shape, y), np.full(2, 0.3), float(ouve.coeffs(1.0)[1]))
+  vp = sde_lib.get_sde("vp_discrete")
+  _check_moments(vp.prior_sample(jax.random.PRNGKey(1), (NUM_PATHS, 2)), np.zeros(2), 1.0)
+  with pytest.raises(ValueError, match="pass y"):
+    ouve.prior_sample(jax.random.PRNGKey(0), (2, 2))
+
+
+def test_complex_noise_has_unit_power():
+  z = sde_lib.normal(jax.random.PRNGKey(0), (100000,), jnp.complex64)
+  assert z.dtype == jnp.complex64
+  np.testing.assert_allclose(np.mean(np.abs(z) ** 2), 1.0, rtol=0.02)
+  np.testing.assert_allclose(np.var(z.real), 0.5, rtol=0.02)
+
+
+def test_sde_is_a_hashable_static_pytree():
+  sde = sde_lib.get_sde("vp_discrete", N=10)
+  assert jax.tree_util.tree_leaves(sde) == []
+  assert hash(sde) == hash(sde_lib.get_sde("vp_discrete", N=10))
+  np.testing.assert_allclose(jax.jit(lambda s: s.coeffs(3.0)[0])(sde), sde.coeffs(3.0)[0])
+
+
+def test_unknown_names_list_the_known_ones():
+  with pytest.raises(KeyError, match="Known: ouve, ve, vp_discrete"):
+    sde_lib.get_sde("vp_continuous")
+  with pytest.raises(KeyError, match="Did you mean 'ouve'"):
+    sde_lib.get_sde("ouv")
+  with pytest.raises(ValueError, match="schedule"):
+    sde_lib.get_sde("vp_discrete", schedule="quadratic")
