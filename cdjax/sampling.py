@@ -107,13 +107,14 @@ class StepOutput(NamedTuple):
 
 
 def get_step_fn(sde, predictor: str = "reverse_diffusion", corrector: str = "none",
-                snr: float = 0.16, n_corrector: int = 1, clip_x0=None,
+                snr: float = 0.16, n_corrector: int = 1, x0_transform=None,
                 predictor_kwargs=None) -> Callable:
   """One PC step `step(key, x, t, t_next, score_fn, y=None) -> StepOutput` (t scalars).
 
   The corrector runs first at t (as in score_sde and SGMSE+), then the predictor from t to
-  t_next. `clip_x0=(lo, hi)` clips the Tweedie estimate used by the x0-based predictors and
-  returned for coupling. `step.nfe` is the number of score evaluations per step.
+  t_next. `x0_transform` (e.g. `clip(-1, 1)` for images, per-sample standardisation for
+  logits) maps the Tweedie estimate used by the x0-based predictors and returned for coupling.
+  `step.nfe` is the number of score evaluations per step.
   """
   predictor_fn = functools.partial(PREDICTORS.get(predictor), **dict(predictor_kwargs or {}))
   corrector_fn = CORRECTORS.get(corrector)
@@ -125,8 +126,8 @@ def get_step_fn(sde, predictor: str = "reverse_diffusion", corrector: str = "non
     x, _ = corrector_fn(sde, k_corr, x, t_b, y, score_fn, snr, n_corrector)
     score = score_fn(x, t_b)
     x0_hat = sde.x0_from_score(x, score, t_b, y)
-    if clip_x0 is not None:
-      x0_hat = jnp.clip(x0_hat, *clip_x0)
+    if x0_transform is not None:
+      x0_hat = x0_transform(x0_hat)
     x_next, x_mean = predictor_fn(sde, k_pred, x, t_b, t_next_b, score, x0_hat, y)
     return StepOutput(x_next, x_mean, x0_hat)
 

@@ -59,8 +59,8 @@ class SDE:
     """Forward diffusion coefficient g(t), shaped like `t`."""
     raise NotImplementedError
 
-  def timesteps(self) -> jax.Array:
-    """Sampling grid [N + 1]: step i goes from timesteps[i] to timesteps[i + 1] (the clean end)."""
+  def timesteps(self) -> np.ndarray:
+    """Sampling grid [N + 1] (a constant): step i goes from timesteps[i] to timesteps[i + 1]."""
     raise NotImplementedError
 
   def sample_time(self, key, shape) -> jax.Array:
@@ -210,7 +210,7 @@ class VPDiscrete(SDE):
     return bcast(jnp.sqrt(1.0 - beta), x) * x - x, jnp.sqrt(beta)
 
   def timesteps(self):
-    return jnp.arange(self.N - 1, -2, -1, dtype=jnp.float32)
+    return np.arange(self.N - 1, -2, -1, dtype=np.float32)
 
   def sample_time(self, key, shape):
     return jax.random.randint(key, shape, 0, self.N).astype(jnp.float32)
@@ -242,7 +242,7 @@ class VE(SDE):
     return self._sigma(t) * math.sqrt(2 * math.log(self.sigma_max / self.sigma_min))
 
   def timesteps(self):
-    return jnp.append(jnp.linspace(1.0, self.t_eps, self.N), 0.0)
+    return np.append(np.linspace(1.0, self.t_eps, self.N), 0.0).astype(np.float32)
 
   def sample_time(self, key, shape):
     return jax.random.uniform(key, shape, minval=self.t_eps, maxval=1.0)
@@ -284,7 +284,7 @@ class OUVE(SDE):
     return self.sigma_min * (self.sigma_max / self.sigma_min) ** t * math.sqrt(2 * self._logsig)
 
   def timesteps(self):
-    return jnp.append(jnp.linspace(self.T, self.t_eps, self.N), 0.0)
+    return np.append(np.linspace(self.T, self.t_eps, self.N), 0.0).astype(np.float32)
 
   def sample_time(self, key, shape):
     return jax.random.uniform(key, shape, minval=self.t_eps, maxval=self.T)

@@ -63,7 +63,12 @@ def get_config() -> ml_collections.ConfigDict:
       signal_predictor="ancestral", logits_predictor="posterior_mean",
       corrector="none", snr=0.16, n_corrector=1,
       predictor_kwargs=dict(),   # e.g. eta for ddim, clip_x0 for DDPM
+      parallel_order="logits_first",   # images; speech: signal_first
+      initial_logits="zeros",    # round-one logits: zeros (images) | classifier = f(y) (speech)
       rounds=5,                  # alternating K
+      skip_last_logits=False,    # alternating: end on the signal run (speech)
+      final_signal_run=False,    # nested: one more signal run on the final logits (speech)
+      return_trajectory=False,
       nested_steps=(39, 19),     # logit steps where nested re-runs the signal trajectory
       switch_t=0.5,              # fraction of the trajectory after which logits condition on x0_hat
       cond_source="clean",       # clean (x0_hat) | noisy (x_t): the paper's ablation

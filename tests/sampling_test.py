@@ -108,9 +108,10 @@ def test_score_fn_is_traced_once_per_compilation(num_steps):
   assert sampler.nfe == 3 * num_steps
 
 
-def test_clip_x0_bounds_the_returned_estimates():
+def test_x0_transform_bounds_the_returned_estimates():
   sde = sde_lib.get_sde("vp_discrete", N=20)
-  sampler = sampling.get_sampling_fn(sde, (64, DIM), predictor="ancestral", clip_x0=(-0.25, 0.25))
+  sampler = sampling.get_sampling_fn(sde, (64, DIM), predictor="ancestral",
+                                     x0_transform=lambda x0: jnp.clip(x0, -0.25, 0.25))
   x, traj = jax.jit(lambda k: sampler(gaussian_score(sde), k, return_trajectory=True))(jax.random.PRNGKey(0))
   assert float(jnp.abs(traj).max()) <= 0.25
   assert float(jnp.abs(x).max()) <= 0.25 + 1e-6   # the last step lands on x0_hat
