@@ -1,0 +1,318 @@
+"""Coupled diffusion of signals and logits: the Parallel, Alternating and Nested strategies, and the
+baselines, all composed from one pair of branch steps and the scan sampler of `cdjax.sampling`.
+
+`run(model, cfg, params, classifier_params, key, y) -> CoupledOutput` is the pure entry point,
+with `params = {"signal": ..., "logits": ...}`, `y` the degraded observation [B, ...] and `cfg`
+the `sampling` config section. A strategy is a registered `fn(branches, key) -> CoupledOutput`;
+every diffusion step runs inside `jax.lax.scan` (nested scans where the strategy nests), so
+`jax.jit(get_coupled_fn(model, cfg))` compiles a whole run.
+"""
+import dataclasses
+import functools
+from typing import Any, Callable, NamedTuple, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from cdjax import guidance
+from cdjax import sampling
+from cdjax import sde as sde_lib
+from cdjax.registry import Registry
+
+STRATEGIES = Registry("strategy")
+
+
+def standardize_logits(logits, std: float):
+  """Per-sample re-standardisation of logits [B, K] to mean 0 and standard deviation `std`.
+
+  The official logit branch re-standardises its x0 estimate (std 0.8) in every reverse step;
+  its training targets and conditioning logits go through the same map. `std <= 0`: identity.
+  """
+  if std <= 0:
+    return logits
+  centred = logits - logits.mean(-1, keepdims=True)
+  return std * centred / (centred.std(-1, keepdims=True) + 1e-6)
+
+
+@dataclasses.dataclass(frozen=True)
+class CoupledModel:
+  """The two branches and the frozen classifier, as pure functions of their parameters.
+
+  signal_net(params, x_t, t, y, logits) -> output shaped like x_t
+  logits_net(params, l_t, t, cond_logits, cond_signal) -> output [B, K]
+  classifier(params, x) -> logits [B, K]    (inference mode, never trained here)
+  Outputs are turned into scores by `sde.score_from_output` with the branch's parameterization.
+  """
+  signal_sde: sde_lib.SDE
+  logits_sde: sde_lib.SDE
+  signal_net: Callable
+  logits_net: Callable
+  classifier: Callable
+  num_classes: int
+  signal_parameterization: str = "eps"
+  logits_parameterization: str = "eps"
+  signal_x0_range: Optional[tuple] = (-1.0, 1.0)   # clip of x0_hat (images); None: no clip
+  logits_std: float = 0.8
+
+
+class CoupledOutput(NamedTuple):
+  x0: jax.Array                  # enhanced signal [B, ...]
+  logits: jax.Array              # the method's final class logits [B, K]
+  classifier_logits: jax.Array   # f(x0): "classify the enhanced signal" [B, K]
+  nfe: jax.Array                 # network evaluations per item (signal + logit nets), scalar
+  trajectory: Any = None         # strategy-specific clean estimates, or None
+
+
+class _Branches:
+  """One signal step and one logit step with their conditioning; shared by every strategy."""
+
+  def __init__(self, model: CoupledModel, cfg, params, classifier_params, y):
+    self.model, self.cfg, self.params, self.y = model, cfg, params, y
+    self.classify = functools.partial(model.classifier, classifier_params)
+    g = cfg.guidance
+    self.signal_scale, self.logits_scale, self.temperature = (
+        g.signal_scale, g.logits_scale, g.temperature)
+    clip = model.signal_x0_range
+    self.signal_step = sampling.get_step_fn(
+        model.signal_sde, cfg.signal_predictor, cfg.corrector, cfg.snr, cfg.n_corrector,
+        x0_transform=None if clip is None else (lambda x0: jnp.clip(x0, *clip)),
+        predictor_kwargs=cfg.predictor_kwargs)
+    self.logits_step = sampling.get_step_fn(
+        model.logits_sde, cfg.logits_predictor, "none", x0_transform=self.standardize)
+    self.zero_logits = jnp.zeros((y.shape[0], model.num_classes), jnp.float32)
+
+  def standardize(self, logits):
+    return standardize_logits(logits, self.model.logits_std)
+
+  def class_logits(self, x):
+    """f(x) on the logit branch's scale."""
+    return self.standardize(self.classify(x))
+
+  # ---- scores -----------------------------------------------------------------------------
+  def signal_score_fn(self, logits_cond, guide_logits):
+    """score(x_t, t) of the signal branch conditioned on `logits_cond` [B, K]."""
+    m = self.model
+
+    def score_fn(x, t):
+      out = m.signal_net(self.params["signal"], x, t, self.y, logits_cond)
+      score = m.signal_sde.score_from_output(out, t, m.signal_parameterization)
+      if self.signal_scale:
+        x0_hat = m.signal_sde.x0_from_score(x, score, t, self.y)
+        score = score + guidance.signal_guidance(
+            self.classify, x0_hat, guide_logits, self.signal_scale, self.temperature)
+      return score
+    return score_fn
+
+  def logits_score_fn(self, cond_signal, cond_logits, guide_signal):
+    """score(l_t, t) of the logit branch conditioned on a signal c [B, ...] and f(c) [B, K]."""
+    m = self.model
+
+    def score_fn(l, t):
+      out = m.logits_net(self.params["logits"], l, t, cond_logits, cond_signal)
+      score = m.logits_sde.score_from_output(out, t, m.logits_parameterization)
+      if self.logits_scale:
+        l0_hat = m.logits_sde.x0_from_score(l, score, t, cond_logits)
+        score = score + guidance.logits_guidance(
+            l0_hat, self.class_logits(guide_signal), self.logits_scale)
+      return score
+    return score_fn
+
+  # ---- one step of each branch ------------------------------------------------------------
+  def signal_update(self, key, x, t, t_next, logits_cond, guide_logits):
+    return self.signal_step(key, x, t, t_next, self.signal_score_fn(logits_cond, guide_logits), self.y)
+
+  def logits_update(self, key, l, t, t_next, cond_signal, guide_signal):
+    cond_logits = self.class_logits(cond_signal)
+    score_fn = self.logits_score_fn(cond_signal, cond_logits, guide_signal)
+    return self.logits_step(key, l, t, t_next, score_fn, cond_logits)
+
+  # ---- full trajectories ------------------------------------------------------------------
+  def signal_init(self, key):
+    return self.model.signal_sde.prior_sample(key, self.y.shape, self.y)
+
+  def logits_init(self, key, cond_signal):
+    return self.model.logits_sde.prior_sample(
+        key, self.zero_logits.shape, self.class_logits(cond_signal))
+
+  def signal_trajectory(self, key, logits_cond):
+    """A full signal trajectory from fresh noise, conditioned on fixed logits -> x0 [B, ...]."""
+    k_init, k_steps = jax.random.split(key)
+    score_fn = self.signal_score_fn(logits_cond, logits_cond)
+    x0, _ = sampling.sample(self.signal_step, self.model.signal_sde, score_fn, k_steps,
+                            self.signal_init(k_init), self.y)
+    return x0
+
+  def logits_trajectory(self, key, cond_signal):
+    """A full logit trajectory conditioned on a fixed signal c -> l0 [B, K]."""
+    k_init, k_steps = jax.random.split(key)
+    cond_logits = self.class_logits(cond_signal)
+    score_fn = self.logits_score_fn(cond_signal, cond_logits, cond_signal)
+    l0, _ = sampling.sample(self.logits_step, self.model.logits_sde, score_fn, k_steps,
+                            self.logits_init(k_init, cond_signal), cond_logits)
+    return l0
+
+  @property
+  def signal_nfe(self):
+    return self.signal_step.nfe * self.model.signal_sde.N
+
+  @property
+  def logits_nfe(self):
+    return self.logits_step.nfe * self.model.logits_sde.N
+
+  def output(self, x0, logits, nfe, trajectory=None):
+    return CoupledOutput(x0, logits, self.classify(x0), jnp.asarray(nfe, jnp.int32), trajectory)
+
+
+def _initial_logits(b: _Branches):
+  """Round-one logits: zeros (images, official) or f(y) (speech, official)."""
+  if b.cfg.initial_logits == "zeros":
+    return b.zero_logits
+  if b.cfg.initial_logits == "classifier":
+    return b.class_logits(b.y)
+  raise ValueError(f"Unknown sampling.initial_logits {b.cfg.initial_logits!r}; use 'zeros' or 'classifier'.")
+
+
+# ---- strategies ---------------------------------------------------------------------------------
+@STRATEGIES.register("parallel")
+def parallel(b: _Branches, key):
+  """One joint loop: both branches at the same step. `cfg.parallel_order` 'logits_first'
+  (images: logit step, then the signal step on the l0_hat just computed) or 'signal_first'
+  (speech). The logit branch sees y until the switch step, then the signal's x0_hat (or its
+  noisy state x_t with `cond_source='noisy'`; the signal branch then sees l_t, not l0_hat)."""
+  cfg, m = b.cfg, b.model
+  if m.signal_sde.N != m.logits_sde.N:
+    raise ValueError(f"Parallel needs equal step counts; signal N={m.signal_sde.N}, "
+                     f"logits N={m.logits_sde.N}. Set signal.sde_kwargs.N = logits.sde_kwargs.N.")
+  if cfg.cond_source not in ("clean", "noisy"):
+    raise ValueError(f"Unknown sampling.cond_source {cfg.cond_source!r}; use 'clean' or 'noisy'.")
+  noisy = cfg.cond_source == "noisy"
+  ts_x, ts_l = m.signal_sde.timesteps(), m.logits_sde.timesteps()
+  n = m.signal_sde.N
+  switch = int(round(n * (1.0 - cfg.switch_t)))
+  k_x, k_l, k_steps = jax.random.split(key, 3)
+  x, l = b.signal_init(k_x), b.logits_init(k_l, b.y)
+
+  def logits_half(k, i, x, l, x0_hat, tl, tl_next):
+    c = jnp.where(i >= switch, x if noisy else x0_hat, b.y)
+    return b.logits_update(k, l, tl, tl_next, c, x0_hat)
+
+  def body(carry, inputs):
+    x, l, x0_hat, l0_hat, _, _ = carry
+    i, tx, tx_next, tl, tl_next = inputs
+    k_sig, k_log = jax.random.split(jax.random.fold_in(k_steps, i))
+    if cfg.parallel_order == "logits_first":
+      out_l = logits_half(k_log, i, x, l, x0_hat, tl, tl_next)
+      out_x = b.signal_update(k_sig, x, tx, tx_next, l if noisy else out_l.x0_hat, out_l.x0_hat)
+    else:
+      out_x = b.signal_update(k_sig, x, tx, tx_next, l if noisy else l0_hat, l0_hat)
+      out_l = logits_half(k_log, i, out_x.x if noisy else x, l, out_x.x0_hat, tl, tl_next)
+    carry = (out_x.x, out_l.x, out_x.x0_hat, out_l.x0_hat, out_x.x_mean, out_l.x_mean)
+    return carry, ((out_x.x0_hat, out_l.x0_hat) if cfg.return_trajectory else None)
+
+  if cfg.parallel_order not in ("logits_first", "signal_first"):
+    raise ValueError(f"Unknown sampling.parallel_order {cfg.parallel_order!r}; "
+                     "use 'logits_first' or 'signal_first'.")
+  init = (x, l, b.y, _initial_logits(b), x, l)
+  steps = (jnp.arange(n), ts_x[:-1], ts_x[1:], ts_l[:-1], ts_l[1:])
+  carry, traj = jax.lax.scan(body, init, steps)
+  return b.output(carry[4], carry[5], b.signal_nfe + b.logits_nfe, traj)
+
+
+@STRATEGIES.register("alternating")
+def alternating(b: _Branches, key):
+  """K = cfg.rounds rounds; a round is a full signal trajectory from fresh noise conditioned on
+  the current logits (round one: `cfg.initial_logits`), then a full logit trajectory conditioned
+  on its x0. `cfg.skip_last_logits` (speech) ends on the signal run and reports f(x0)."""
+  rounds = b.cfg.rounds
+  if rounds < 1:
+    raise ValueError(f"sampling.rounds must be >= 1, got {rounds}.")
+
+  def round_fn(carry, r):
+    logits, _ = carry
+    k_round = jax.random.fold_in(key, r)
+    x0 = b.signal_trajectory(jax.random.fold_in(k_round, 0), logits)
+    last = r == rounds - 1
+    if b.cfg.skip_last_logits:
+      l0 = jax.lax.cond(last, lambda: b.class_logits(x0),
+                        lambda: b.logits_trajectory(jax.random.fold_in(k_round, 1), x0))
+    else:
+      l0 = b.logits_trajectory(jax.random.fold_in(k_round, 1), x0)
+    return (l0, x0), ((x0, l0) if b.cfg.return_trajectory else None)
+
+  init = (_initial_logits(b), jnp.zeros_like(b.y))
+  (logits, x0), traj = jax.lax.scan(round_fn, init, jnp.arange(rounds))
+  logit_runs = rounds - 1 if b.cfg.skip_last_logits else rounds
+  return b.output(x0, logits, rounds * b.signal_nfe + logit_runs * b.logits_nfe, traj)
+
+
+@STRATEGIES.register("nested")
+def nested(b: _Branches, key):
+  """A signal trajectory (round-one logits), then one logit trajectory conditioned on its x0; at
+  the logit steps in `cfg.nested_steps` a full signal trajectory is re-run on the current l0_hat,
+  refreshing x0. `cfg.final_signal_run` (speech) adds one last signal run on the final logits."""
+  m = b.model
+  ts = m.logits_sde.timesteps()
+  refresh_at = jnp.asarray(sorted(b.cfg.nested_steps), jnp.float32)
+  k_first, k_init, k_steps, k_refresh, k_final = jax.random.split(key, 5)
+  x0 = b.signal_trajectory(k_first, _initial_logits(b))
+  l = b.logits_init(k_init, x0)
+
+  def body(carry, inputs):
+    l, _, x0 = carry
+    i, t, t_next = inputs
+    out = b.logits_update(jax.random.fold_in(k_steps, i), l, t, t_next, x0, x0)
+    refresh = jnp.any(t == refresh_at)
+    x0 = jax.lax.cond(refresh, lambda: b.signal_trajectory(jax.random.fold_in(k_refresh, i), out.x0_hat),
+                      lambda: x0)
+    return (out.x, out.x_mean, x0), (out.x0_hat if b.cfg.return_trajectory else None)
+
+  steps = (jnp.arange(m.logits_sde.N), ts[:-1], ts[1:])
+  (_, logits, x0), traj = jax.lax.scan(body, (l, l, x0), steps)
+  num_refresh = int(np.isin(ts[:-1], np.asarray(b.cfg.nested_steps, np.float32)).sum())
+  signal_runs = 1 + num_refresh
+  if b.cfg.final_signal_run:
+    x0 = b.signal_trajectory(k_final, logits)
+    signal_runs += 1
+  return b.output(x0, logits, signal_runs * b.signal_nfe + b.logits_nfe, traj)
+
+
+# ---- baselines ----------------------------------------------------------------------------------
+@STRATEGIES.register("noisy")
+def noisy(b: _Branches, key):
+  """Classify the degraded input: x0 = y, logits = f(y)."""
+  del key
+  return b.output(b.y, b.class_logits(b.y), 0)
+
+
+@STRATEGIES.register("enhance_then_classify")
+def enhance_then_classify(b: _Branches, key):
+  """The signal diffusion alone (zero logits), then the classifier on its output."""
+  x0 = b.signal_trajectory(jax.random.fold_in(jax.random.fold_in(key, 0), 0), b.zero_logits)
+  return b.output(x0, b.class_logits(x0), b.signal_nfe)
+
+
+@STRATEGIES.register("card")
+def card(b: _Branches, key):
+  """CARD-style: the logit diffusion conditioned on the degraded input only (no enhancement)."""
+  return b.output(b.y, b.logits_trajectory(key, b.y), b.logits_nfe)
+
+
+# ---- entry points -------------------------------------------------------------------------------
+def run(model: CoupledModel, cfg, params, classifier_params, key, y) -> CoupledOutput:
+  """Runs `cfg.strategy` on observations y [B, ...]; with `cfg.num_samples > 1` the final logits
+  are a majority vote (ties broken by the mean logits) over independent samples."""
+  strategy = STRATEGIES.get(cfg.strategy)
+  b = _Branches(model, cfg, params, classifier_params, y)
+  if cfg.num_samples <= 1:
+    return strategy(b, key)
+  outs = jax.lax.map(lambda k: strategy(b, k), jax.random.split(key, cfg.num_samples))
+  votes = jax.nn.one_hot(outs.logits.argmax(-1), model.num_classes).sum(0)
+  logits = votes + 1e-3 * jax.nn.softmax(outs.logits.mean(0), -1)
+  return CoupledOutput(outs.x0[0], logits, outs.classifier_logits[0], outs.nfe[0] * cfg.num_samples,
+                       outs.trajectory)
+
+
+def get_coupled_fn(model: CoupledModel, cfg) -> Callable:
+  """`fn(params, classifier_params, key, y) -> CoupledOutput` for the strategy in `cfg`; jit it."""
+  return functools.partial(run, model, cfg)

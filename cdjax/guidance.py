@@ -1,0 +1,27 @@
+"""Optional gradient guidance through the frozen classifier (scale 0 = off = the official method).
+
+Both terms are added to a branch's score:
+- signal: `s_x * grad_x0 sum_c w_c log softmax(f(x0_hat))_c`, with class weights
+  `w = softmax(l0_hat / tau)` from the logit branch (the gradient is taken at the Tweedie
+  estimate x0_hat, not through the score network: the usual cheap approximation);
+- logits: `s_l * grad_l0 [-0.5 ||l0_hat - f(x0_hat)||^2] = s_l (f(x0_hat) - l0_hat)`, pulling the
+  logit branch toward what the classifier says of the signal branch's estimate.
+"""
+import jax
+import jax.numpy as jnp
+
+
+def signal_guidance(classify, x0_hat, l0_hat, scale: float, temperature: float):
+  """Guidance term [B, ...] for the signal score; `classify(x) -> logits [B, K]`."""
+  weights = jax.nn.softmax(jax.lax.stop_gradient(l0_hat) / temperature, axis=-1)
+
+  def log_likelihood(x):
+    return jnp.sum(weights * jax.nn.log_softmax(classify(x), axis=-1))
+
+  return scale * jax.grad(log_likelihood)(x0_hat)
+
+
+def logits_guidance(l0_hat, classifier_logits, scale: float):
+  """Guidance term [B, K] for the logit score, toward `classifier_logits = f(x0_hat)`."""
+  target = jax.lax.stop_gradient(classifier_logits)
+  return scale * jax.grad(lambda l: -0.5 * jnp.sum((l - target) ** 2))(l0_hat)
