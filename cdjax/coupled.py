@@ -16,6 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from cdjax import guidance
+from cdjax import nets
 from cdjax import sampling
 from cdjax import sde as sde_lib
 from cdjax.registry import Registry
@@ -54,6 +55,23 @@ class CoupledModel:
   logits_parameterization: str = "eps"
   signal_x0_range: Optional[tuple] = (-1.0, 1.0)   # clip of x0_hat (images); None: no clip
   logits_std: float = 0.8
+
+
+def model_from_config(config) -> CoupledModel:
+  """The CoupledModel of a full experiment config (sections signal, logits, classifier, data)."""
+  def inference(section):
+    net = nets.get_network(section.net, **section.net_kwargs)
+    return lambda params, *inputs: net.apply({"params": params}, *inputs, train=False)
+
+  s, l = config.signal, config.logits
+  return CoupledModel(
+      signal_sde=sde_lib.get_sde(s.sde, **s.sde_kwargs),
+      logits_sde=sde_lib.get_sde(l.sde, **l.sde_kwargs),
+      signal_net=inference(s), logits_net=inference(l), classifier=inference(config.classifier),
+      num_classes=config.data.num_classes,
+      signal_parameterization=s.parameterization, logits_parameterization=l.parameterization,
+      signal_x0_range=None if s.x0_clip is None else tuple(s.x0_clip),
+      logits_std=l.standardize_std)
 
 
 class CoupledOutput(NamedTuple):

@@ -1,11 +1,26 @@
-"""The README's main job: train + evaluate a small coupled model on embedded MNIST (30% GN)."""
-import sys
+"""The README's main job: train + evaluate a small coupled model on embedded MNIST (30% GN).
+
+python -m cdjax.demo [--config configs/mnist_demo.py] [--workdir runs/demo] [--config.<field>=...]
+Prints the results table and writes <workdir>/results.{json,md,png}.
+"""
+import os
+
+from absl import app
+from absl import flags
+from absl import logging
+from ml_collections import config_flags
+
+from cdjax import experiment
+
+_CONFIG = config_flags.DEFINE_config_file("config", "configs/mnist_demo.py", "Experiment config.")
+_WORKDIR = flags.DEFINE_string("workdir", "runs/demo", "Where checkpoints and results go.")
 
 
-def main():
-  sys.exit("cdjax demo: the coupled image pipeline (issue #6) is not wired up yet; "
-           "run `make test` for what exists today.")
+def main(argv):
+  del argv
+  logging.set_verbosity(logging.WARNING)
+  experiment.run(_CONFIG.value, _WORKDIR.value, os.path.join(_WORKDIR.value, "results"))
 
 
 if __name__ == "__main__":
-  main()
+  app.run(main)

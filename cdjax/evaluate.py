@@ -62,20 +62,21 @@ def run_method(name: str, model: coupled.CoupledModel, cfg: ml_collections.Confi
 
 def result_rows(results: list[MethodResult], labels: np.ndarray, reference: str = "enhance_then_classify",
                 **extra) -> list[dict]:
-  """One row per method: accuracy with its 95% CI, the accuracy of f(x0), and the paired
-  difference to `reference` (bootstrap 95% CI, wins / losses) where that method was run."""
+  """One row per method: accuracy with its 95% Wilson interval (`ci95` its half-width), the
+  accuracy of f(x0), and the paired difference to `reference` (bootstrap 95% CI, wins / losses)
+  where that method was run."""
   ref = {r.method: r for r in results}.get(reference)
   rows = []
   for r in results:
-    correct = r.predictions == labels
-    acc, ci = metrics.accuracy_ci(correct)
-    row = dict(extra, method=r.method, accuracy=acc, ci95=ci,
-               accuracy_f_x0=float(np.mean(r.classifier_predictions == labels)),
+    acc = metrics.accuracy(r.predictions, labels)
+    row = dict(extra, method=r.method, accuracy=acc.value, ci95=(acc.hi - acc.lo) / 2,
+               ci95_lo=acc.lo, ci95_hi=acc.hi,
+               accuracy_f_x0=metrics.accuracy(r.classifier_predictions, labels).value,
                nfe=r.nfe, seconds_per_item=r.seconds_per_item, compile_seconds=r.compile_seconds)
     if ref is not None and r is not ref:
-      diff = metrics.paired_difference(correct, ref.predictions == labels)
-      row.update(diff_vs_reference=diff["diff"], diff_ci95=diff["ci95"],
-                 wins=diff["wins"], losses=diff["losses"])
+      d = metrics.paired_bootstrap(r.predictions == labels, ref.predictions == labels)
+      row.update(diff_vs_reference=d.diff, diff_ci95=f"[{d.lo:+.4f}, {d.hi:+.4f}]",
+                 wins=d.wins, losses=d.losses)
     rows.append(row)
   return rows
 
@@ -86,3 +87,37 @@ def markdown_table(rows: list[dict], columns: list[str]) -> str:
   lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
   lines += ["| " + " | ".join(fmt(row.get(c)) for c in columns) + " |" for row in rows]
   return "\n".join(lines)
+
+
+def plot_examples(title: str, outputs: dict, path: str, methods=("enhance_then_classify", "parallel"),
+                  num_items: int = 8) -> None:
+  """A PNG grid: one row per item, columns clean / degraded / each method's enhanced image,
+  titled with the true label and each method's predicted class (images in [-1, 1])."""
+  import matplotlib   # pylint: disable=g-import-not-at-top
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt   # pylint: disable=g-import-not-at-top
+
+  by_name = {r.method: r for r in outputs["results"]}
+  methods = [m for m in methods if m in by_name]
+  labels = outputs["labels"]
+  n = min(num_items, len(by_name[methods[0]].x0) if methods else len(labels))
+  columns = [("clean", outputs["clean"], labels), ("degraded", outputs["y"], None)]
+  columns += [(m, by_name[m].x0, by_name[m].predictions) for m in methods]
+  fig, axes = plt.subplots(n, len(columns), figsize=(1.6 * len(columns), 1.6 * n), squeeze=False)
+  for j, (name, images, predicted) in enumerate(columns):
+    for i in range(n):
+      ax = axes[i, j]
+      image = np.clip((np.asarray(images[i]) + 1) / 2, 0, 1)
+      ax.imshow(image[..., 0] if image.shape[-1] == 1 else image, cmap="gray", vmin=0, vmax=1)
+      ax.set_xticks([]), ax.set_yticks([])
+      if predicted is not None:
+        ok = predicted[i] == labels[i]
+        ax.set_title(f"{'label' if j == 0 else 'pred'} {predicted[i]}", fontsize=8,
+                     color="black" if j == 0 or ok else "red")
+      if i == 0:
+        ax.set_xlabel(name, fontsize=8)
+        ax.xaxis.set_label_position("top")
+  fig.suptitle(title, fontsize=9)
+  fig.tight_layout()
+  fig.savefig(path, dpi=120)
+  plt.close(fig)

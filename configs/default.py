@@ -23,29 +23,39 @@ def get_config() -> ml_collections.ConfigDict:
       max_eval_examples=-1,      # -1: the whole split
   ))
 
-  c.corruption = ml_collections.ConfigDict(dict(name="gn_replace", kwargs=dict(p=0.3)))
+  c.corruption = ml_collections.ConfigDict(dict(
+      name="gn_replace", kwargs=dict(p=0.3),   # cdjax.data.corruptions.CORRUPTIONS
+      noise_dataset="noise_local",             # clips for add_noise / noise_reverb
+  ))
 
   c.classifier = ml_collections.ConfigDict(dict(
-      net="cnn_classifier", net_kwargs=dict(num_classes=10, width=32),
+      net="cnn_classifier", net_kwargs=dict(num_classes=10, width=32, depth=3),
       num_steps=1500, batch_size=128,
   ))
 
   c.signal = ml_collections.ConfigDict(dict(
-      net="coupled_unet", net_kwargs=dict(),
+      net="coupled_unet", net_kwargs=dict(
+          num_classes=10, width=32, ch_mult=(1, 2, 2), num_res_blocks=1, attn_levels=(2,),
+          dropout=0.0),
       sde="vp_discrete", sde_kwargs=dict(N=150, schedule="cosine"),
+      parameterization="eps",    # eps | neg_score (SGMSE+)
+      x0_clip=(-1.0, 1.0),       # clip of x0_hat while sampling (images); None: no clip
       pretrain_steps=2000, batch_size=64,
   ))
 
   c.logits = ml_collections.ConfigDict(dict(
-      net="logit_net", net_kwargs=dict(),
+      net="logit_net", net_kwargs=dict(
+          num_classes=10, hidden=256, depth=3, heads=4, enc_width=16, enc_depth=3),
       sde="vp_discrete", sde_kwargs=dict(N=150, schedule="cosine"),
       pretrain_steps=2000, batch_size=64,
+      parameterization="eps",
       standardize_std=0.8,       # official: x0-estimate re-standardised per sample; <= 0 disables
   ))
 
   c.train = ml_collections.ConfigDict(dict(
-      ema_decay=0.999,
-      grad_accum_steps=1,
+      trainer="classifier",      # cdjax.train.TRAINERS: classifier | signal | logits | enhancer | joint
+      ema_decay=0.999,           # warmed up as min(ema_decay, (1 + step) / (10 + step))
+      grad_accum_steps=1,        # micro-batches per step (the global batch is split)
       remat=False,
       log_every=100,
       ckpt_every=1000,
@@ -54,8 +64,9 @@ def get_config() -> ml_collections.ConfigDict:
   ))
 
   c.optim = ml_collections.ConfigDict(dict(
-      name="adam", lr=2e-4, weight_decay=0.0, schedule="constant",
-      warmup_steps=0, grad_clip=1.0,
+      name="adam", lr=2e-4, weight_decay=0.0, schedule="constant",   # adam | adamw; constant | cosine
+      warmup_steps=0, grad_clip=1.0,   # global-norm clip; <= 0 disables
+      b1=0.9, b2=0.999, eps=1e-8,
   ))
 
   c.sampling = ml_collections.ConfigDict(dict(
@@ -77,6 +88,23 @@ def get_config() -> ml_collections.ConfigDict:
       batch_size=256,
   ))
 
+  c.evaluation = ml_collections.ConfigDict(dict(
+      corruptions={"gn30": dict(p=0.3)},   # name -> corruption kwargs (one model each)
+      methods={                            # name -> flattened overrides of `sampling`
+          "noisy": dict(strategy="noisy"),
+          "enhance_then_classify": dict(strategy="enhance_then_classify"),
+          "parallel": dict(strategy="parallel"),
+      },
+      figure_methods=("enhance_then_classify", "parallel"),
+      corruption_seed=1234,                # every method sees the same degraded inputs
+      sampling_seed=0,
+  ))
+
   c.mesh = ml_collections.ConfigDict(dict(data=-1))   # -1: every device
-  c.checkpoint = ml_collections.ConfigDict(dict(keep=3, best_metric="", best_mode="max"))
+  c.checkpoint = ml_collections.ConfigDict(dict(
+      keep=3, best_metric="", best_mode="max",   # keep the last `keep` (+ the best, if a metric)
+      classifier="",     # frozen classifier dir (<classifier workdir>/classifier)
+      init_signal="",    # workdir whose latest EMA params start the signal branch
+      init_logits="",    # workdir whose latest EMA params start the logit branch
+  ))
   return c

@@ -1,0 +1,29 @@
+"""The image results table: trains what the workdir lacks, evaluates every method, writes
+experiments/results/<name>.{json,md,png}.
+
+python experiments/image_table.py --config configs/fashion_mnist.py --workdir runs/fashion_mnist
+"""
+import os
+import sys
+
+from absl import app
+from absl import flags
+from absl import logging
+from ml_collections import config_flags
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from cdjax import experiment  # noqa: E402
+
+_CONFIG = config_flags.DEFINE_config_file("config", "configs/fashion_mnist.py", "Experiment config.")
+_WORKDIR = flags.DEFINE_string("workdir", "runs/fashion_mnist", "Checkpoints of every stage.")
+_OUT = flags.DEFINE_string("out", "experiments/results/fashion_mnist", "Results path prefix.")
+
+
+def main(argv):
+  del argv
+  logging.set_verbosity(logging.WARNING)
+  experiment.run(_CONFIG.value, _WORKDIR.value, _OUT.value)
+
+
+if __name__ == "__main__":
+  app.run(main)
