@@ -1,0 +1,68 @@
+"""Datasets by name: local TFDS builders, built once into a data dir, and the TFDS catalog.
+
+Every source is random access (`len(source)`, `source[i] -> dict of numpy`). Local builders
+write array_record files without TensorFlow and are read back with `tfds.data_source`.
+"""
+import contextlib
+import fcntl
+import os
+
+import tensorflow_datasets as tfds
+
+from cdjax.registry import Registry
+
+DATASETS = Registry("dataset")   # local TFDS builder classes, by TFDS name
+DEFAULT_DATA_DIR = "~/.cache/cdjax/tensorflow_datasets"
+
+
+def resolve_data_dir(data_dir: str = "") -> str:
+  """The absolute data dir: `data_dir`, or the default cache dir when empty."""
+  return os.path.abspath(os.path.expanduser(data_dir or DEFAULT_DATA_DIR))
+
+
+@contextlib.contextmanager
+def _build_lock(data_dir: str, name: str):
+  """Serialises builds of `name` across processes sharing `data_dir`."""
+  os.makedirs(data_dir, exist_ok=True)
+  with open(os.path.join(data_dir, f".{name}.lock"), "w") as f:
+    fcntl.flock(f, fcntl.LOCK_EX)
+    try:
+      yield
+    finally:
+      fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def get_builder(name: str, data_dir: str = "") -> tfds.core.DatasetBuilder:
+  """The local builder `name`, prepared in `data_dir` (built on first use, reused after)."""
+  data_dir = resolve_data_dir(data_dir)
+  builder_cls = DATASETS.get(name)
+  with _build_lock(data_dir, name):
+    builder = builder_cls(data_dir=data_dir, file_format="array_record")
+    builder.download_and_prepare()
+  return builder
+
+
+def get_source(name: str, split: str, data_dir: str = ""):
+  """A random-access source over `split` of dataset `name`.
+
+  Local builders (`DATASETS`) are built into `data_dir` if needed; any other name goes to
+  `tfds.data_source` (TFDS catalog datasets, which need internet to prepare the first time).
+  Examples are dicts: images {"image": uint8 [H, W, C], "label"}, audio {"audio": [L],
+  "label", "voice"} (noise clips: {"audio", "label"}).
+  """
+  if name in DATASETS:
+    return get_builder(name, data_dir).as_data_source(split=split)
+  base = name.split(":")[0].split("/")[0]
+  if base not in tfds.list_builders(with_community_datasets=False):
+    raise KeyError(
+        f"Unknown dataset {name!r}: it is neither a local builder ({', '.join(DATASETS.names())}) "
+        "nor in the TFDS catalog. Use one of the local builders or a TFDS catalog name "
+        "such as 'cifar10'.")
+  try:
+    return tfds.data_source(name, split=split, data_dir=resolve_data_dir(data_dir))
+  except ModuleNotFoundError as e:
+    if "tensorflow" not in str(e):
+      raise
+    raise ModuleNotFoundError(
+        f"The TFDS builder of {name!r} needs TensorFlow, which cdjax does not install. "
+        "Install tensorflow (the CPU build is enough) to use this dataset.") from e

@@ -1,0 +1,142 @@
+"""Local TFDS builders and `get_source`: sizes, shapes, dtypes, labels, disjoint splits, errors.
+
+Every dataset is built from scratch into a temporary data dir (about 25 s of CPU in all).
+"""
+import hashlib
+import os
+
+import numpy as np
+import pytest
+import tensorflow_datasets as tfds
+
+from cdjax import data
+from cdjax.data.audio import SpokenDigits
+from cdjax.data.images import FashionMnistLocal
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+  return str(tmp_path_factory.mktemp("tfds"))
+
+
+def _read(source, key, n=None):
+  """Field `key` of the first n (all) examples, stacked."""
+  return np.stack([source[i][key] for i in range(len(source) if n is None else n)])
+
+
+def _hashes(images):
+  return {hashlib.sha1(x.tobytes()).hexdigest() for x in images}
+
+
+def test_mnist_local(data_dir):
+  train, test = (data.get_source("mnist_local", s, data_dir) for s in ("train", "test"))
+  assert (len(train), len(test)) == (4000, 1000)
+  x, y = _read(train, "image"), _read(train, "label")
+  assert x.shape == (4000, 28, 28, 1) and x.dtype == np.uint8 and x.max() == 255
+  assert np.bincount(y).tolist() == [400] * 10
+  assert np.bincount(_read(test, "label")).tolist() == [100] * 10
+  assert not _hashes(x) & _hashes(_read(test, "image"))
+
+
+def test_reuses_built_dataset(data_dir):
+  data.get_source("mnist_local", "train", data_dir)
+  info = os.path.join(data_dir, "mnist_local", "1.0.0", "dataset_info.json")
+  mtime = os.path.getmtime(info)
+  data.get_source("mnist_local", "test", data_dir)
+  assert os.path.getmtime(info) == mtime
+
+
+def test_fashion_mnist_local(data_dir):
+  train, test = (data.get_source("fashion_mnist_local", s, data_dir) for s in ("train", "test"))
+  assert (len(train), len(test)) == (60000, 10000)
+  ex = train[123]
+  assert ex["image"].shape == (28, 28, 1) and ex["image"].dtype == np.uint8
+  assert np.bincount(_read(test, "label")).tolist() == [1000] * 10
+
+
+def test_fashion_mnist_missing_package_names_it(tmp_path, monkeypatch):
+  monkeypatch.setattr(FashionMnistLocal, "IDX_DIR", str(tmp_path / "absent"))
+  with pytest.raises(FileNotFoundError, match="apt-get install dataset-fashion-mnist"):
+    data.get_source("fashion_mnist_local", "train", str(tmp_path / "tfds"))
+
+
+def test_spoken_digits(data_dir):
+  splits = {s: data.get_source("spoken_digits", s, data_dir)
+            for s in ("train", "validation", "test")}
+  assert {s: len(v) for s, v in splits.items()} == {"train": 2160, "validation": 360, "test": 360}
+  voices = {s: set(_read(v, "voice").tolist()) for s, v in splits.items()}
+  assert [len(v) for v in voices.values()] == [72, 12, 12]
+  assert not (voices["train"] & voices["validation"] or voices["train"] & voices["test"]
+              or voices["validation"] & voices["test"])
+  test = splits["test"]
+  audio, labels = _read(test, "audio"), _read(test, "label")
+  assert audio.shape == (360, 16000) and audio.dtype == np.int16
+  assert np.bincount(labels).tolist() == [36] * 10
+  assert np.all(np.abs(audio).max(axis=1) == 16384)   # peak-normalised to 0.5
+  # Centred: the span above the -40 dB trim threshold sits in the middle of the second.
+  loud = np.abs(audio) > 16384 * 10 ** (SpokenDigits.TRIM_DB / 20)
+  first, last = loud.argmax(axis=1), 15999 - loud[:, ::-1].argmax(axis=1)
+  assert np.all(np.abs((first + last) / 2 - 7999.5) <= 1.5)
+  assert 0.1 < np.min(last - first) / 16000 and np.max(last - first) / 16000 < 0.99
+
+
+def test_spoken_digits_is_deterministic(data_dir):
+  test = data.get_source("spoken_digits", "test", data_dir)
+  voice = test[0]["voice"]
+  stored = {hashlib.sha1(ex["audio"].tobytes()).hexdigest(): ex["label"]
+            for ex in (test[i] for i in range(len(test))) if ex["voice"] == voice}
+  again = {hashlib.sha1(clip.tobytes()).hexdigest(): digit
+           for clip, (digit, _, _) in zip(SpokenDigits.synthesize(voice),
+                                          SpokenDigits.clip_specs(voice))}
+  assert len(stored) == 30 and stored == again
+
+
+def _low_band_share(audio):
+  """Mean fraction of each clip's energy below 500 Hz (16 kHz audio [N, L])."""
+  power = np.abs(np.fft.rfft(audio.astype(np.float64), axis=1)) ** 2
+  low = np.fft.rfftfreq(audio.shape[1], 1 / 16000) < 500
+  return np.mean(power[:, low].sum(1) / power.sum(1))
+
+
+def test_noise_local(data_dir):
+  train, test = (data.get_source("noise_local", s, data_dir) for s in ("train", "test"))
+  assert (len(train), len(test)) == (96, 24)
+  audio, labels = _read(train, "audio"), _read(train, "label")
+  assert audio.shape == (96, 48000) and audio.dtype == np.int16
+  assert np.bincount(labels).tolist() == [32] * 3
+  assert np.bincount(_read(test, "label")).tolist() == [8] * 3
+  # Colours differ as they should: brown has the most low-frequency energy, white the least.
+  white, pink, brown = (_low_band_share(audio[labels == c]) for c in range(3))
+  assert white < pink < brown
+  # Train and test share no segment: no test clip correlates with a train clip.
+  a = audio.astype(np.float64)
+  b = _read(test, "audio").astype(np.float64)
+  corr = (b @ a.T) / np.outer(np.linalg.norm(b, axis=1), np.linalg.norm(a, axis=1))
+  assert np.abs(corr).max() < 0.1
+
+
+def test_unknown_dataset_lists_local_builders():
+  with pytest.raises(KeyError, match="mnist_local.*noise_local.*spoken_digits"):
+    data.get_source("no_such_dataset", "train")
+
+
+def test_catalog_dataset_through_get_source():
+  # TFDS's mock (no TensorFlow needed for image datasets) stands in for the real download.
+  with tfds.testing.mock_data(num_examples=12):
+    source = data.get_source("cifar10", "train")
+    assert len(source) == 12
+    ex = source[0]
+    assert ex["image"].shape == (32, 32, 3) and ex["image"].dtype == np.uint8
+    assert 0 <= ex["label"] < 10
+    split = data.load_split("cifar100", "test", max_examples=5)
+  assert set(split) == {"image", "label"}   # the string "id" field is dropped
+  assert split["image"].shape == (5, 32, 32, 3) and split["image"].dtype == np.float32
+  assert -1 <= split["image"].min() and split["image"].max() <= 1
+  assert np.all((0 <= split["label"]) & (split["label"] < 100))
+
+
+def test_catalog_dataset_needing_tensorflow_says_so():
+  # speech_commands' builder imports TensorFlow, which cdjax does not install.
+  with tfds.testing.mock_data(num_examples=4):
+    with pytest.raises(ModuleNotFoundError, match="Install tensorflow"):
+      data.get_source("speech_commands", "train")
