@@ -14,3 +14,7 @@ NETWORKS = Registry("network")
 def get_network(name: str, **kwargs):
   """Instantiates the Linen module registered as `name` with its fields `kwargs`."""
   return NETWORKS.get(name)(**kwargs)
+
+
+from cdjax.nets import layers, image, logits  # noqa: E402,F401
+from cdjax.nets import speech  # noqa: E402,F401

@@ -1,0 +1,156 @@
+"""Audio features in JAX: SGMSE+'s compressed complex STFT, its exact inverse, and log-mel.
+
+Spectrograms are `[..., F, T]` (frequency bins, frames). Defaults are SGMSE+'s (16 kHz): n_fft
+510 (256 bins), hop 128, periodic Hann window, centered with reflect padding, no
+normalisation (torch.stft's `normalized=False`, as sgmse uses), then amplitude compression
+`beta * |c|^alpha * exp(i angle c)` with alpha 0.5, beta 0.15. The iSTFT is torch.istft's
+windowed overlap-add divided by the summed squared window.
+"""
+import functools
+
+import jax
+import jax.numpy as jnp
+import librosa
+import numpy as np
+
+SAMPLE_RATE = 16_000
+N_FFT = 510
+HOP_LENGTH = 128
+ALPHA = 0.5   # spectrogram amplitude exponent
+BETA = 0.15   # spectrogram scale factor
+
+
+def hann_window(n: int) -> np.ndarray:
+  """Periodic Hann window [n] (torch.hann_window(n, periodic=True), scipy 'hann', fftbins)."""
+  return (0.5 - 0.5 * np.cos(2 * np.pi * np.arange(n) / n)).astype(np.float32)
+
+
+def num_frames(length: int, hop_length: int = HOP_LENGTH) -> int:
+  """Frames of a centered STFT of `length` samples: 1 + length // hop_length."""
+  return 1 + length // hop_length
+
+
+def frames_to_samples(frames: int, hop_length: int = HOP_LENGTH) -> int:
+  """Samples whose centered STFT has exactly `frames` frames (SGMSE+'s training crop)."""
+  return (frames - 1) * hop_length
+
+
+def _frame_index(frames: int, n_fft: int, hop_length: int) -> np.ndarray:
+  return np.arange(frames)[:, None] * hop_length + np.arange(n_fft)[None]
+
+
+def stft(wave: jax.Array, n_fft: int = N_FFT, hop_length: int = HOP_LENGTH,
+         center: bool = True, pad_mode: str = "reflect") -> jax.Array:
+  """Complex STFT with a periodic Hann window: wave [..., L] -> complex64 [..., n_fft//2+1, T].
+
+  T = 1 + L // hop_length when centered (the signal padded by n_fft // 2 on both sides with
+  `pad_mode`: "reflect" as torch.stft, "constant" as librosa), else 1 + (L - n_fft) // hop.
+  """
+  wave = jnp.asarray(wave, jnp.float32)
+  if center:
+    pad = [(0, 0)] * (wave.ndim - 1) + [(n_fft // 2, n_fft // 2)]
+    wave = jnp.pad(wave, pad, mode=pad_mode)
+  if wave.shape[-1] < n_fft:
+    raise ValueError(f"stft: signal of {wave.shape[-1]} samples (after padding) is shorter "
+                     f"than n_fft={n_fft}.")
+  frames = 1 + (wave.shape[-1] - n_fft) // hop_length
+  segments = wave[..., _frame_index(frames, n_fft, hop_length)] * hann_window(n_fft)
+  return jnp.swapaxes(jnp.fft.rfft(segments, axis=-1), -1, -2).astype(jnp.complex64)
+
+
+def istft(spec: jax.Array, length: int, n_fft: int = N_FFT,
+          hop_length: int = HOP_LENGTH) -> jax.Array:
+  """Inverse of the centered `stft`: complex [..., n_fft//2+1, T] -> wave float32 [..., length].
+
+  Windowed overlap-add divided by the overlap-added squared window (torch.istft); samples past
+  the last frame are zero.
+  """
+  if spec.shape[-2] != n_fft // 2 + 1:
+    raise ValueError(f"istft: expected {n_fft // 2 + 1} frequency bins for n_fft={n_fft}, got "
+                     f"spec of shape {list(spec.shape)}.")
+  frames = spec.shape[-1]
+  window = hann_window(n_fft)
+  segments = jnp.fft.irfft(jnp.swapaxes(spec, -1, -2), n=n_fft, axis=-1) * window
+  index = _frame_index(frames, n_fft, hop_length)
+  total = (frames - 1) * hop_length + n_fft
+  wave = jnp.zeros(spec.shape[:-2] + (total,), jnp.float32).at[..., index].add(segments)
+  envelope = np.bincount(index.ravel(), np.tile(window**2, frames), minlength=total)
+  wave = wave / np.where(envelope > 1e-11, envelope, 1.0)
+  wave = wave[..., n_fft // 2:n_fft // 2 + length]
+  return jnp.pad(wave, [(0, 0)] * (wave.ndim - 1) + [(0, length - wave.shape[-1])])
+
+
+def _power_magnitude(c: jax.Array, power: float, gain: float) -> jax.Array:
+  """gain * |c|^power * exp(i angle c), exactly 0 at c = 0 with finite gradients there."""
+  mag2 = jnp.real(c)**2 + jnp.imag(c)**2
+  safe = jnp.where(mag2 > 0, mag2, 1.0)
+  return gain * c * safe**((power - 1.0) / 2)
+
+
+def compress(spec: jax.Array, alpha: float = ALPHA, beta: float = BETA) -> jax.Array:
+  """Amplitude compression beta * |c|^alpha * exp(i angle c), elementwise on complex spec."""
+  return _power_magnitude(spec, alpha, beta)
+
+
+def decompress(spec: jax.Array, alpha: float = ALPHA, beta: float = BETA) -> jax.Array:
+  """Exact inverse of `compress`: |c / beta|^(1/alpha) * exp(i angle c)."""
+  return _power_magnitude(spec / beta, 1.0 / alpha, 1.0)
+
+
+def to_spec(wave: jax.Array, n_fft: int = N_FFT, hop_length: int = HOP_LENGTH,
+            alpha: float = ALPHA, beta: float = BETA) -> jax.Array:
+  """Waveform [..., L] -> compressed complex spectrogram [..., n_fft//2+1, 1 + L//hop]."""
+  return compress(stft(wave, n_fft, hop_length), alpha, beta)
+
+
+def to_wave(spec: jax.Array, length: int, n_fft: int = N_FFT, hop_length: int = HOP_LENGTH,
+            alpha: float = ALPHA, beta: float = BETA) -> jax.Array:
+  """Compressed complex spectrogram [..., F, T] -> waveform [..., length] (inverse of to_spec)."""
+  return istft(decompress(spec, alpha, beta), length, n_fft, hop_length)
+
+
+def normalize_by_noisy(y: jax.Array, *others: jax.Array, eps: float = 1e-8):
+  """Divides the noisy waveform y [..., L] and `others` (e.g. the clean x) by max |y| per item.
+
+  Returns (y / m, *(o / m for o in others), m) with m [..., 1]; multiply an estimate by m to
+  restore the original scale. `eps` guards all-zero signals.
+  """
+  m = jnp.maximum(jnp.max(jnp.abs(y), axis=-1, keepdims=True), eps)
+  return (y / m, *(o / m for o in others), m)
+
+
+def pad_frames(spec: jax.Array, multiple: int = 64, mode: str = "constant") -> jax.Array:
+  """Pads the frame axis of spec [..., F, T] at the end up to a multiple of `multiple`.
+
+  mode: a jnp.pad mode ("constant" = zeros, "reflect", "edge"); SGMSE+ pads to a multiple of
+  64 frames at inference. Crop the output back with `[..., :T]`.
+  """
+  pad = [(0, 0)] * (spec.ndim - 1) + [(0, -spec.shape[-1] % multiple)]
+  return jnp.pad(spec, pad, mode=mode)
+
+
+@functools.lru_cache(maxsize=None)
+def mel_filterbank(sample_rate: int, n_fft: int, n_mels: int, fmin: float = 0.0,
+                   fmax: float | None = None) -> np.ndarray:
+  """librosa's (Slaney) mel filterbank [n_mels, n_fft//2+1], as a float32 constant."""
+  return librosa.filters.mel(sr=sample_rate, n_fft=n_fft, n_mels=n_mels, fmin=fmin,
+                             fmax=fmax).astype(np.float32)
+
+
+def mel_spectrogram(wave: jax.Array, sample_rate: int = SAMPLE_RATE, n_fft: int = 512,
+                    hop_length: int = 160, n_mels: int = 64, fmin: float = 0.0,
+                    fmax: float | None = None) -> jax.Array:
+  """Mel power spectrogram, wave [..., L] -> [..., n_mels, 1 + L//hop].
+
+  Equals librosa.feature.melspectrogram (periodic Hann, centered with zero padding, power 2).
+  """
+  power = jnp.abs(stft(wave, n_fft, hop_length, pad_mode="constant"))**2
+  return jnp.einsum("mf,...ft->...mt", mel_filterbank(sample_rate, n_fft, n_mels, fmin, fmax),
+                    power)
+
+
+def log_mel(wave: jax.Array, sample_rate: int = SAMPLE_RATE, n_fft: int = 512,
+            hop_length: int = 160, n_mels: int = 64, fmin: float = 0.0,
+            fmax: float | None = None, eps: float = 1e-6) -> jax.Array:
+  """log(mel_spectrogram + eps): wave [..., L] -> [..., n_mels, 1 + L//hop]."""
+  return jnp.log(mel_spectrogram(wave, sample_rate, n_fft, hop_length, n_mels, fmin, fmax) + eps)

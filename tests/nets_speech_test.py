@@ -1,0 +1,161 @@
+"""Tests for cdjax.nets.speech: shapes, SGMSE+'s size, logit gate, latent modes, remat."""
+import flax
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from cdjax.nets import NETWORKS, get_network
+from cdjax.nets.layers import count_params
+from cdjax.nets.speech import LatentIntegration, _fir
+
+# rbg keys: XLA compiles the threefry-based initialisers of a whole net far more slowly on CPU.
+KEY = jax.random.key(0, impl="rbg")
+B, F, T, K = 2, 16, 8, 10
+TINY = dict(nf=8, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(8,), logit_hidden=16)
+MICRO = dict(TINY, ch_mult=(1,), attn_resolutions=())   # one level: fast to compile
+
+
+def _spec(rng, shape=(B, F, T)):
+  return (rng.standard_normal(shape) + 1j * rng.standard_normal(shape)).astype(np.complex64)
+
+
+def _perturb(tree, rng, scale=0.1):
+  return jax.tree.map(lambda p: p + scale * rng.standard_normal(p.shape).astype(p.dtype), tree)
+
+
+def test_registered():
+  assert {"ncsnpp", "resunet_enhancer", "speech_classifier"} <= set(NETWORKS.names())
+
+
+def test_ncsnpp_sgmse_size():
+  net = get_network("ncsnpp", nf=128, ch_mult=(1, 1, 2, 2, 2, 2, 2), num_res_blocks=2,
+                    attn_resolutions=(16,))
+  x = jax.ShapeDtypeStruct((1, 256, 256), jnp.complex64)
+  shapes = jax.eval_shape(net.init, KEY, x, jnp.ones((1,)), x)
+  # SGMSE+ reports 65.6M (torch: 65,590,822 incl. 128 fixed Fourier frequencies, not params here).
+  assert count_params(shapes) == 65_590_694
+
+
+def test_ncsnpp_shapes_and_logit_gate():
+  rng = np.random.default_rng(0)
+  net = get_network("ncsnpp", **TINY, latent_mode="add")
+  x_t, y = _spec(rng), _spec(rng)
+  t = jnp.array([0.3, 0.9])
+  logits = jnp.asarray(rng.standard_normal((B, 3, K)), jnp.float32)   # a logit sequence
+  latent = jnp.asarray(rng.standard_normal((B, F // 4, T // 4, 6)), jnp.float32)
+  params = jax.jit(net.init)(KEY, x_t, t, y, logits, latent)
+  out = jax.jit(net.apply)(params, x_t, t, y, logits, latent)
+  assert out.shape == (B, F, T) and out.dtype == jnp.complex64
+  params = params["params"]
+  assert float(jax.nn.sigmoid(params["logits"]["gate"])) == pytest.approx(0.05, rel=1e-5)
+  assert params["latent"]["Conv_0"]["kernel"].shape == (1, 1, 6, 16)   # level 1: F/2 x T/2
+
+
+def test_ncsnpp_logits_and_latent_enter_only_when_given():
+  rng = np.random.default_rng(0)
+  net = get_network("ncsnpp", **MICRO, latent_mode="add")
+  x_t, y = _spec(rng), _spec(rng)
+  t = jnp.array([0.3, 0.9])
+  logits = jnp.asarray(rng.standard_normal((B, K)), jnp.float32)
+  latent = jnp.asarray(rng.standard_normal((B, F // 4, T // 4, 6)), jnp.float32)
+  params = jax.jit(net.init)(KEY, x_t, t, y, logits, latent)["params"]
+
+  apply = jax.jit(net.apply)
+  # The output maps are zero-initialised: perturb everything except the two zero-init entries.
+  p = flax.core.unfreeze(_perturb(params, rng))
+  p["latent"], p["logits"]["Conv_0"] = params["latent"], params["logits"]["Conv_0"]
+  out = apply({"params": p}, x_t, t, y, logits, latent)
+  np.testing.assert_allclose(out, apply({"params": p}, x_t, t, y), rtol=1e-5, atol=1e-5)
+  assert float(jnp.abs(out).std()) > 1e-3
+
+  for name in ("latent", "logits"):
+    q = dict(p, **{name: _perturb(p[name], rng)})
+    assert not np.allclose(apply({"params": q}, x_t, t, y, logits, latent), out, atol=1e-4)
+
+  q = dict(p, latent=_perturb(p["latent"], rng))
+  ignored = jax.jit(net.clone(latent_mode="none").apply)({"params": q}, x_t, t, y, logits, latent)
+  np.testing.assert_allclose(ignored, out, rtol=1e-5, atol=1e-5)
+
+
+def test_fir_resampling_matches_upfirdn():
+  rng = np.random.default_rng(6)
+  x = rng.standard_normal((6, 4))
+
+  def upfirdn(v, k, up, pad):   # 1-D reference: zero-insert, pad, correlate (k symmetric)
+    z = np.zeros(len(v) * up)
+    z[::up] = v
+    z = np.pad(z, pad)
+    return np.array([z[i:i + len(k)] @ k for i in range(len(z) - len(k) + 1)])
+
+  k = np.array([1.0, 3.0, 3.0, 1.0]) / 8
+  for up, pad, step, gain in ((True, (2, 1), 1, 2.0), (False, (1, 1), 2, 1.0)):
+    ref = np.stack([upfirdn(r, gain * k, 2 if up else 1, pad)[::step] for r in x])
+    ref = np.stack([upfirdn(c, gain * k, 2 if up else 1, pad)[::step] for c in ref.T]).T
+    got = _fir(jnp.asarray(x, jnp.float32)[None, :, :, None], (1, 3, 3, 1), up)[0, :, :, 0]
+    np.testing.assert_allclose(got, ref, atol=1e-5)
+
+
+@pytest.mark.parametrize("mode", ["add", "concat", "film"])
+def test_latent_integration_modes(mode):
+  rng = np.random.default_rng(1)
+  h = jnp.asarray(rng.standard_normal((B, 4, 6, 8)), jnp.float32)
+  z = jnp.asarray(rng.standard_normal((B, 2, 3, 5)), jnp.float32)
+  module = LatentIntegration(mode)
+  params = module.init(KEY, h, z)
+  out = module.apply(params, h, z)
+  assert out.shape == h.shape
+  if mode != "concat":   # zero-init projections: the identity until trained
+    np.testing.assert_array_equal(out, h)
+    params = _perturb(params, rng)
+  changed = module.apply(params, h, z + 1.0)
+  assert not np.allclose(changed, module.apply(params, h, z), atol=1e-4)
+
+
+def test_ncsnpp_remat_matches():
+  rng = np.random.default_rng(2)
+  x_t, y = _spec(rng), _spec(rng)
+  t = jnp.array([0.5, 0.7])
+  net = get_network("ncsnpp", **MICRO)
+  params = _perturb(jax.jit(net.init)(KEY, x_t, t, y), rng)
+
+  def grads(module):
+    loss = lambda p: jnp.sum(jnp.abs(module.apply(p, x_t, t, y))**2)
+    return jax.jit(jax.value_and_grad(loss))(params)
+
+  (v0, g0), (v1, g1) = grads(net), grads(net.clone(remat=True))
+  np.testing.assert_allclose(v0, v1, rtol=1e-5)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5 * np.abs(a).max()), g0, g1)
+
+
+def test_ncsnpp_shape_errors():
+  rng = np.random.default_rng(3)
+  net = get_network("ncsnpp", **TINY)
+  x_t = _spec(rng)
+  with pytest.raises(ValueError, match="y"):
+    net.init(KEY, x_t, 0.5, _spec(rng, (B, F, T + 2)))
+  with pytest.raises(ValueError, match="divisible"):
+    net.init(KEY, _spec(rng, (B, F, T + 1)), 0.5, _spec(rng, (B, F, T + 1)))
+  with pytest.raises(ValueError, match="complex"):
+    net.init(KEY, np.ones((B, F, T), np.float32), 0.5, x_t)
+
+
+def test_resunet_enhancer_mask_and_latent():
+  rng = np.random.default_rng(4)
+  net = get_network("resunet_enhancer", widths=(8, 16, 24), strides=((2, 2), (2, 1)))
+  y = _spec(rng, (B, F, T + 2))   # sizes need not divide the strides
+  params = jax.jit(net.init)(KEY, y)
+  x_hat, latent = jax.jit(net.apply)(params, y)
+  assert x_hat.shape == y.shape and x_hat.dtype == jnp.complex64
+  assert latent.shape == (B, F // 4, (T + 2 + 1) // 2, 24)
+  assert count_params(params) > 0
+
+
+def test_speech_classifier():
+  rng = np.random.default_rng(5)
+  net = get_network("speech_classifier", num_classes=K, width=8, depth=2)
+  wave = jnp.asarray(0.1 * rng.standard_normal((B, 4000)), jnp.float32)
+  params = jax.jit(net.init)(KEY, wave)
+  assert jax.jit(net.apply)(params, wave).shape == (B, K)
+  with pytest.raises(ValueError, match=r"\[B, L\]"):
+    net.apply(params, wave[0])
