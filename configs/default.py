@@ -1,6 +1,7 @@
 """Shared defaults for every cdjax experiment; experiment configs start from `get_config()` here.
 
-Sections: data, corruption, classifier, signal, logits, train, optim, sampling, mesh, checkpoint.
+Sections: data, audio, corruption, classifier, signal, logits, enhancer, train, optim, sampling,
+evaluation, mesh, checkpoint.
 Network sections hold `net` (a registry name) and `net_kwargs` (the module's fields).
 """
 import ml_collections
@@ -21,6 +22,14 @@ def get_config() -> ml_collections.ConfigDict:
       shuffle_seed=0,
       worker_count=0,
       max_eval_examples=-1,      # -1: the whole split
+  ))
+
+  c.audio = ml_collections.ConfigDict(dict(   # speech (modality "audio"): cdjax.speech
+      sample_rate=16_000,
+      n_fft=510, hop_length=128,   # SGMSE+: 256 bins, periodic Hann, centered
+      alpha=0.5, beta=0.15,        # amplitude compression beta |c|^alpha exp(i angle c)
+      frame_multiple=64,           # clips are zero-padded to a multiple of this many frames
+      train_crop_frames=0,         # > 0: random crops of this many frames in training (SGMSE+: 256)
   ))
 
   c.corruption = ml_collections.ConfigDict(dict(
@@ -50,6 +59,11 @@ def get_config() -> ml_collections.ConfigDict:
       pretrain_steps=2000, batch_size=64,
       parameterization="eps",
       standardize_std=0.8,       # official: x0-estimate re-standardised per sample; <= 0 disables
+  ))
+
+  c.enhancer = ml_collections.ConfigDict(dict(   # discriminative enhancer (Ex-Diff), net(y) -> (x_hat, latent)
+      net="resunet_enhancer", net_kwargs=dict(widths=(32, 64, 96), strides=((2, 2), (2, 2))),
+      num_steps=2000, batch_size=16,
   ))
 
   c.train = ml_collections.ConfigDict(dict(
@@ -106,5 +120,6 @@ def get_config() -> ml_collections.ConfigDict:
       classifier="",     # frozen classifier dir (<classifier workdir>/classifier)
       init_signal="",    # workdir whose latest EMA params start the signal branch
       init_logits="",    # workdir whose latest EMA params start the logit branch
+      enhancer="",       # Ex-Diff: workdir of the frozen enhancer whose latent the signal net reads
   ))
   return c

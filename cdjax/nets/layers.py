@@ -1,0 +1,169 @@
+"""Shared building blocks for cdjax networks: time embeddings, FiLM, conv/res blocks, attention.
+
+Conventions: images are NHWC (`[B, H, W, C]`), token sequences `[B, N, D]`; normalisation is
+GroupNorm (never BatchNorm), so every model holds `params` only. Blocks that use dropout take
+`train` (default False; dropout then needs the `dropout` rng). Blocks take their optional
+arguments positionally so they can be wrapped with `nn.remat` (see `maybe_remat`).
+"""
+import math
+from typing import Optional, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+
+def count_params(params) -> int:
+  """Total number of scalars in a params pytree (arrays or `jax.ShapeDtypeStruct`s)."""
+  return sum(math.prod(p.shape) for p in jax.tree_util.tree_leaves(params))
+
+
+def check_shape(name: str, x, expected: Sequence[Optional[int]]) -> None:
+  """Raises a ValueError naming `name` unless `x.shape` matches `expected` (None: any size)."""
+  shape = tuple(np.shape(x))
+  ok = len(shape) == len(expected) and all(e is None or e == s for e, s in zip(expected, shape))
+  if not ok:
+    want = "[" + ", ".join("?" if e is None else str(e) for e in expected) + "]"
+    raise ValueError(f"{name}: expected shape {want}, got {list(shape)}.")
+
+
+def batch_time(t, batch: int) -> jax.Array:
+  """Time `t` (a scalar or `[B]`, integer or float) as float32 `[B]`."""
+  t = jnp.asarray(t, jnp.float32)
+  if t.ndim == 0:
+    return jnp.full((batch,), t)
+  check_shape("t", t, (batch,))
+  return t
+
+
+def maybe_remat(cls, remat: bool, static_argnums: tuple[int, ...] = ()):
+  """`cls` wrapped with `nn.remat` when `remat` (argnums count `self` as 0), else `cls`."""
+  return nn.remat(cls, static_argnums=static_argnums) if remat else cls
+
+
+def group_norm(x: jax.Array, groups: int) -> jax.Array:
+  """GroupNorm over the last axis with gcd(groups, channels) groups (works for any width)."""
+  return nn.GroupNorm(num_groups=math.gcd(groups, x.shape[-1]))(x)
+
+
+def sinusoidal_embedding(t: jax.Array, dim: int, max_period: float = 10_000.0) -> jax.Array:
+  """Transformer/DDPM sinusoidal features of `t` [B] -> [B, dim] (dim even)."""
+  half = dim // 2
+  freqs = jnp.exp(-math.log(max_period) * jnp.arange(half, dtype=jnp.float32) / half)
+  args = t.astype(jnp.float32)[:, None] * freqs[None]
+  return jnp.concatenate([jnp.sin(args), jnp.cos(args)], axis=-1)
+
+
+class TimeEmbedding(nn.Module):
+  """t [B] -> [B, dim]: a learned table (`num_steps` > 0, integer t) or sinusoidal features
+  of `scale * t` (`num_steps` = 0, any t), followed by a two-layer SiLU MLP."""
+  dim: int
+  num_steps: int = 0
+  scale: float = 1.0
+
+  @nn.compact
+  def __call__(self, t: jax.Array) -> jax.Array:
+    if self.num_steps > 0:
+      idx = jnp.clip(jnp.round(t).astype(jnp.int32), 0, self.num_steps - 1)
+      h = nn.Embed(self.num_steps, self.dim)(idx)
+    else:
+      h = sinusoidal_embedding(self.scale * t, self.dim)
+    return nn.Dense(self.dim)(nn.silu(nn.Dense(self.dim)(h)))
+
+
+class FiLM(nn.Module):
+  """h [B, ..., F] modulated by cond [B, E]: h * (1 + scale) + shift, both Dense(SiLU(cond))."""
+
+  @nn.compact
+  def __call__(self, h: jax.Array, cond: jax.Array) -> jax.Array:
+    scale, shift = jnp.split(nn.Dense(2 * h.shape[-1])(nn.silu(cond)), 2, axis=-1)
+    expand = (slice(None),) + (None,) * (h.ndim - 2)
+    return h * (1.0 + scale[expand]) + shift[expand]
+
+
+class ConvBlock(nn.Module):
+  """Conv3x3(stride) -> GroupNorm -> SiLU: [B, H, W, C] -> [B, H/stride, W/stride, features]."""
+  features: int
+  stride: int = 1
+  groups: int = 8
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    x = nn.Conv(self.features, (3, 3), strides=self.stride)(x)
+    return nn.silu(group_norm(x, self.groups))
+
+
+class ConvEncoder(nn.Module):
+  """A small CNN: stem conv, then `depth` stages of ConvBlock + stride-2 ConvBlock, widths
+  `width * 2**i` (capped at `max_mult * width`): [B, H, W, C] -> [B, H/2^depth, W/2^depth, D]
+  (sizes rounded up)."""
+  width: int = 32
+  depth: int = 3
+  max_mult: int = 4
+  groups: int = 8
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    x = ConvBlock(self.width, groups=self.groups)(x)
+    for i in range(self.depth):
+      features = self.width * min(2**i, self.max_mult)
+      x = ConvBlock(features, groups=self.groups)(x)
+      x = ConvBlock(features, stride=2, groups=self.groups)(x)
+    return x
+
+
+class ResBlock(nn.Module):
+  """Pre-activation residual block, optionally time-conditioned (FiLM) and strided.
+
+  x [B, H, W, C], emb [B, E] or None -> [B, H/stride, W/stride, features]:
+  GN-SiLU-Conv(stride) [-FiLM(emb)] -GN-SiLU-Dropout-Conv, plus a 1x1 (strided) projection
+  shortcut when the shape changes.
+  """
+  features: int
+  stride: int = 1
+  dropout: float = 0.0
+  groups: int = 8
+
+  @nn.compact
+  def __call__(self, x: jax.Array, emb: Optional[jax.Array] = None,
+               train: bool = False) -> jax.Array:
+    h = nn.Conv(self.features, (3, 3), strides=self.stride)(nn.silu(group_norm(x, self.groups)))
+    if emb is not None:
+      h = FiLM()(h, emb)
+    h = nn.silu(group_norm(h, self.groups))
+    h = nn.Dropout(self.dropout, deterministic=not train)(h)
+    h = nn.Conv(self.features, (3, 3))(h)
+    if x.shape[-1] != self.features or self.stride != 1:
+      x = nn.Conv(self.features, (1, 1), strides=self.stride, name="shortcut")(x)
+    return x + h
+
+
+class AttentionBlock(nn.Module):
+  """Residual multi-head attention: x + Attn(GN(x), context).
+
+  x is tokens [B, N, D] or a feature map [B, H, W, D] (attends over H*W); context [B, M, Dc]
+  for cross-attention, or None for self-attention. Output has x's shape.
+  """
+  heads: int = 4
+  groups: int = 8
+
+  @nn.compact
+  def __call__(self, x: jax.Array, context: Optional[jax.Array] = None) -> jax.Array:
+    tokens = x.reshape(x.shape[0], -1, x.shape[-1])
+    q = group_norm(tokens, self.groups)
+    kv = q if context is None else context
+    h = nn.MultiHeadDotProductAttention(num_heads=self.heads, out_features=x.shape[-1])(q, kv)
+    return x + h.reshape(x.shape)
+
+
+def downsample(x: jax.Array) -> jax.Array:
+  """Stride-2 3x3 conv keeping channels: [B, H, W, C] -> [B, ceil(H/2), ceil(W/2), C]."""
+  return nn.Conv(x.shape[-1], (3, 3), strides=2)(x)
+
+
+def upsample(x: jax.Array) -> jax.Array:
+  """Nearest 2x upsampling then 3x3 conv: [B, H, W, C] -> [B, 2H, 2W, C]."""
+  b, h, w, c = x.shape
+  x = jax.image.resize(x, (b, 2 * h, 2 * w, c), "nearest")
+  return nn.Conv(c, (3, 3))(x)

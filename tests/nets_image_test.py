@@ -1,0 +1,175 @@
+"""Tests for the image classifiers, the coupled U-Net and the logit net (cdjax.nets)."""
+import functools
+
+import jax
+import jax.flatten_util
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from cdjax import nets
+from cdjax.nets.layers import count_params
+
+K = 10
+B = 2
+# Small variants keep compile times low; the defaults are checked by shape/cost only.
+SMALL = {
+    "coupled_unet": dict(width=8, ch_mult=(1, 2), num_res_blocks=1, attn_levels=(1,)),
+    "logit_net": dict(hidden=32, depth=2, enc_width=8, enc_depth=2),
+    "cnn_classifier": dict(width=8, depth=2),
+}
+TINY = {"coupled_unet": dict(ch_mult=(1,), attn_levels=(0,))}   # grad compiles are slow
+# Unoptimised XLA: compiles several times faster on CPU, runs these tiny nets just as fast.
+jit = functools.partial(jax.jit, compiler_options={"xla_backend_optimization_level": 0})
+
+
+def _args(name, shape, seed=0):
+  """Random inputs for `name` in its call convention, images [B, *shape]."""
+  kx, ky, kl, kc = jax.random.split(jax.random.PRNGKey(seed), 4)
+  x = jax.random.uniform(kx, (B, *shape), minval=-1.0, maxval=1.0)
+  y = jax.random.uniform(ky, (B, *shape), minval=-1.0, maxval=1.0)
+  l, c = jax.random.normal(kl, (B, K)), jax.random.normal(kc, (B, K))
+  t = jnp.array([3.0, 120.0])
+  return {"coupled_unet": (x, t, y, l), "logit_net": (l, t, c, y)}.get(name, (x,))
+
+
+def _init(net, args):
+  return jax.eval_shape(net.init, jax.random.PRNGKey(0), *args)
+
+
+@pytest.mark.parametrize("shape", [(28, 28, 1), (32, 32, 3)])
+@pytest.mark.parametrize("name,kwargs", [
+    ("cnn_classifier", {}), ("resnet_classifier", {}), ("coupled_unet", {}), ("logit_net", {}),
+    ("coupled_unet", dict(ch_mult=(1, 2, 2, 2))),   # 28 is padded to 32 and cropped back
+])
+def test_default_output_shapes(name, kwargs, shape):
+  net = nets.get_network(name, **kwargs)
+  args = _args(name, shape)
+  out = jax.eval_shape(net.apply, _init(net, args), *args)
+  expected = args[0].shape if name == "coupled_unet" else (B, K)
+  assert out.shape == expected and out.dtype == jnp.float32
+
+
+@pytest.mark.parametrize("name,lo,hi", [
+    ("cnn_classifier", 1e5, 5e5), ("resnet_classifier", 3e5, 1.5e6),
+    ("coupled_unet", 1e6, 4e6), ("logit_net", 2e5, 2e6),
+])
+def test_default_param_counts(name, lo, hi):
+  net = nets.get_network(name)
+  n = count_params(_init(net, _args(name, (28, 28, 1))))
+  assert lo <= n <= hi, n
+
+
+def test_logit_net_is_cheap_relative_to_unet():
+  def flops(name):
+    net = nets.get_network(name)
+    args = _args(name, (28, 28, 1))
+    return jax.jit(net.apply).lower(_init(net, args), *args).cost_analysis()["flops"]
+  assert flops("logit_net") < 0.2 * flops("coupled_unet")
+
+
+def _random_params(net, args, seed=0):
+  """Random params with the structure of `net.init` (jit-compiling the init itself takes tens
+  of seconds on CPU): kernels ~ N(0, 1/fan_in), norm scales ~ 1 + N(0, 0.1^2), rest N(0, 0.1^2)."""
+  rng = np.random.default_rng(seed)
+
+  def draw(path, s):
+    z = rng.standard_normal(s.shape).astype(np.float32)
+    leaf = jax.tree_util.keystr(path[-1:])
+    if "kernel" in leaf:
+      return z / np.sqrt(np.prod(s.shape[:-1]))
+    return 1.0 + 0.1 * z if "scale" in leaf else 0.1 * z
+
+  return jax.tree_util.tree_map_with_path(draw, _init(net, args))
+
+
+@pytest.mark.parametrize("name,changes", [
+    ("coupled_unet", {0: "x_t", 1: "t", 2: "y", 3: "logits"}),
+    ("logit_net", {0: "l_t", 1: "t", 2: "cond_logits", 3: "cond_signal"}),
+])
+def test_output_depends_on_every_input(name, changes):
+  net = nets.get_network(name, **SMALL[name])
+  args = _args(name, (28, 28, 1))
+  other = _args(name, (28, 28, 1), seed=1)
+  apply = jit(net.apply)
+  params = _random_params(net, args)
+  base = apply(params, *args)
+  assert np.all(np.isfinite(base))
+  for i, what in changes.items():
+    changed = list(args)
+    changed[i] = other[i] if what != "t" else args[i] + 7.0
+    diff = np.abs(apply(params, *changed) - base).max()
+    assert diff > 1e-4, f"{name} ignores {what}"
+
+
+@pytest.mark.parametrize("name", ["coupled_unet", "logit_net"])
+def test_remat_matches(name):
+  args = _args(name, (28, 28, 1))
+  kwargs = {**SMALL[name], **TINY.get(name, {})}
+  plain, remat = (nets.get_network(name, **kwargs, remat=r) for r in (False, True))
+  params = _random_params(plain, args)
+  assert jax.tree_util.tree_structure(_init(remat, args)) == jax.tree_util.tree_structure(params)
+
+  def loss_and_grad(net):
+    return jit(jax.value_and_grad(lambda p: jnp.sum(net.apply(p, *args) ** 2)))(params)
+
+  (v0, g0), (v1, g1) = loss_and_grad(plain), loss_and_grad(remat)
+  np.testing.assert_allclose(v0, v1, rtol=1e-5)
+  g0, g1 = (jax.flatten_util.ravel_pytree(g)[0] for g in (g0, g1))
+  np.testing.assert_allclose(g0, g1, rtol=1e-4, atol=1e-5 * np.abs(g0).max())
+
+
+@pytest.mark.parametrize("name", ["cnn_classifier", "resnet_classifier", "coupled_unet",
+                                  "logit_net"])
+def test_params_only(name):
+  """GroupNorm/LayerNorm only: no batch_stats, so a frozen classifier is a params pytree."""
+  assert set(_init(nets.get_network(name), _args(name, (28, 28, 1)))) == {"params"}
+
+
+def test_dropout_is_active_only_in_training():
+  net = nets.get_network("cnn_classifier", **SMALL["cnn_classifier"], dropout=0.5)
+  (x,) = _args("cnn_classifier", (28, 28, 1))
+  params = _random_params(net, (x,))
+  apply = jit(net.apply, static_argnames="train")
+  np.testing.assert_array_equal(apply(params, x), apply(params, x))
+  rngs = {"dropout": jax.random.PRNGKey(1)}
+  assert not np.allclose(apply(params, x, train=True, rngs=rngs), apply(params, x))
+
+
+def _replace(args, i, value):
+  return tuple(value if j == i else a for j, a in enumerate(args))
+
+
+@pytest.mark.parametrize("name,index,value,match", [
+    ("coupled_unet", 0, jnp.zeros((B, 28, 28)), "x_t"),
+    ("coupled_unet", 2, jnp.zeros((B, 32, 32, 1)), "y"),
+    ("coupled_unet", 3, jnp.zeros((B, K + 1)), "logits"),
+    ("coupled_unet", 1, jnp.zeros((B + 1,)), "t"),
+    ("logit_net", 0, jnp.zeros((B, K + 1)), "l_t"),
+    ("logit_net", 2, jnp.zeros((B, K - 1)), "cond_logits"),
+    ("logit_net", 3, jnp.zeros((B, 28, 28)), "cond_signal"),
+    ("cnn_classifier", 0, jnp.zeros((B, 28, 28)), "x"),
+])
+def test_wrong_shapes_raise_named_errors(name, index, value, match):
+  net = nets.get_network(name, **SMALL[name])
+  args = _replace(_args(name, (28, 28, 1)), index, value)
+  with pytest.raises(ValueError, match=match):
+    _init(net, args)
+
+
+def test_coupled_unet_rejects_latent():
+  net = nets.get_network("coupled_unet", **SMALL["coupled_unet"])
+  args = _args("coupled_unet", (28, 28, 1))
+  with pytest.raises(ValueError, match="latent"):
+    jax.eval_shape(lambda *a: net.init(jax.random.PRNGKey(0), *a, latent=a[0]), *args)
+
+
+def test_unknown_network_lists_known_names():
+  with pytest.raises(KeyError) as err:
+    nets.get_network("nope")
+  for name in ("cnn_classifier", "resnet_classifier", "coupled_unet", "logit_net"):
+    assert name in str(err.value)
+
+
+def test_count_params():
+  assert count_params({"a": jnp.zeros((3, 4)), "b": {"c": jnp.zeros((5,))}}) == 17
