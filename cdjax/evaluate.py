@@ -13,6 +13,7 @@ from tqdm.auto import tqdm
 
 from cdjax import coupled
 from cdjax import metrics
+from cdjax import parallel
 
 DEGRADE_CHUNK = 1000   # items degraded per corruption call; item keys depend only on their index
 
@@ -37,20 +38,24 @@ class MethodResult:
 
 
 def run_method(name: str, model: coupled.CoupledModel, cfg: ml_collections.ConfigDict, params,
-               classifier_params, y: np.ndarray, key, batch_size: int) -> MethodResult:
-  """Runs one sampling config over y [N, ...] in batches (batch b uses fold_in(key, b))."""
+               classifier_params, y: np.ndarray, key, batch_size: int, mesh) -> MethodResult:
+  """Runs one sampling config over y [N, ...] in batches (batch b uses fold_in(key, b)), each
+  batch sharded over the mesh's `data` axis and the parameters replicated (as in training)."""
+  parallel.check_batch_size(batch_size, mesh)
   fn = jax.jit(coupled.get_coupled_fn(model, cfg))
+  params, classifier_params = parallel.replicate((params, classifier_params), mesh)
   n = len(y)
   pad = -n % batch_size
   y_padded = np.concatenate([y, np.repeat(y[-1:], pad, 0)]) if pad else y
+  batch = lambda b: jax.device_put(y_padded[b * batch_size:(b + 1) * batch_size],
+                                   parallel.data_sharded(mesh))
   start = time.perf_counter()
-  compiled = fn.lower(params, classifier_params, key, y_padded[:batch_size]).compile()
+  compiled = fn.lower(params, classifier_params, key, batch(0)).compile()
   compile_seconds = time.perf_counter() - start
   preds, clf_preds, first_x0, nfe = [], [], None, 0
   start = time.perf_counter()
   for b in tqdm(range(len(y_padded) // batch_size), desc=name, leave=False):
-    out = compiled(params, classifier_params, jax.random.fold_in(key, b),
-                   y_padded[b * batch_size:(b + 1) * batch_size])
+    out = compiled(params, classifier_params, jax.random.fold_in(key, b), batch(b))
     preds.append(np.asarray(out.logits.argmax(-1)))
     clf_preds.append(np.asarray(out.classifier_logits.argmax(-1)))
     if first_x0 is None:

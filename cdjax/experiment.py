@@ -19,9 +19,17 @@ from cdjax import checkpoint
 from cdjax import coupled
 from cdjax import data
 from cdjax import evaluate
+from cdjax import parallel
 from cdjax import train
 
 BRANCH_STAGES = ("signal", "logits", "joint")
+BASELINES = ("noisy", "enhance_then_classify", "card")   # listed first in tables, in this order
+
+
+def method_order(names) -> list[str]:
+  """The baselines first, then the other methods by name (ConfigDicts do not keep order)."""
+  rank = lambda n: (BASELINES.index(n), "") if n in BASELINES else (len(BASELINES), n)
+  return sorted(names, key=rank)
 TABLE_COLUMNS = ["corruption", "method", "accuracy", "ci95", "accuracy_f_x0", "diff_vs_reference",
                  "diff_ci95", "wins", "losses", "nfe", "seconds_per_item"]
 
@@ -33,18 +41,26 @@ def corruption_config(config: ml_collections.ConfigDict, workdir: str, corruptio
   with cfg.unlocked():
     cfg.corruption.kwargs = dict(config.evaluation.corruptions[corruption])
     cfg.checkpoint.classifier = os.path.join(workdir, "classifier", "classifier")
-    cfg.checkpoint.init_signal = os.path.join(workdir, corruption, "signal")
-    cfg.checkpoint.init_logits = os.path.join(workdir, corruption, "logits")
+  return cfg
+
+
+def _joint_config(cfg, branch_dir: str):
+  """The joint stage starts from the pre-trained branches in `branch_dir`."""
+  cfg = copy.deepcopy(cfg)
+  cfg.checkpoint.init_signal = os.path.join(branch_dir, "signal")
+  cfg.checkpoint.init_logits = os.path.join(branch_dir, "logits")
   return cfg
 
 
 def _num_steps(cfg, stage):
   return {"classifier": cfg.classifier.num_steps, "signal": cfg.signal.pretrain_steps,
-          "logits": cfg.logits.pretrain_steps, "joint": cfg.train.joint_steps}[stage]
+          "logits": cfg.logits.pretrain_steps, "joint": cfg.train.joint_steps,
+          "enhancer": cfg.enhancer.num_steps}[stage]
 
 
-def _train_stage(cfg, stage_dir: str, stage: str) -> None:
-  """Trains `stage` in `stage_dir` unless its final checkpoint is already there."""
+def train_stage(cfg, stage_dir: str, stage: str) -> None:
+  """Trains `stage` (a `train.TRAINERS` name) in `stage_dir` unless its final checkpoint is
+  already there."""
   steps = _num_steps(cfg, stage)
   ckpt_dir = os.path.join(stage_dir, "checkpoints")
   done = (os.path.isdir(ckpt_dir)
@@ -59,46 +75,55 @@ def _train_stage(cfg, stage_dir: str, stage: str) -> None:
 
 def train_all(config: ml_collections.ConfigDict, workdir: str) -> None:
   """Trains the classifier once and, per corruption, the signal, logit and joint stages."""
-  _train_stage(config, os.path.join(workdir, "classifier"), "classifier")
+  train_stage(config, os.path.join(workdir, "classifier"), "classifier")
   for corruption in config.evaluation.corruptions:
     cfg = corruption_config(config, workdir, corruption)
+    branch_dir = os.path.join(workdir, corruption)
     for stage in BRANCH_STAGES:
       if _num_steps(cfg, stage) > 0:
-        _train_stage(cfg, os.path.join(workdir, corruption, stage), stage)
+        stage_cfg = _joint_config(cfg, branch_dir) if stage == "joint" else cfg
+        train_stage(stage_cfg, os.path.join(branch_dir, stage), stage)
 
 
-def load_params(cfg: ml_collections.ConfigDict):
-  """(params {"signal", "logits"}, classifier params) for a `corruption_config`: the joint
+def load_params(cfg: ml_collections.ConfigDict, branch_dir: str):
+  """(params {"signal", "logits"}, classifier params) of the stages in `branch_dir`: the joint
   stage's EMA parameters when it was trained, else each pre-trained branch's."""
   classifier_params, record = checkpoint.load_classifier(cfg.checkpoint.classifier)
   sha = record["sha256"]
+  restore = lambda stage, **kw: checkpoint.restore_params(
+      os.path.join(branch_dir, stage, "checkpoints"), **kw)
   if cfg.train.joint_steps > 0:
-    joint_dir = os.path.join(os.path.dirname(cfg.checkpoint.init_signal), "joint", "checkpoints")
-    params = checkpoint.restore_params(joint_dir, classifier_sha256=sha)
+    params = restore("joint", classifier_sha256=sha)
   else:
-    params = {"signal": checkpoint.restore_params(os.path.join(cfg.checkpoint.init_signal, "checkpoints")),
-              "logits": checkpoint.restore_params(os.path.join(cfg.checkpoint.init_logits, "checkpoints"),
-                                                  classifier_sha256=sha)}
+    params = {"signal": restore("signal"), "logits": restore("logits", classifier_sha256=sha)}
   return params, classifier_params
 
 
-def evaluate_corruption(config, workdir: str, corruption: str, methods: dict):
-  """Rows and per-method results of `methods` on the eval split degraded by `corruption`."""
+def evaluate_corruption(config, workdir: str, corruption: str, methods: dict, to_model=None,
+                        model=coupled.model_from_config):
+  """Rows and per-method results of `methods` on the eval split degraded by `corruption`.
+
+  `to_model` maps the degraded data [N, ...] to the networks' input (speech: waveforms ->
+  compressed spectrograms; default: identity); `model(cfg)` builds the CoupledModel."""
   cfg = corruption_config(config, workdir, corruption)
-  params, classifier_params = load_params(cfg)
-  model = coupled.model_from_config(cfg)
+  params, classifier_params = load_params(cfg, os.path.join(workdir, corruption))
+  model = model(cfg)
   split = data.load_split(cfg.data.name, cfg.data.eval_split, cfg.data.data_dir,
                           cfg.data.max_eval_examples)
   clean, labels = split[cfg.data.modality], split["label"]
   corrupt = data.corruption_from_config(cfg, cfg.data.eval_split)
   y = evaluate.degrade(corrupt, jax.random.PRNGKey(cfg.evaluation.corruption_seed), clean)
+  if to_model is not None:
+    y = to_model(y)
+  mesh = parallel.make_mesh(cfg)
   results = []
-  for name, overrides in methods.items():
+  for name in method_order(methods):
+    overrides = methods[name]
     sampling_cfg = copy.deepcopy(cfg.sampling)
     sampling_cfg.update_from_flattened_dict(dict(overrides))
     results.append(evaluate.run_method(
         name, model, sampling_cfg, params, classifier_params, y,
-        jax.random.PRNGKey(cfg.evaluation.sampling_seed), cfg.sampling.batch_size))
+        jax.random.PRNGKey(cfg.evaluation.sampling_seed), cfg.sampling.batch_size, mesh))
     print(f"[{corruption}] {name}: accuracy {np.mean(results[-1].predictions == labels):.4f}")
   rows = evaluate.result_rows(results, labels, corruption=corruption)
   return rows, dict(clean=clean, y=y, labels=labels, results=results)
