@@ -1,0 +1,176 @@
+"""Checkpoints (orbax): the train state plus the data-iterator position, and frozen classifiers
+with a provenance record.
+
+A training checkpoint `<dir>/<step>/` holds three items: `state` (params, opt_state, ema_params,
+step, rng), `data` (the grain iterator state, JSON) and `meta` (JSON, e.g. the sha256 of the
+frozen classifier the model was trained against). Saves are atomic (orbax writes a temporary
+directory and renames it). An unreadable checkpoint raises `CheckpointError` naming its path and
+is never deleted.
+
+A frozen classifier `<dir>/` holds `params/` (orbax) and `provenance.json`: the path, the sha256
+of its parameters' bytes, its clean test accuracy and the config that trained it.
+"""
+import hashlib
+import json
+import os
+from typing import Any, Optional
+
+import jax
+import ml_collections
+import numpy as np
+import orbax.checkpoint as ocp
+
+PROVENANCE = "provenance.json"
+
+
+class CheckpointError(RuntimeError):
+  """A checkpoint could not be read, or belongs to a different frozen classifier."""
+
+
+def _abstract(tree):
+  """Shapes, dtypes and shardings of a pytree of arrays (the restore target)."""
+  return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), tree)
+
+
+class Checkpointer:
+  """Training checkpoints in `directory`: the last `config.keep`, plus the best by
+  `config.best_metric` (`config.best_mode` "max" | "min") when that is set."""
+
+  def __init__(self, directory: str, config: ml_collections.ConfigDict):
+    self.directory = os.path.abspath(directory)
+    policies = [ocp.checkpoint_managers.LatestN(n=config.keep)]
+    best = {}
+    if config.best_metric:
+      metric = lambda m: m[config.best_metric]
+      policies.append(ocp.checkpoint_managers.BestN(
+          get_metric_fn=metric, reverse=config.best_mode == "min", n=1,
+          keep_checkpoints_without_metrics=False))
+      best = dict(best_fn=metric, best_mode=config.best_mode)
+    options = ocp.CheckpointManagerOptions(
+        preservation_policy=ocp.checkpoint_managers.AnyPreservationPolicy(policies), **best)
+    self.manager = ocp.CheckpointManager(self.directory, item_names=("state", "data", "meta"),
+                                         options=options)
+
+  def path(self, step: int) -> str:
+    return os.path.join(self.directory, str(step))
+
+  def latest_step(self) -> Optional[int]:
+    return self.manager.latest_step()
+
+  def best_step(self) -> Optional[int]:
+    return self.manager.best_step()
+
+  def save(self, step: int, state, data_state: Optional[bytes], meta: dict,
+           metrics: Optional[dict] = None) -> None:
+    """Saves `state` (a pytree of arrays), the iterator state (grain's JSON bytes) and `meta`."""
+    data = json.loads(data_state) if data_state is not None else {}
+    self.manager.save(step, args=ocp.args.Composite(
+        state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data),
+        meta=ocp.args.JsonSave(meta)), metrics=metrics)
+
+  def restore(self, state_like, step: Optional[int] = None):
+    """Restores step `step` (default: the latest) into the structure, shapes and shardings of
+    `state_like`. Returns (state, data_state bytes or None, meta)."""
+    step = self.latest_step() if step is None else step
+    path = self.path(step)
+    try:
+      out = self.manager.restore(step, args=ocp.args.Composite(
+          state=ocp.args.StandardRestore(_abstract(state_like)), data=ocp.args.JsonRestore(),
+          meta=ocp.args.JsonRestore()))
+    except Exception as e:   # orbax raises many types for truncated or missing files
+      raise CheckpointError(f"Checkpoint {path} is unreadable ({type(e).__name__}: {e}). It was "
+                            "left in place; move it aside to resume from an earlier one.") from e
+    return out.state, (json.dumps(out.data).encode() if out.data else None), out.meta
+
+  def wait(self) -> None:
+    """Blocks until pending asynchronous saves are on disk."""
+    self.manager.wait_until_finished()
+
+  def close(self) -> None:
+    self.manager.close()
+
+
+def restore_params(directory: str, step: Optional[int] = None, ema: bool = True,
+                   classifier_sha256: Optional[str] = None):
+  """The (EMA) parameters of a training checkpoint (default: the latest step), as saved.
+
+  With `classifier_sha256`, raises `CheckpointError` unless the model was trained against that
+  frozen classifier."""
+  manager = ocp.CheckpointManager(os.path.abspath(directory), item_names=("state", "data", "meta"),
+                                  options=ocp.CheckpointManagerOptions(read_only=True))
+  step = manager.latest_step() if step is None else step
+  if step is None:
+    raise CheckpointError(f"No checkpoint in {directory}.")
+  path = os.path.join(os.path.abspath(directory), str(step))
+  try:
+    out = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(),
+                                                        meta=ocp.args.JsonRestore()))
+  except Exception as e:
+    raise CheckpointError(f"Checkpoint {path} is unreadable ({type(e).__name__}: {e}).") from e
+  if classifier_sha256 is not None:
+    check_classifier(out.meta.get("classifier_sha256"), classifier_sha256, path)
+  return out.state["ema_params" if ema else "params"]
+
+
+def check_classifier(recorded: Optional[str], given: Optional[str], what: str) -> None:
+  """Raises `CheckpointError` when `what` was trained against a frozen classifier other than
+  `given` (both sha256 hex digests; None: no classifier)."""
+  if recorded != given:
+    raise CheckpointError(
+        f"{what} was trained against the frozen classifier with sha256 {recorded}, but the "
+        f"classifier given has sha256 {given}. Use the classifier it was trained with, or "
+        "retrain it against this one.")
+
+
+def params_sha256(params) -> str:
+  """sha256 over a params pytree: each leaf's path, dtype, shape and bytes, in pytree order."""
+  h = hashlib.sha256()
+  for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
+    leaf = np.ascontiguousarray(np.asarray(leaf))
+    h.update(f"{jax.tree_util.keystr(path)}|{leaf.dtype.str}|{leaf.shape}|".encode())
+    h.update(leaf.tobytes())
+  return h.hexdigest()
+
+
+def _write_json(path: str, obj: Any) -> None:
+  tmp = path + ".tmp"
+  with open(tmp, "w") as f:
+    json.dump(obj, f, indent=2, sort_keys=True)
+  os.replace(tmp, path)
+
+
+def save_classifier(directory: str, params, accuracy: float,
+                    config: ml_collections.ConfigDict) -> dict:
+  """Saves frozen classifier `params` and its provenance record; returns the record."""
+  directory = os.path.abspath(directory)
+  params = jax.device_get(params)
+  with ocp.StandardCheckpointer() as ckptr:
+    ckptr.save(os.path.join(directory, "params"), params, force=True)
+  record = dict(checkpoint=directory, sha256=params_sha256(params),
+                clean_test_accuracy=float(accuracy), config=json.loads(config.to_json_best_effort()))
+  if jax.process_index() == 0:
+    _write_json(os.path.join(directory, PROVENANCE), record)
+  return record
+
+
+def load_classifier(directory: str, expected_sha256: Optional[str] = None):
+  """Loads a frozen classifier saved by `save_classifier` -> (params, provenance record).
+
+  Raises `CheckpointError` if it is unreadable, if its parameters no longer match the hash in
+  its record, or if `expected_sha256` is given and differs."""
+  directory = os.path.abspath(directory)
+  try:
+    with open(os.path.join(directory, PROVENANCE)) as f:
+      record = json.load(f)
+    with ocp.StandardCheckpointer() as ckptr:
+      params = ckptr.restore(os.path.join(directory, "params"))
+  except Exception as e:
+    raise CheckpointError(f"Frozen classifier {directory} is unreadable "
+                          f"({type(e).__name__}: {e}).") from e
+  sha = params_sha256(params)
+  if sha != record["sha256"]:
+    raise CheckpointError(f"Frozen classifier {directory}: its parameters hash to {sha}, not to "
+                          f"the {record['sha256']} in its {PROVENANCE}; the files were changed.")
+  if expected_sha256 is not None and sha != expected_sha256:
+    check_classifier(expected_sha256, sha, "This model")
+  return params, record

@@ -1,0 +1,120 @@
+"""One loss per trainer: `loss(params, frozen, batch, rng) -> (loss, metrics)` once its keyword
+arguments (networks, SDE, observation model) are bound by `cdjax.train`.
+
+- `params`: the trained parameters; `frozen`: never-updated inputs (`{"classifier": params}`);
+  `batch`: a dict of `[B, ...]` arrays; `rng`: this step's key.
+- Networks come as `apply(params, *inputs, rng) -> output` (training mode, `rng` for dropout);
+  the frozen classifier as `classify(params, x) -> logits [B, K]` (inference mode, always).
+- `observe(key, batch) -> (x0, y)`: the clean signal and its degraded observation, degraded
+  inside the step with a key folded from the step's key.
+Denoising outputs are parameterized as in `sde.score_from_output`: "eps" (loss: mean
+|out - z|^2) or "neg_score" (SGMSE+, score = -out; loss: 0.5 sum |std score + z|^2 over non-batch
+dims, mean over the batch).
+"""
+from typing import Callable, Optional
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from cdjax import sde as sde_lib
+from cdjax.coupled import standardize_logits
+
+
+def _batch_mean(per_element: jax.Array, reduce: Callable = jnp.mean) -> jax.Array:
+  """`reduce` over the non-batch dims of [B, ...], then the mean over the batch."""
+  return reduce(per_element.reshape(per_element.shape[0], -1), axis=1).mean()
+
+
+def denoise(apply: Callable, params, sde: sde_lib.SDE, parameterization: str, key, rng_net,
+            x0: jax.Array, y, cond: tuple) -> tuple[jax.Array, jax.Array]:
+  """One denoising-score-matching term: x_t ~ p(x_t | x0, y) at t ~ sde.sample_time, the network
+  `apply(params, x_t, t, *cond, rng_net)`, and its loss. Returns (loss, x0_hat [B, ...]),
+  `x0_hat` the Tweedie estimate from the network's output."""
+  k_t, k_z = jax.random.split(key)
+  t = sde.sample_time(k_t, (x0.shape[0],))
+  mean, std = sde.marginal(x0, t, y)
+  z = sde_lib.normal(k_z, x0.shape, x0.dtype)
+  x_t = mean + sde_lib.bcast(std, x0) * z
+  out = apply(params, x_t, t, *cond, rng_net)
+  if parameterization == "eps":
+    loss = _batch_mean(jnp.abs(out - z) ** 2)
+  elif parameterization == "neg_score":
+    loss = 0.5 * _batch_mean(jnp.abs(sde_lib.bcast(std, x0) * -out + z) ** 2, jnp.sum)
+  else:
+    raise ValueError(f"Unknown parameterization {parameterization!r}; use 'eps' or 'neg_score'.")
+  x0_hat = sde.x0_from_score(x_t, sde.score_from_output(out, t, parameterization), t, y)
+  return loss, x0_hat
+
+
+def classifier_loss(params, frozen, batch, rng, *, apply: Callable, input_key: str = "image"):
+  """Cross-entropy of `apply(params, x, rng) -> logits [B, K]` on clean inputs; + accuracy."""
+  del frozen
+  logits = apply(params, batch[input_key], rng)
+  loss = optax.softmax_cross_entropy_with_integer_labels(logits, batch["label"]).mean()
+  accuracy = (logits.argmax(-1) == batch["label"]).mean()
+  return loss, {"loss": loss, "accuracy": accuracy}
+
+
+def signal_loss(params, frozen, batch, rng, *, apply: Callable, sde: sde_lib.SDE,
+                observe: Callable, num_classes: int, parameterization: str = "eps",
+                latent: Optional[Callable] = None):
+  """Signal-branch denoising loss: net(x_t, t, y, logits[, latent]), conditioned on the degraded
+  y, on `batch["logits"]` [B, K] when given, else zero logits (pre-training), and (Ex-Diff) on
+  `latent(frozen["enhancer"], y)`, a frozen enhancer's features."""
+  k_obs, k_noise, k_net = jax.random.split(rng, 3)
+  x0, y = observe(k_obs, batch)
+  logits = batch.get("logits", jnp.zeros((x0.shape[0], num_classes), jnp.float32))
+  cond = (y, logits) if latent is None else (y, logits, latent(frozen["enhancer"], y))
+  loss, _ = denoise(apply, params, sde, parameterization, k_noise, k_net, x0, y, cond)
+  return loss, {"loss": loss}
+
+
+def classifier_targets(classify: Callable, classifier_params, x0, y, std: float):
+  """The logit branch's target l0 = f(x0) and conditioning f(y), both [B, K], standardised as in
+  sampling (`coupled.standardize_logits`), without gradient into the frozen classifier."""
+  l0, f_y = (standardize_logits(classify(classifier_params, x), std) for x in (x0, y))
+  return jax.lax.stop_gradient(l0), jax.lax.stop_gradient(f_y)
+
+
+def logits_loss(params, frozen, batch, rng, *, apply: Callable, sde: sde_lib.SDE,
+                observe: Callable, classify: Callable, std: float,
+                parameterization: str = "eps"):
+  """Logit-branch denoising loss on l0 = f(x0) from the frozen classifier `frozen["classifier"]`:
+  net(l_t, t, f(y), y), conditioned on the degraded y and f(y) (also the OU prior mean)."""
+  k_obs, k_noise, k_net = jax.random.split(rng, 3)
+  x0, y = observe(k_obs, batch)
+  l0, f_y = classifier_targets(classify, frozen["classifier"], x0, y, std)
+  loss, l0_hat = denoise(apply, params, sde, parameterization, k_noise, k_net, l0, f_y, (f_y, y))
+  accuracy = (l0_hat.argmax(-1) == l0.argmax(-1)).mean()
+  return loss, {"loss": loss, "l0_hat_agreement": accuracy}
+
+
+def enhancer_loss(params, frozen, batch, rng, *, apply: Callable, observe: Callable):
+  """Regression loss of a discriminative enhancer `apply(params, y, rng) -> (x_hat, latent)`:
+  mean |x_hat - x0|^2 (complex spectrograms: squared magnitude of the complex error)."""
+  del frozen
+  k_obs, k_net = jax.random.split(rng)
+  x0, y = observe(k_obs, batch)
+  x_hat, _ = apply(params, y, k_net)
+  loss = _batch_mean(jnp.abs(x_hat - x0) ** 2)
+  return loss, {"loss": loss}
+
+
+def joint_loss(params, frozen, batch, rng, *, signal_apply: Callable, logits_apply: Callable,
+               signal_sde: sde_lib.SDE, logits_sde: sde_lib.SDE, observe: Callable,
+               classify: Callable, std: float, weights: dict,
+               signal_parameterization: str = "eps", logits_parameterization: str = "eps"):
+  """Joint training of `params = {"signal", "logits"}` (Parallel recipe): the logit term as in
+  `logits_loss`; the signal term conditioned on the logit branch's own stop-gradient estimate
+  l0_hat [B, K]. Loss: weights["signal"] L_x + weights["logits"] L_l."""
+  k_obs, k_l, k_x, k_lnet, k_xnet = jax.random.split(rng, 5)
+  x0, y = observe(k_obs, batch)
+  l0, f_y = classifier_targets(classify, frozen["classifier"], x0, y, std)
+  loss_l, l0_hat = denoise(logits_apply, params["logits"], logits_sde, logits_parameterization,
+                           k_l, k_lnet, l0, f_y, (f_y, y))
+  l0_hat = jax.lax.stop_gradient(standardize_logits(l0_hat, std))
+  loss_x, _ = denoise(signal_apply, params["signal"], signal_sde, signal_parameterization,
+                      k_x, k_xnet, x0, y, (y, l0_hat))
+  loss = weights["signal"] * loss_x + weights["logits"] * loss_l
+  return loss, {"loss": loss, "signal_loss": loss_x, "logits_loss": loss_l}

@@ -1,0 +1,194 @@
+"""Command line.
+
+  python -m cdjax.main --config configs/<exp>.py --workdir DIR --mode train|evaluate|sample|sweep
+  python -m cdjax.main gather DIR...          (a table of each run's final metrics)
+
+Any config field is overridable (`--config.optim.lr=3e-4`); an unknown field fails at once,
+listing the closest field names. A mode is a function `fn(config, workdir)` in `MODES`; add one
+with `@MODES.register("name")`. `--mode sweep` prints one line per member of the config file's
+`sweep()` (its workdir and overrides); with `--sweep_run` it also trains the members in turn.
+A config file's `sweep()` returns `dict(product={field: values}, zip={field: values})`: the
+product of the `product` lists times the rows of the (equal-length) `zip` lists.
+"""
+import difflib
+import importlib.util
+import itertools
+import json
+import os
+import sys
+from typing import Any, Callable
+
+from absl import app
+from absl import flags
+import ml_collections
+from ml_collections import config_flags
+
+from cdjax import train as train_lib
+from cdjax.registry import Registry
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file (configs/*.py).")
+_WORKDIR = flags.DEFINE_string("workdir", None, "Directory of the run (checkpoints, metrics).")
+_MODE = flags.DEFINE_string("mode", "train", "What to run: one of MODES, or 'sweep'.")
+_SWEEP_RUN = flags.DEFINE_bool("sweep_run", False, "With --mode sweep: train every member in turn.")
+
+MODES = Registry("mode")   # name -> fn(config, workdir)
+
+
+@MODES.register("train")
+def train_mode(config: ml_collections.ConfigDict, workdir: str) -> dict:
+  """Trains `config.train.trainer` in `workdir` (resuming when it holds a checkpoint)."""
+  return train_lib.train(config, workdir, config.train.trainer)
+
+
+# ---- config fields and overrides ----------------------------------------------------------------
+def field_paths(config: ml_collections.ConfigDict, prefix: str = "") -> list[str]:
+  """Every dotted field path of `config`, sections included (e.g. "optim", "optim.lr")."""
+  paths = []
+  for key, value in config.items():
+    paths.append(prefix + key)
+    if isinstance(value, ml_collections.ConfigDict):
+      paths += field_paths(value, f"{prefix}{key}.")
+  return paths
+
+
+def check_field(config: ml_collections.ConfigDict, path: str) -> None:
+  """Raises KeyError naming `path` and its closest existing fields unless `config` has it."""
+  node = config
+  for key in path.split("."):
+    if not isinstance(node, ml_collections.ConfigDict) or key not in node:
+      close = difflib.get_close_matches(path, field_paths(config), n=5, cutoff=0.5)
+      hint = f" Closest fields: {', '.join(close)}." if close else ""
+      raise KeyError(f"Unknown config field {path!r}.{hint}")
+    node = node[key]
+
+
+def apply_overrides(config: ml_collections.ConfigDict, overrides: dict[str, Any]):
+  """A copy of `config` with {dotted field: value} set (each field must exist)."""
+  config = ml_collections.ConfigDict(config.to_dict())
+  for path, value in overrides.items():
+    check_field(config, path)
+    *parents, key = path.split(".")
+    node = config
+    for p in parents:
+      node = node[p]
+    node[key] = value
+  return config
+
+
+def _load_module(config_arg: str):
+  """The Python module of a `--config` value (`path.py` or `path.py:arg`), and the arg."""
+  path, _, arg = config_arg.partition(":")
+  spec = importlib.util.spec_from_file_location("cdjax_config", path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module, arg
+
+
+def _config_arg(argv: list[str]):
+  """The value of --config in argv, or None."""
+  for i, a in enumerate(argv):
+    if a.startswith("--config="):
+      return a.split("=", 1)[1]
+    if a == "--config" and i + 1 < len(argv):
+      return argv[i + 1]
+  return None
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+  """absl flag parsing, after checking each `--config.<field>` names an existing field."""
+  config_arg = _config_arg(argv)
+  overrides = [a[len("--config."):].split("=", 1)[0] for a in argv if a.startswith("--config.")]
+  if config_arg and overrides:
+    module, arg = _load_module(config_arg)
+    config = module.get_config(arg) if arg else module.get_config()
+    for path in overrides:
+      try:
+        check_field(config, path)
+      except KeyError as e:
+        sys.exit(f"cdjax: {e.args[0]}")
+  return flags.FLAGS(argv)
+
+
+# ---- sweeps -------------------------------------------------------------------------------------
+def sweep_members(sweep: dict, workdir: str) -> list[tuple[str, dict]]:
+  """(member workdir, {field: value}) for each member of `sweep` (see the module docstring)."""
+  product, zipped = sweep.get("product", {}), sweep.get("zip", {})
+  lengths = {len(v) for v in zipped.values()}
+  if len(lengths) > 1:
+    raise ValueError(f"The zip lists of a sweep must have equal lengths, got "
+                     f"{ {k: len(v) for k, v in zipped.items()} }.")
+  rows = [dict(zip(zipped, values)) for values in zip(*zipped.values())] or [{}]
+  members = []
+  for values in itertools.product(*product.values()):
+    for row in rows:
+      overrides = {**dict(zip(product, values)), **row}
+      name = ",".join(f"{k}={v}" for k, v in overrides.items()) or "base"
+      members.append((os.path.join(workdir, name), overrides))
+  return members
+
+
+def override_string(overrides: dict) -> str:
+  return " ".join(f"--config.{k}={v}" for k, v in overrides.items())
+
+
+def run_sweep(config: ml_collections.ConfigDict, config_arg: str, workdir: str, execute: bool,
+              mode: Callable = train_mode) -> list[tuple[str, dict]]:
+  """Prints each member of the config file's `sweep()`; with `execute`, runs `mode` on each."""
+  module, _ = _load_module(config_arg)
+  if not hasattr(module, "sweep"):
+    raise ValueError(f"{config_arg} defines no sweep(); add one returning "
+                     "dict(product={field: values}, zip={field: values}).")
+  members = sweep_members(module.sweep(), workdir)
+  for member_workdir, overrides in members:
+    apply_overrides(config, overrides)   # fails early on an unknown field
+    print(f"{member_workdir} {override_string(overrides)}", flush=True)
+  if execute:
+    for member_workdir, overrides in members:
+      mode(apply_overrides(config, overrides), member_workdir)
+  return members
+
+
+def gather(workdirs: list[str]) -> list[dict]:
+  """One row per run: its workdir and the last record of its metrics.jsonl."""
+  rows = []
+  for workdir in workdirs:
+    path = os.path.join(workdir, "metrics.jsonl")
+    if not os.path.exists(path):
+      raise FileNotFoundError(f"{path} does not exist; is {workdir} a training run?")
+    with open(path) as f:
+      lines = [line for line in f if line.strip()]
+    rows.append(dict(workdir=workdir, **(json.loads(lines[-1]) if lines else {})))
+  return rows
+
+
+def format_table(rows: list[dict]) -> str:
+  """A Markdown table of `rows` (columns: every key, in order of appearance)."""
+  from cdjax.evaluate import markdown_table
+  columns = list(dict.fromkeys(k for row in rows for k in row))
+  return markdown_table(rows, columns)
+
+
+# ---- entry points -------------------------------------------------------------------------------
+def main(argv: list[str]) -> None:
+  if len(argv) > 1 and argv[1] == "gather":
+    print(format_table(gather(argv[2:])))
+    return
+  if len(argv) > 1:
+    raise app.UsageError(f"Unexpected arguments {argv[1:]}; only `gather DIR...` takes any.")
+  config, workdir = _CONFIG.value, _WORKDIR.value
+  if config is None or workdir is None:
+    raise app.UsageError("--config and --workdir are required.")
+  if _MODE.value == "sweep":
+    run_sweep(config, config_flags.get_config_filename(flags.FLAGS["config"]), workdir,
+              _SWEEP_RUN.value)
+  else:
+    MODES.get(_MODE.value)(config, workdir)
+
+
+def run() -> None:
+  """Console script `cdjax`."""
+  app.run(main, flags_parser=parse_flags)
+
+
+if __name__ == "__main__":
+  run()

@@ -1,0 +1,77 @@
+"""Data parallelism from the config: one `data` mesh axis over the devices of every host.
+
+The batch is sharded over `data`, parameters are replicated; under `jax.jit` the gradient of the
+global-batch mean is then averaged across devices (pmap semantics, no explicit `pmean`).
+"""
+import os
+
+import jax
+import ml_collections
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+DATA_AXIS = "data"
+
+
+def is_multihost_env() -> bool:
+  """True when the environment describes one process of a multi-host job (an explicit JAX
+  coordinator, an MPI / SLURM job of several tasks, or a TPU slice of several workers)."""
+  env = os.environ.get
+  return bool(env("JAX_COORDINATOR_ADDRESS")
+              or int(env("OMPI_COMM_WORLD_SIZE", "1")) > 1
+              or int(env("SLURM_NTASKS", "1")) > 1
+              or "," in env("TPU_WORKER_HOSTNAMES", ""))
+
+
+def initialize_distributed() -> None:
+  """`jax.distributed.initialize()` (which auto-detects the cluster) in a multi-host job; a no-op
+  on a single host or when already initialized. Call before any other JAX call."""
+  if is_multihost_env() and not jax.distributed.is_initialized():
+    jax.distributed.initialize()
+
+
+def make_mesh(config: ml_collections.ConfigDict) -> Mesh:
+  """A 1-D mesh with axis `data` over `config.mesh.data` devices (-1: every device of every host)."""
+  devices = jax.devices()
+  n = config.mesh.data
+  if n == -1:
+    n = len(devices)
+  if not 1 <= n <= len(devices):
+    raise ValueError(f"config.mesh.data={config.mesh.data} must be -1 or in [1, {len(devices)}] "
+                     f"(the number of devices).")
+  return Mesh(np.asarray(devices[:n]), (DATA_AXIS,))
+
+
+def check_batch_size(global_batch_size: int, mesh: Mesh, grad_accum_steps: int = 1) -> None:
+  """Raises ValueError unless the global batch splits evenly into `grad_accum_steps`
+  micro-batches, each divisible by the number of devices of the mesh."""
+  n = mesh.devices.size
+  unit = n * grad_accum_steps
+  if global_batch_size <= 0 or global_batch_size % unit:
+    accum = f" x {grad_accum_steps} gradient-accumulation steps" if grad_accum_steps > 1 else ""
+    raise ValueError(
+        f"Global batch size {global_batch_size} is not divisible by the {n} devices{accum} "
+        f"(= {unit}); use a multiple of {unit}, e.g. {max(unit, round(global_batch_size / unit) * unit)}.")
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+  """Every device holds the whole array (parameters, optimizer state, RNG, step)."""
+  return NamedSharding(mesh, P())
+
+
+def data_sharded(mesh: Mesh) -> NamedSharding:
+  """The leading (batch) dimension is split over the `data` axis."""
+  return NamedSharding(mesh, P(DATA_AXIS))
+
+
+def global_batch(batch, mesh: Mesh):
+  """This host's batch (a pytree of numpy [B_host, ...]) -> global arrays [B, ...] sharded on
+  `data`; B = B_host x number of hosts taking part in the mesh."""
+  sharding = data_sharded(mesh)
+  return jax.tree.map(lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x)),
+                      batch)
+
+
+def replicate(tree, mesh: Mesh):
+  """Places a pytree of arrays on every device of the mesh."""
+  return jax.device_put(tree, replicated(mesh))

@@ -1,0 +1,417 @@
+"""Training: the train state, one train-step factory, the trainers, and the training loop.
+
+Every trainer (classifier, signal, logits, enhancer, joint) runs through the same
+`make_train_step`; a trainer (`TRAINERS`) only says which loss (`cdjax.losses`) it minimises, what
+the networks are conditioned on, and how its parameters start. `train(config, workdir, name)`
+runs one, resuming from the latest checkpoint in `workdir`.
+"""
+import dataclasses
+import functools
+import json
+import math
+import os
+import time
+from typing import Any, Callable, Optional
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from flax import struct
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from tqdm.auto import tqdm
+
+from cdjax import checkpoint
+from cdjax import data
+from cdjax import losses
+from cdjax import nets
+from cdjax import parallel
+from cdjax import sde as sde_lib
+from cdjax.registry import Registry
+
+LossFn = Callable[..., tuple[jax.Array, dict]]   # (params, frozen, batch, rng) -> (loss, metrics)
+TRAINERS = Registry("trainer")         # name -> builder(config) -> Trainer
+OBSERVATIONS = Registry("modality")    # config.data.modality -> builder(config) -> observe fn
+
+
+@struct.dataclass
+class TrainState:
+  """Everything a step changes; a pytree, checkpointed whole."""
+  step: jax.Array        # int32 scalar: optimizer updates done
+  params: Any
+  opt_state: Any
+  ema_params: Any
+  rng: jax.Array         # base key; step s uses fold_in(rng, s)
+
+  @classmethod
+  def create(cls, params, optimizer: optax.GradientTransformation, rng: jax.Array) -> "TrainState":
+    # The EMA is a copy, so that no buffer appears twice in a donated state.
+    return cls(step=jnp.zeros((), jnp.int32), params=params, opt_state=optimizer.init(params),
+               ema_params=jax.tree.map(jnp.copy, params), rng=rng)
+
+
+def make_schedule(optim: ml_collections.ConfigDict, num_steps: int) -> optax.Schedule:
+  """Linear warmup over `optim.warmup_steps`, then constant or cosine decay to 0 at `num_steps`."""
+  if optim.schedule == "constant":   # (optax.warmup_constant_schedule is 0 with no warmup)
+    return optax.join_schedules([optax.linear_schedule(0.0, optim.lr, optim.warmup_steps),
+                                 optax.constant_schedule(optim.lr)], [optim.warmup_steps])
+  if optim.schedule == "cosine":
+    return optax.warmup_cosine_decay_schedule(0.0, optim.lr, optim.warmup_steps,
+                                              max(num_steps, optim.warmup_steps + 1))
+  raise ValueError(f"Unknown optim.schedule {optim.schedule!r}; use 'constant' or 'cosine'.")
+
+
+def make_optimizer(optim: ml_collections.ConfigDict, num_steps: int) -> optax.GradientTransformation:
+  """Global-norm clipping (`optim.grad_clip` > 0), then adam or adamw on the schedule."""
+  lr = make_schedule(optim, num_steps)
+  if optim.name == "adam":
+    opt = optax.adam(lr, b1=optim.b1, b2=optim.b2, eps=optim.eps)
+  elif optim.name == "adamw":
+    opt = optax.adamw(lr, b1=optim.b1, b2=optim.b2, eps=optim.eps, weight_decay=optim.weight_decay)
+  else:
+    raise ValueError(f"Unknown optim.name {optim.name!r}; use 'adam' or 'adamw'.")
+  return optax.chain(optax.clip_by_global_norm(optim.grad_clip), opt) if optim.grad_clip > 0 else opt
+
+
+def ema_decay(decay: float, step: jax.Array) -> jax.Array:
+  """The EMA decay at `step`, warmed up as min(decay, (1 + step) / (10 + step))."""
+  return jnp.minimum(decay, (1.0 + step) / (10.0 + step))
+
+
+def make_train_step(loss_fn: LossFn, optimizer: optax.GradientTransformation,
+                    config: ml_collections.ConfigDict, mesh: Mesh) -> Callable:
+  """`step(state, batch, frozen) -> (state, metrics)`, jitted over `mesh`.
+
+  batch: a pytree of global arrays [B, ...] sharded over `data`; `frozen` (replicated, never
+  updated) goes to the loss as is. The gradient is that of the global-batch mean, computed as
+  the mean over `config.train.grad_accum_steps` = A micro-batches (micro-batch i holds rows
+  i, i + A, ..., so each stays split over `data`; micro-batch i uses fold_in(step key, i)); one
+  optimizer update per step. The micro-batch loop is unrolled at trace time: XLA:CPU runs
+  convolutions inside a `while` loop (scan) ~10x slower. The state is donated.
+  metrics: the loss's metrics (means over micro-batches) and `grad_norm`.
+  """
+  accum, decay = config.train.grad_accum_steps, config.train.ema_decay
+  grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+  micro_sharding = NamedSharding(mesh, P(parallel.DATA_AXIS))
+
+  def micro_batch(x, i):   # rows i, i + A, ... of [B, ...]
+    x = x.reshape((x.shape[0] // accum, accum) + x.shape[1:])[:, i]
+    return jax.lax.with_sharding_constraint(x, micro_sharding)
+
+  def step(state: TrainState, batch, frozen):
+    rng = jax.random.fold_in(state.rng, state.step)
+    grads, metrics = None, []
+    for i in range(accum):
+      micro = jax.tree.map(lambda x: micro_batch(x, i), batch)
+      (_, m), g = grad_fn(state.params, frozen, micro, jax.random.fold_in(rng, i))
+      grads = g if grads is None else jax.tree.map(jnp.add, grads, g)
+      metrics.append(m)
+    grads = jax.tree.map(lambda g: g / accum, grads)
+    updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    d = ema_decay(decay, state.step)
+    ema = jax.tree.map(lambda e, p: d * e + (1.0 - d) * p, state.ema_params, params)
+    metrics = dict(jax.tree.map(lambda *v: jnp.mean(jnp.stack(v)), *metrics),
+                   grad_norm=optax.tree.norm(grads))
+    return state.replace(step=state.step + 1, params=params, opt_state=opt_state,
+                         ema_params=ema), metrics
+
+  rep, shard = parallel.replicated(mesh), parallel.data_sharded(mesh)
+  return jax.jit(step, in_shardings=(rep, shard, rep), out_shardings=(rep, rep),
+                 donate_argnums=0)
+
+
+# ---- trainers -----------------------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class Trainer:
+  """What differs between trainers; `train` does the rest."""
+  loss_fn: LossFn
+  init_params: Callable            # (rng, example batch [1, ...]) -> params
+  num_steps: int
+  batch_size: int                  # global
+  frozen: Any = None               # never-updated loss inputs, e.g. {"classifier": params}
+  classifier_sha256: Optional[str] = None   # the frozen classifier trained against, recorded
+  evaluate: Optional[Callable] = None       # (ema_params) -> {name: float}, at checkpoints
+  export: Optional[Callable] = None         # (workdir, ema_params, last metrics) after training
+
+
+def _train_apply(module: nn.Module) -> Callable:
+  """`apply(params, *inputs, rng)`: the module in training mode, `rng` for dropout."""
+  def apply(params, *inputs):
+    *inputs, rng = inputs
+    return module.apply({"params": params}, *inputs, train=True, rngs={"dropout": rng})
+  return apply
+
+
+def _init(module: nn.Module, rng, *inputs):
+  """The module's params, initialised in one compiled call (eager init compiles op by op)."""
+  init = lambda r, *x: module.init({"params": r, "dropout": r}, *x)["params"]
+  return jax.jit(init)(rng, *inputs)
+
+
+def _init_or_restore(init: Callable, path: str, classifier_sha256: Optional[str]) -> Callable:
+  """`init`, or the EMA params of the latest checkpoint under `path` (a workdir) when set."""
+  if not path:
+    return init
+  ckpt_dir = os.path.join(path, "checkpoints")
+  return lambda rng, batch: checkpoint.restore_params(ckpt_dir, classifier_sha256=classifier_sha256)
+
+
+@OBSERVATIONS.register("image")
+def image_observation(config: ml_collections.ConfigDict) -> Callable:
+  """observe(key, batch) -> (x0, y): clean images [B, H, W, C] and y = corruption(key, x0)."""
+  corrupt = data.corruption_from_config(config, config.data.train_split)
+  return lambda key, batch: (batch["image"], corrupt(key, batch["image"]))
+
+
+def _observe(config):
+  return OBSERVATIONS.get(config.data.modality)(config)
+
+
+def _frozen_classifier(config):
+  """(classify(params, x) -> logits in inference mode, params, sha256) of the frozen classifier
+  at `config.checkpoint.classifier`."""
+  path = config.checkpoint.classifier
+  if not path:
+    raise ValueError("This trainer needs a frozen classifier: set config.checkpoint.classifier to "
+                     "the `classifier` directory written by the classifier trainer.")
+  params, record = checkpoint.load_classifier(path)
+  net = nets.get_network(config.classifier.net, **config.classifier.net_kwargs)
+  classify = lambda p, x: net.apply({"params": p}, x, train=False)
+  return classify, params, record["sha256"]
+
+
+def _classifier_accuracy(config, net: nn.Module, input_key: str) -> Callable:
+  """(params) -> {"eval_accuracy"} of `net` on the clean `config.data.eval_split`."""
+  @functools.cache
+  def eval_data():
+    return data.load_split(config.data.name, config.data.eval_split, config.data.data_dir,
+                           config.data.max_eval_examples)
+
+  predict = jax.jit(lambda p, x: net.apply({"params": p}, x, train=False).argmax(-1))
+
+  def evaluate(params):
+    split, size = eval_data(), config.classifier.batch_size
+    x, labels = split[input_key], split["label"]
+    preds = np.concatenate([predict(params, x[i:i + size]) for i in range(0, len(x), size)])
+    return {"eval_accuracy": float(np.mean(preds == labels))}
+  return evaluate
+
+
+@TRAINERS.register("classifier")
+def classifier_trainer(config) -> Trainer:
+  """Cross-entropy on clean data; exported to `<workdir>/classifier` as a frozen classifier
+  with its provenance record (EMA params, clean eval-split accuracy)."""
+  c = config.classifier
+  net = nets.get_network(c.net, **c.net_kwargs)
+  input_key = config.data.modality
+  evaluate = _classifier_accuracy(config, net, input_key)
+
+  def export(workdir, params, metrics):
+    accuracy = metrics.get("eval_accuracy", evaluate(params)["eval_accuracy"])
+    checkpoint.save_classifier(os.path.join(workdir, "classifier"), params, accuracy, config)
+
+  return Trainer(
+      loss_fn=functools.partial(losses.classifier_loss, apply=_train_apply(net), input_key=input_key),
+      init_params=lambda rng, batch: _init(net, rng, batch[input_key]),
+      num_steps=c.num_steps, batch_size=c.batch_size, evaluate=evaluate, export=export)
+
+
+def _signal_branch(config, observe):
+  """(net, sde, parameterization, init(rng, batch), latent, frozen) of the signal branch;
+  `latent` and `frozen` as in `_enhancer_latent`."""
+  c = config.signal
+  net, sde = nets.get_network(c.net, **c.net_kwargs), sde_lib.get_sde(c.sde, **c.sde_kwargs)
+  k = config.data.num_classes
+  latent, frozen = _enhancer_latent(config)
+
+  def init(rng, batch):
+    x0, y = observe(rng, batch)
+    b = x0.shape[0]
+    cond = (y, jnp.zeros((b, k))) + (() if latent is None else (latent(frozen["enhancer"], y),))
+    return _init(net, rng, x0, jnp.zeros((b,)), *cond)
+  return net, sde, c.parameterization, init, latent, frozen
+
+
+def _enhancer_latent(config):
+  """Ex-Diff: (latent(enhancer_params, y) -> features, {"enhancer": params}) of the frozen
+  enhancer trained in workdir `config.checkpoint.enhancer`, when the signal net integrates
+  latents (`signal.net_kwargs.latent_mode` not "none"); else (None, {})."""
+  if not config.checkpoint.enhancer or config.signal.net_kwargs.get("latent_mode", "none") == "none":
+    return None, {}
+  net = nets.get_network(config.enhancer.net, **config.enhancer.net_kwargs)
+  params = checkpoint.restore_params(os.path.join(config.checkpoint.enhancer, "checkpoints"))
+  latent = lambda p, y: jax.lax.stop_gradient(net.apply({"params": p}, y, train=False)[1])
+  return latent, {"enhancer": params}
+
+
+def _logits_branch(config, observe):
+  """(net, sde, parameterization, init(rng, batch)) of the logit branch."""
+  c = config.logits
+  net, sde = nets.get_network(c.net, **c.net_kwargs), sde_lib.get_sde(c.sde, **c.sde_kwargs)
+  k = config.data.num_classes
+
+  def init(rng, batch):
+    _, y = observe(rng, batch)
+    l = jnp.zeros((y.shape[0], k))
+    return _init(net, rng, l, jnp.zeros((y.shape[0],)), l, y)
+  return net, sde, c.parameterization, init
+
+
+@TRAINERS.register("signal")
+def signal_trainer(config) -> Trainer:
+  """Signal-branch pre-training on (x0, y = corruption(x0)) with zero logits (or batch["logits"]);
+  Ex-Diff (see `_enhancer_latent`): also on the frozen enhancer's latent of y."""
+  observe = _observe(config)
+  net, sde, param, init, latent, frozen = _signal_branch(config, observe)
+  loss_fn = functools.partial(losses.signal_loss, apply=_train_apply(net), sde=sde,
+                              observe=observe, num_classes=config.data.num_classes,
+                              parameterization=param, latent=latent)
+  return Trainer(loss_fn, _init_or_restore(init, config.checkpoint.init_signal, None),
+                 config.signal.pretrain_steps, config.signal.batch_size, frozen=frozen or None)
+
+
+@TRAINERS.register("logits")
+def logits_trainer(config) -> Trainer:
+  """Logit-branch pre-training on l0 = f(x0) of the frozen classifier, conditioned on y, f(y)."""
+  observe = _observe(config)
+  classify, classifier_params, sha = _frozen_classifier(config)
+  net, sde, param, init = _logits_branch(config, observe)
+  loss_fn = functools.partial(losses.logits_loss, apply=_train_apply(net), sde=sde,
+                              observe=observe, classify=classify,
+                              std=config.logits.standardize_std, parameterization=param)
+  return Trainer(loss_fn, _init_or_restore(init, config.checkpoint.init_logits, sha),
+                 config.logits.pretrain_steps, config.logits.batch_size,
+                 frozen={"classifier": classifier_params}, classifier_sha256=sha)
+
+
+@TRAINERS.register("enhancer")
+def enhancer_trainer(config) -> Trainer:
+  """A discriminative enhancer net(y) -> (x_hat, latent) (section `config.enhancer`: net,
+  net_kwargs, num_steps, batch_size), regressed onto the clean signal."""
+  c = config.enhancer
+  observe = _observe(config)
+  net = nets.get_network(c.net, **c.net_kwargs)
+  loss_fn = functools.partial(losses.enhancer_loss, apply=_train_apply(net), observe=observe)
+  return Trainer(loss_fn, lambda rng, batch: _init(net, rng, observe(rng, batch)[1]),
+                 c.num_steps, c.batch_size)
+
+
+@TRAINERS.register("joint")
+def joint_trainer(config) -> Trainer:
+  """Both branches together (`losses.joint_loss`), each started from its pre-trained workdir
+  (`config.checkpoint.init_signal` / `init_logits`) when set; `config.train.joint_steps` steps."""
+  observe = _observe(config)
+  classify, classifier_params, sha = _frozen_classifier(config)
+  s_net, s_sde, s_param, s_init, latent, _ = _signal_branch(config, observe)
+  if latent is not None:
+    raise NotImplementedError("Joint training with an Ex-Diff enhancer latent is not supported; "
+                              "set checkpoint.enhancer='' or signal.net_kwargs.latent_mode='none'.")
+  l_net, l_sde, l_param, l_init = _logits_branch(config, observe)
+  s_init = _init_or_restore(s_init, config.checkpoint.init_signal, None)
+  l_init = _init_or_restore(l_init, config.checkpoint.init_logits, sha)
+  loss_fn = functools.partial(
+      losses.joint_loss, signal_apply=_train_apply(s_net), logits_apply=_train_apply(l_net),
+      signal_sde=s_sde, logits_sde=l_sde, observe=observe, classify=classify,
+      std=config.logits.standardize_std, weights=dict(config.train.loss_weights),
+      signal_parameterization=s_param, logits_parameterization=l_param)
+
+  def init(rng, batch):
+    k_s, k_l = jax.random.split(rng)
+    return {"signal": s_init(k_s, batch), "logits": l_init(k_l, batch)}
+  return Trainer(loss_fn, init, config.train.joint_steps, config.signal.batch_size,
+                 frozen={"classifier": classifier_params}, classifier_sha256=sha)
+
+
+# ---- the loop -----------------------------------------------------------------------------------
+def _check_finite(window: list[dict], first_step: int, last_good: Optional[str]) -> dict:
+  """Host copies of the metrics of steps first_step, first_step + 1, ...; raises
+  FloatingPointError at the first step whose loss or gradient norm is NaN or Inf."""
+  window = jax.device_get(window)
+  for i, m in enumerate(window):
+    if not (math.isfinite(m["loss"]) and math.isfinite(m["grad_norm"])):
+      raise FloatingPointError(
+          f"Non-finite loss {m['loss']} (gradient norm {m['grad_norm']}) at step "
+          f"{first_step + i}; training stopped. The last good checkpoint, kept: "
+          f"{last_good or 'none (no checkpoint was saved yet)'}.")
+  return {k: float(np.mean([m[k] for m in window])) for k in window[0]}
+
+
+def train(config: ml_collections.ConfigDict, workdir: str, trainer_name: str) -> dict:
+  """Trains `trainer_name` (a `TRAINERS` entry) in `workdir`, resuming from its latest checkpoint.
+
+  Writes workdir/config.json (the resolved config), workdir/metrics.jsonl (one record per
+  `train.log_every` steps and per checkpoint) and workdir/checkpoints/<step>. Stops with a
+  FloatingPointError on a non-finite loss, keeping the last good checkpoint. Returns the last
+  metrics record.
+  """
+  parallel.initialize_distributed()
+  mesh = parallel.make_mesh(config)
+  trainer = TRAINERS.get(trainer_name)(config)
+  parallel.check_batch_size(trainer.batch_size, mesh, config.train.grad_accum_steps)
+  os.makedirs(workdir, exist_ok=True)
+  is_main = jax.process_index() == 0
+  if is_main:
+    with open(os.path.join(workdir, "config.json"), "w") as f:
+      f.write(config.to_json_best_effort(indent=2, sort_keys=True))
+
+  source = data.get_source(config.data.name, config.data.train_split, config.data.data_dir)
+  batches = iter(data.make_loader(source, trainer.batch_size, seed=config.data.shuffle_seed,
+                                  worker_count=config.data.worker_count))
+  optimizer = make_optimizer(config.optim, trainer.num_steps)
+  # Initial params from the "rbg" generator: XLA:CPU compiles threefry initializers ~7x slower.
+  k_init = jax.random.key(config.seed, impl="rbg")
+  example = jax.tree.map(lambda v: v[None], data.standardize(source[0]))
+  state = parallel.replicate(TrainState.create(
+      trainer.init_params(k_init, example), optimizer, jax.random.PRNGKey(config.seed)), mesh)
+
+  ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"), config.checkpoint)
+  meta = {"trainer": trainer_name, "classifier_sha256": trainer.classifier_sha256}
+  last_good = None
+  if ckpt.latest_step() is not None:
+    last_good = ckpt.path(ckpt.latest_step())
+    state, data_state, saved = ckpt.restore(state)
+    checkpoint.check_classifier(saved.get("classifier_sha256"), trainer.classifier_sha256,
+                                f"Checkpoint {last_good}")
+    if data_state is not None:
+      batches.set_state(data_state)
+  frozen = parallel.replicate(trainer.frozen, mesh)
+  train_step = make_train_step(trainer.loss_fn, optimizer, config, mesh)
+
+  start = int(state.step)
+  record, window, window_start, tic = {}, [], start, time.perf_counter()
+  log = open(os.path.join(workdir, "metrics.jsonl"), "a") if is_main else None
+  try:
+    with tqdm(total=trainer.num_steps, initial=start, desc=trainer_name, disable=not is_main,
+              dynamic_ncols=True) as bar:
+      for step in range(start, trainer.num_steps):
+        state, metrics = train_step(state, parallel.global_batch(next(batches), mesh), frozen)
+        window.append(metrics)
+        bar.update()
+        done = step + 1
+        save = done % config.train.ckpt_every == 0 or done == trainer.num_steps
+        if not (save or done % config.train.log_every == 0):
+          continue
+        summary = _check_finite(window, window_start, last_good)
+        toc = time.perf_counter()
+        record = dict(step=done, **summary, steps_per_sec=len(window) / (toc - tic))
+        window, window_start, tic = [], done, toc
+        if save:
+          if trainer.evaluate is not None:
+            record.update(trainer.evaluate(state.ema_params))
+          ckpt.save(done, state, batches.get_state(), meta, metrics=record)
+          last_good = ckpt.path(done)
+        bar.set_postfix(loss=f"{record['loss']:.4g}")
+        if log:
+          log.write(json.dumps(record) + "\n")
+          log.flush()
+    ckpt.wait()
+    if trainer.export is not None:
+      trainer.export(workdir, state.ema_params, record)
+  finally:
+    ckpt.close()
+    if log:
+      log.close()
+  return record

@@ -1,0 +1,98 @@
+"""Training checkpoints (state + iterator + meta, keep last N + best, unreadable -> clear error)
+and frozen classifiers (provenance, hash checks)."""
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import pytest
+
+from cdjax import checkpoint
+from configs import default
+
+
+def _state(v: float):
+  return {"params": {"w": jnp.full((3, 2), v)}, "step": jnp.asarray(int(v), jnp.int32),
+          "rng": jax.random.PRNGKey(int(v))}
+
+
+def _ckpt_config(**kw):
+  c = default.get_config().checkpoint
+  c.update(kw)
+  return c
+
+
+def test_roundtrip_with_iterator_state_and_meta(tmp_path):
+  ckpt = checkpoint.Checkpointer(str(tmp_path), _ckpt_config())
+  data_state = json.dumps({"last_seen_indices": {"0": 7}}).encode()
+  ckpt.save(1, _state(1.0), data_state, {"classifier_sha256": "abc"})
+  ckpt.wait()
+  state, restored_data, meta = ckpt.restore(_state(0.0))
+  ckpt.close()
+  np.testing.assert_array_equal(state["params"]["w"], np.full((3, 2), 1.0))
+  np.testing.assert_array_equal(state["rng"], jax.random.PRNGKey(1))
+  assert json.loads(restored_data) == {"last_seen_indices": {"0": 7}}
+  assert meta == {"classifier_sha256": "abc"}
+
+
+def test_keeps_last_n_and_the_best(tmp_path):
+  ckpt = checkpoint.Checkpointer(str(tmp_path), _ckpt_config(keep=2, best_metric="acc"))
+  for step, acc in [(1, 0.5), (2, 0.9), (3, 0.6), (4, 0.7), (5, 0.1)]:
+    ckpt.save(step, _state(step), None, {}, metrics={"acc": acc})
+  ckpt.wait()
+  assert sorted(int(d) for d in os.listdir(tmp_path) if d.isdigit()) == [2, 4, 5]
+  assert ckpt.best_step() == 2 and ckpt.latest_step() == 5
+  ckpt.close()
+
+
+def test_unreadable_checkpoint_names_path_and_is_kept(tmp_path):
+  ckpt = checkpoint.Checkpointer(str(tmp_path), _ckpt_config())
+  ckpt.save(3, _state(3.0), None, {})
+  ckpt.wait()
+  state_dir = tmp_path / "3" / "state"
+  for root, _, files in os.walk(state_dir):
+    for f in files:
+      with open(os.path.join(root, f), "wb") as fh:
+        fh.write(b"garbage")
+  with pytest.raises(checkpoint.CheckpointError, match=str(tmp_path / "3")):
+    ckpt.restore(_state(0.0))
+  ckpt.close()
+  assert state_dir.is_dir()
+
+
+def test_frozen_classifier_provenance_and_hash_checks(tmp_path):
+  params = {"dense": {"kernel": np.arange(6, dtype=np.float32).reshape(2, 3), "bias": np.zeros(3, np.float32)}}
+  config = ml_collections.ConfigDict({"seed": 0})
+  record = checkpoint.save_classifier(str(tmp_path / "clf"), params, 0.97, config)
+  assert record["sha256"] == checkpoint.params_sha256(params)
+  with open(tmp_path / "clf" / checkpoint.PROVENANCE) as f:
+    saved = json.load(f)
+  assert saved["clean_test_accuracy"] == 0.97 and saved["checkpoint"] == str(tmp_path / "clf")
+  assert saved["config"] == {"seed": 0}
+
+  loaded, rec = checkpoint.load_classifier(str(tmp_path / "clf"), expected_sha256=record["sha256"])
+  np.testing.assert_array_equal(loaded["dense"]["kernel"], params["dense"]["kernel"])
+  with pytest.raises(checkpoint.CheckpointError, match="trained against the frozen classifier"):
+    checkpoint.load_classifier(str(tmp_path / "clf"), expected_sha256="0" * 64)
+
+  other = jax.tree.map(lambda x: x + 1, params)
+  assert checkpoint.params_sha256(other) != record["sha256"]
+  with open(tmp_path / "clf" / checkpoint.PROVENANCE, "w") as f:   # record of another classifier
+    json.dump(dict(saved, sha256=checkpoint.params_sha256(other)), f)
+  with pytest.raises(checkpoint.CheckpointError, match="files were changed"):
+    checkpoint.load_classifier(str(tmp_path / "clf"))
+  with pytest.raises(checkpoint.CheckpointError, match="unreadable"):
+    checkpoint.load_classifier(str(tmp_path / "absent"))
+
+
+def test_restore_params_checks_classifier_hash(tmp_path):
+  ckpt = checkpoint.Checkpointer(str(tmp_path), _ckpt_config())
+  state = {"params": {"w": jnp.ones(2)}, "ema_params": {"w": jnp.full(2, 2.0)}}
+  ckpt.save(4, state, None, {"classifier_sha256": "a" * 64})
+  ckpt.close()
+  ema = checkpoint.restore_params(str(tmp_path), classifier_sha256="a" * 64)
+  np.testing.assert_array_equal(ema["w"], [2.0, 2.0])
+  with pytest.raises(checkpoint.CheckpointError, match="b" * 64):
+    checkpoint.restore_params(str(tmp_path), classifier_sha256="b" * 64)

@@ -1,0 +1,69 @@
+"""Command line: config overrides (unknown fields fail with close matches), modes, sweeps, gather."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from cdjax import main
+from configs import mnist_classifier
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_overrides_set_fields_and_unknown_fields_list_close_matches():
+  config = mnist_classifier.get_config()
+  changed = main.apply_overrides(config, {"optim.lr": 3e-4, "classifier.net_kwargs.width": 4})
+  assert changed.optim.lr == 3e-4 and changed.classifier.net_kwargs.width == 4
+  assert config.optim.lr == 1e-2   # the original is untouched
+  with pytest.raises(KeyError, match=r"'optim.lrr'.*Closest fields: optim.lr"):
+    main.apply_overrides(config, {"optim.lrr": 1.0})
+  with pytest.raises(KeyError, match=r"'optimm.lr'.*optim.lr"):
+    main.check_field(config, "optimm.lr")
+
+
+def test_cli_unknown_override_fails_before_running(tmp_path):
+  out = subprocess.run(
+      [sys.executable, "-m", "cdjax.main", "--config", "configs/mnist_classifier.py",
+       "--workdir", str(tmp_path), "--config.train.ckpt_evry=5"],
+      cwd=ROOT, capture_output=True, text=True, timeout=120)
+  assert out.returncode != 0
+  assert "'train.ckpt_evry'" in out.stderr and "train.ckpt_every" in out.stderr
+  assert not os.listdir(tmp_path)
+
+
+def test_sweep_members_product_times_zip(tmp_path):
+  sweep = dict(product={"optim.lr": [1e-3, 3e-3]}, zip={"seed": [0, 1], "optim.b1": [0.9, 0.8]})
+  members = main.sweep_members(sweep, "/w")
+  assert len(members) == 4
+  assert members[1] == ("/w/optim.lr=0.001,seed=1,optim.b1=0.8",
+                        {"optim.lr": 1e-3, "seed": 1, "optim.b1": 0.8})
+  with pytest.raises(ValueError, match="equal lengths"):
+    main.sweep_members(dict(zip={"seed": [0, 1], "optim.b1": [0.9]}), "/w")
+
+
+def test_run_sweep_prints_members_and_runs_them_in_turn(tmp_path, capsys):
+  config_file = os.path.join(ROOT, "configs", "mnist_classifier.py")
+  ran = []
+  members = main.run_sweep(mnist_classifier.get_config(), config_file, str(tmp_path), True,
+                           mode=lambda cfg, workdir: ran.append((workdir, cfg.optim.lr, cfg.seed)))
+  lines = capsys.readouterr().out.strip().splitlines()
+  assert len(lines) == len(members) == 4
+  assert lines[0] == f"{tmp_path}/optim.lr=0.003,seed=0 --config.optim.lr=0.003 --config.seed=0"
+  assert ran[3] == (f"{tmp_path}/optim.lr=0.01,seed=1", 0.01, 1)
+
+
+def test_modes_registry_and_gather(tmp_path, capsys):
+  assert "train" in main.MODES
+  for i, name in enumerate(["a", "b"]):
+    os.makedirs(tmp_path / name)
+    with open(tmp_path / name / "metrics.jsonl", "w") as f:
+      f.write(json.dumps({"step": 1, "loss": 2.0}) + "\n")
+      f.write(json.dumps({"step": 2, "loss": 1.0 + i}) + "\n")
+  rows = main.gather([str(tmp_path / "a"), str(tmp_path / "b")])
+  assert [r["loss"] for r in rows] == [1.0, 2.0] and rows[0]["workdir"] == str(tmp_path / "a")
+  table = main.format_table(rows)
+  assert table.splitlines()[0] == "| workdir | step | loss |" and len(table.splitlines()) == 4
+  with pytest.raises(FileNotFoundError, match="metrics.jsonl"):
+    main.gather([str(tmp_path / "missing")])

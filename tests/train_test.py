@@ -1,0 +1,243 @@
+"""The train step (sharding, accumulation), optimizers, and the training loop on real data:
+accuracy, exact resume in a new process, NaN stop, frozen-classifier hash checks."""
+import json
+import os
+import re
+import subprocess
+import sys
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from cdjax import checkpoint
+from cdjax import data
+from cdjax import losses
+from cdjax import main
+from cdjax import parallel
+from cdjax import sde as sde_lib
+from cdjax import train
+from configs import default
+from configs import mnist_classifier
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = {"classifier.net_kwargs.width": 4, "classifier.net_kwargs.depth": 1,
+        "classifier.batch_size": 16, "optim.schedule": "constant", "optim.lr": 3e-3,
+        "data.max_eval_examples": 64, "train.log_every": 3, "train.ckpt_every": 3}
+
+
+class TinySignal(nn.Module):
+  """net(x_t, t, y, logits) -> [B, H, W, C]: one Dense over the concatenated inputs."""
+
+  @nn.compact
+  def __call__(self, x_t, t, y, logits, train=False):
+    b = x_t.shape[0]
+    h = jnp.concatenate([x_t.reshape(b, -1), y.reshape(b, -1), t[:, None] / 150.0, logits], -1)
+    return nn.Dense(x_t[0].size)(h).reshape(x_t.shape)
+
+
+class TinyClassifier(nn.Module):
+  @nn.compact
+  def __call__(self, x, train=False):
+    return nn.Dense(10)(nn.tanh(nn.Dense(16)(x.reshape(x.shape[0], -1))))
+
+
+class ArraySource:
+  """An in-memory random-access source of {"image", "label"} examples."""
+
+  def __init__(self, images, labels):
+    self.images, self.labels = images, labels
+
+  def __len__(self):
+    return len(self.labels)
+
+  def __getitem__(self, i):
+    return {"image": self.images[i], "label": self.labels[i]}
+
+  def __repr__(self):
+    return f"ArraySource({len(self)})"
+
+
+def _apply(module):
+  return lambda params, *inputs: module.apply({"params": params}, *inputs[:-1])
+
+
+def _run_steps(loss_fn, params, batches, config, mesh, frozen=None):
+  optimizer = train.make_optimizer(config.optim, len(batches))
+  state = parallel.replicate(train.TrainState.create(params, optimizer, jax.random.PRNGKey(1)), mesh)
+  step = train.make_train_step(loss_fn, optimizer, config, mesh)
+  for b in batches:
+    state, metrics = step(state, parallel.global_batch(b, mesh), frozen)
+  return jax.device_get(state), jax.device_get(metrics)
+
+
+def _images(n, seed=0):
+  rng = np.random.default_rng(seed)
+  return {"image": rng.uniform(-1, 1, (n, 8, 8, 1)).astype(np.float32),
+          "label": rng.integers(0, 10, n).astype(np.int32)}
+
+
+def test_sharded_training_equals_one_device():
+  """Signal denoising loss (corruption and noise drawn inside the step): 8 devices == 1."""
+  c = default.get_config()
+  c.optim.lr = 1e-2
+  net = TinySignal()
+  corrupt = data.get_corruption("gn_replace", p=0.3)
+  loss_fn = lambda p, f, b, r: losses.signal_loss(
+      p, f, b, r, apply=_apply(net), sde=sde_lib.get_sde("vp_discrete", N=150),
+      observe=lambda k, b: (b["image"], corrupt(k, b["image"])), num_classes=10)
+  x = jnp.zeros((1, 8, 8, 1))
+  params = jax.device_get(net.init(jax.random.PRNGKey(0), x, jnp.zeros(1), x, jnp.zeros((1, 10))))["params"]
+  batches = [{"image": _images(16, s)["image"]} for s in range(5)]
+  results = []
+  for n in (8, 1):
+    c.mesh.data = n
+    results.append(_run_steps(loss_fn, params, batches, c, parallel.make_mesh(c)))
+  (s8, m8), (s1, m1) = results
+  assert int(s8.step) == 5
+  np.testing.assert_allclose(m8["loss"], m1["loss"], rtol=1e-5)
+  for a, b in zip(jax.tree.leaves((s8.params, s8.ema_params)), jax.tree.leaves((s1.params, s1.ema_params))):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+  assert not np.allclose(s8.params["Dense_0"]["kernel"], params["Dense_0"]["kernel"])
+
+
+def test_grad_accumulation_equals_full_batch():
+  c = default.get_config()
+  c.optim.lr = 1e-2
+  net = TinyClassifier()
+  loss_fn = lambda p, f, b, r: losses.classifier_loss(p, f, b, r, apply=_apply(net))
+  params = jax.device_get(net.init(jax.random.PRNGKey(0), jnp.zeros((1, 8, 8, 1))))["params"]
+  batches = [_images(32, s) for s in range(3)]
+  mesh = parallel.make_mesh(c)
+  full, m_full = _run_steps(loss_fn, params, batches, c, mesh)
+  c.train.grad_accum_steps = 4
+  accum, m_accum = _run_steps(loss_fn, params, batches, c, mesh)
+  np.testing.assert_allclose(m_full["loss"], m_accum["loss"], rtol=1e-5)
+  for a, b in zip(jax.tree.leaves(full.params), jax.tree.leaves(accum.params)):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_schedules_and_optimizers():
+  c = default.get_config().optim
+  c.update(lr=1.0, warmup_steps=10, schedule="cosine")
+  lr = train.make_schedule(c, 110)
+  assert float(lr(0)) == 0.0 and float(lr(5)) == pytest.approx(0.5)
+  assert float(lr(10)) == pytest.approx(1.0) and float(lr(60)) == pytest.approx(0.5, abs=1e-6)
+  assert float(lr(110)) == pytest.approx(0.0, abs=1e-6)
+  c.schedule = "constant"
+  assert [float(train.make_schedule(c, 110)(i)) for i in (5, 100)] == [0.5, 1.0]
+  c.warmup_steps = 0
+  assert float(train.make_schedule(c, 110)(0)) == 1.0
+  c.update(name="adamw", weight_decay=0.1, grad_clip=0.0, warmup_steps=10)
+  opt = train.make_optimizer(c, 110)
+  params = {"w": jnp.ones(3)}
+  updates, _ = opt.update({"w": jnp.zeros(3)}, opt.init(params), params)
+  assert float(updates["w"][0]) == 0.0   # step 0 of warmup: lr 0
+  c.name = "sgd"
+  with pytest.raises(ValueError, match="optim.name 'sgd'"):
+    train.make_optimizer(c, 10)
+  assert float(train.ema_decay(0.999, 0)) == pytest.approx(0.1)
+  assert float(train.ema_decay(0.999, 10**6)) == pytest.approx(0.999)
+
+
+@pytest.fixture(scope="module")
+def classifier_dir(tmp_path_factory):
+  """configs/mnist_classifier trained on mnist_local (one device: faster on a CPU than 8 virtual
+  ones): (workdir, final metrics)."""
+  workdir = str(tmp_path_factory.mktemp("classifier"))
+  config = main.apply_overrides(mnist_classifier.get_config(), {"mesh.data": 1})
+  return workdir, train.train(config, workdir, "classifier")
+
+
+@pytest.mark.slow
+def test_mnist_classifier_reaches_95_percent(classifier_dir):
+  workdir, final = classifier_dir
+  assert final["step"] == 400 and final["eval_accuracy"] >= 0.95
+  params, record = checkpoint.load_classifier(os.path.join(workdir, "classifier"))
+  assert record["clean_test_accuracy"] == final["eval_accuracy"]
+  assert record["sha256"] == checkpoint.params_sha256(params)
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    records = [json.loads(line) for line in f]
+  assert [r["step"] for r in records] == list(range(50, 401, 50))
+  assert records[-1]["loss"] < records[0]["loss"]
+  with open(os.path.join(workdir, "config.json")) as f:
+    assert json.load(f)["classifier"]["num_steps"] == 400
+
+
+def _cli(workdir, overrides):
+  args = [f"--config.{k}={v}" for k, v in overrides.items()]
+  return subprocess.run([sys.executable, "-m", "cdjax.main", "--config",
+                         "configs/mnist_classifier.py", "--workdir", workdir, *args],
+                        cwd=ROOT, capture_output=True, text=True, timeout=300)
+
+
+@pytest.mark.slow
+def test_exact_resume_in_a_new_process(tmp_path):
+  """train 3 + save + restore in a new process + train 3 == train 6, bitwise."""
+  base = main.apply_overrides(mnist_classifier.get_config(), TINY)
+  straight, resumed = str(tmp_path / "straight"), str(tmp_path / "resumed")
+  train.train(main.apply_overrides(base, {"classifier.num_steps": 6}), straight, "classifier")
+  train.train(main.apply_overrides(base, {"classifier.num_steps": 3}), resumed, "classifier")
+  out = _cli(resumed, dict(TINY, **{"classifier.num_steps": 6}))
+  assert out.returncode == 0, out.stderr[-3000:]
+  for ema in (False, True):
+    a = checkpoint.restore_params(os.path.join(straight, "checkpoints"), ema=ema)
+    b = checkpoint.restore_params(os.path.join(resumed, "checkpoints"), ema=ema)
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+      np.testing.assert_array_equal(x, y)
+  read = lambda d: [json.loads(l) for l in open(os.path.join(d, "metrics.jsonl"))]
+  assert [r["loss"] for r in read(straight)] == [r["loss"] for r in read(resumed)]
+
+
+def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, monkeypatch):
+  clean = data.load_split("mnist_local", "train", max_examples=64)
+  images = clean["image"].copy()
+  images[40] = np.nan   # one poisoned example: the step whose batch holds it has a NaN loss
+  monkeypatch.setattr(train.data, "get_source", lambda *a, **k: ArraySource(images, clean["label"]))
+  config = main.apply_overrides(mnist_classifier.get_config(), dict(
+      TINY, **{"classifier.num_steps": 12, "train.ckpt_every": 1}))
+  workdir = str(tmp_path)
+  with pytest.raises(FloatingPointError, match=r"at step (\d+).*last good checkpoint") as info:
+    train.train(config, workdir, "classifier")
+  step = int(re.search(r"at step (\d+)", str(info.value)).group(1))
+  ckpt_dir = os.path.join(workdir, "checkpoints")
+  assert f"{ckpt_dir}/{step}" in str(info.value) or step == 0
+  steps = sorted(int(d) for d in os.listdir(ckpt_dir) if d.isdigit())
+  assert steps[-1] == step   # checkpoints 1..step saved (the last 3 kept); step + 1 never written
+  params = checkpoint.restore_params(ckpt_dir, ema=False)
+  assert all(np.isfinite(x).all() for x in jax.tree.leaves(params))
+
+
+def test_batch_not_divisible_fails_at_start_up(tmp_path):
+  config = main.apply_overrides(mnist_classifier.get_config(), {"classifier.batch_size": 12})
+  with pytest.raises(ValueError, match=r"batch size 12 .* 8 devices"):
+    train.train(config, str(tmp_path), "classifier")
+  assert not os.listdir(tmp_path)
+
+
+@pytest.mark.slow
+def test_logits_trainer_records_and_checks_classifier(classifier_dir, tmp_path):
+  """A logit branch trained against classifier A refuses to resume or load with classifier B."""
+  clf_a = os.path.join(classifier_dir[0], "classifier")
+  params, record = checkpoint.load_classifier(clf_a)
+  clf_b = str(tmp_path / "other_classifier")
+  checkpoint.save_classifier(clf_b, jax.tree.map(lambda x: x * 1.01, params), 0.5,
+                             mnist_classifier.get_config())
+  config = main.apply_overrides(mnist_classifier.get_config(), {
+      "logits.net_kwargs": dict(num_classes=10, hidden=16, depth=1, heads=1, enc_width=8,
+                                enc_depth=2),
+      "logits.pretrain_steps": 2, "logits.batch_size": 16, "train.ckpt_every": 2, "mesh.data": 1,
+      "checkpoint.classifier": clf_a})
+  workdir = str(tmp_path / "logits")
+  final = train.train(config, workdir, "logits")
+  assert final["step"] == 2 and np.isfinite(final["loss"])
+  ckpt_dir = os.path.join(workdir, "checkpoints")
+  checkpoint.restore_params(ckpt_dir, classifier_sha256=record["sha256"])
+  _, record_b = checkpoint.load_classifier(clf_b)
+  with pytest.raises(checkpoint.CheckpointError, match=record_b["sha256"]):
+    checkpoint.restore_params(ckpt_dir, classifier_sha256=record_b["sha256"])
+  with pytest.raises(checkpoint.CheckpointError, match="trained against the frozen classifier"):
+    train.train(main.apply_overrides(config, {"checkpoint.classifier": clf_b,
+                                              "logits.pretrain_steps": 4}), workdir, "logits")
