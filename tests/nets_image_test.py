@@ -173,3 +173,16 @@ def test_unknown_network_lists_known_names():
 
 def test_count_params():
   assert count_params({"a": jnp.zeros((3, 4)), "b": {"c": jnp.zeros((5,))}}) == 17
+
+
+def test_coupled_unet_gradients_stay_bounded_with_zero_logits():
+  """Signal pre-training conditions on all-zero logits: the logit encoder must stay well-conditioned."""
+  net = nets.get_network("coupled_unet", num_classes=K, width=16, ch_mult=(1, 2), attn_levels=())
+  x, t, y, _ = _args("coupled_unet", (28, 28, 1))
+  zero_bias = lambda path, v: jnp.zeros_like(v) if "bias" in jax.tree_util.keystr(path[-1:]) else v
+  params = jax.tree_util.tree_map_with_path(zero_bias, _random_params(net, (x, t, y, jnp.zeros((B, K))))["params"])   # biases start at 0, as in net.init
+  norms = {}
+  for name, logits in [("zeros", jnp.zeros((B, K))), ("random", jax.random.normal(jax.random.PRNGKey(1), (B, K)))]:
+    loss = lambda p: jnp.mean((net.apply({"params": p}, x, t, y, logits) - x) ** 2)
+    norms[name] = float(jnp.sqrt(sum(jnp.sum(g**2) for g in jax.tree.leaves(jit(jax.grad(loss))(params)))))
+  assert norms["zeros"] < 10 * norms["random"], norms   # was ~1e11 before the ones channel

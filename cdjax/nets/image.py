@@ -108,7 +108,7 @@ class CoupledUNet(nn.Module):
 
   net(x_t [B, H, W, C], t [B] or scalar, y [B, H, W, C], logits [B, K]) -> eps [B, H, W, C].
   Three UNetEncoders (same module, separate params) see x_t (with the time embedding), y, and
-  the logits broadcast to K constant channels [B, H, W, K]; their skips are concatenated
+  the logits broadcast to K constant channels plus a ones channel [B, H, W, K + 1]; their skips are concatenated
   level by level, the bottleneck goes through Res-Attn-Res and the decoder mirrors the
   encoders (num_res_blocks + 1 ResBlocks per level, each consuming one concatenated skip).
   Time: `TimeEmbedding(4 * width, time_steps)` (time_steps = 0: sinusoidal + MLP, any t).
@@ -140,8 +140,10 @@ class CoupledUNet(nn.Module):
     factor = 2 ** (len(self.ch_mult) - 1)
     pad = [(0, 0), (0, -height % factor), (0, -width % factor), (0, 0)]
     x_t, y = jnp.pad(x_t, pad), jnp.pad(y, pad)
-    logit_map = jnp.broadcast_to(logits[:, None, None, :].astype(x_t.dtype),
-                                 x_t.shape[:3] + (self.num_classes,))
+    # K constant channels, plus a constant ones channel: with all-zero logits (pre-training) the
+    # encoder's GroupNorms would otherwise see zero variance and blow its gradients up (~1e11).
+    logits = jnp.concatenate([logits, jnp.ones_like(logits[:, :1])], axis=-1).astype(x_t.dtype)
+    logit_map = jnp.broadcast_to(logits[:, None, None, :], x_t.shape[:3] + (self.num_classes + 1,))
 
     emb = TimeEmbedding(4 * self.width, self.time_steps)(batch_time(t, b))
     encoder = dict(width=self.width, ch_mult=self.ch_mult, num_res_blocks=self.num_res_blocks,
