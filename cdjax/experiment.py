@@ -52,6 +52,21 @@ def _joint_config(cfg, branch_dir: str):
   return cfg
 
 
+STAGE_SECTIONS = {"classifier": "classifier", "signal": "signal", "logits": "logits",
+                  "joint": "train", "enhancer": "enhancer"}
+
+
+def stage_config(cfg, stage: str):
+  """`cfg` with `optim.lr` replaced by the stage section's own `lr`, when it sets one
+  (e.g. `classifier.lr`; the joint stage reads `train.lr`)."""
+  section = cfg[STAGE_SECTIONS[stage]]
+  if "lr" not in section:
+    return cfg
+  cfg = copy.deepcopy(cfg)
+  cfg.optim.lr = section.lr
+  return cfg
+
+
 def _num_steps(cfg, stage):
   return {"classifier": cfg.classifier.num_steps, "signal": cfg.signal.pretrain_steps,
           "logits": cfg.logits.pretrain_steps, "joint": cfg.train.joint_steps,
@@ -70,7 +85,7 @@ def train_stage(cfg, stage_dir: str, stage: str) -> None:
   if done:
     print(f"[{stage}] reusing {stage_dir}")
     return
-  train.train(cfg, stage_dir, stage)
+  train.train(stage_config(cfg, stage), stage_dir, stage)
 
 
 def train_all(config: ml_collections.ConfigDict, workdir: str) -> None:

@@ -45,3 +45,11 @@ def test_experiment_trains_every_stage_and_writes_the_report(tmp_path):
   before = stamps()
   experiment.train_all(config, workdir)
   assert stamps() == before
+
+
+def test_stage_config_uses_the_stage_learning_rate():
+  config = tiny_config()
+  config.classifier.lr = 0.05
+  assert experiment.stage_config(config, "classifier").optim.lr == 0.05
+  assert experiment.stage_config(config, "signal").optim.lr == config.optim.lr
+  assert config.optim.lr != 0.05   # the experiment's config is left as it was
