@@ -140,8 +140,9 @@ class _Branches:
   def signal_update(self, key, x, t, t_next, logits_cond, guide_logits):
     return self.signal_step(key, x, t, t_next, self.signal_score_fn(logits_cond, guide_logits), self.y)
 
-  def logits_update(self, key, l, t, t_next, cond_signal, guide_signal):
-    cond_logits = self.class_logits(cond_signal)
+  def logits_update(self, key, l, t, t_next, cond_signal, guide_signal, cond_logits=None):
+    """One logit step conditioned on c and f(c) (computed here unless given)."""
+    cond_logits = self.class_logits(cond_signal) if cond_logits is None else cond_logits
     score_fn = self.logits_score_fn(cond_signal, cond_logits, guide_signal)
     return self.logits_step(key, l, t, t_next, score_fn, cond_logits)
 
@@ -210,30 +211,38 @@ def parallel(b: _Branches, key):
   switch = int(round(n * (1.0 - cfg.switch_t)))
   k_x, k_l, k_steps = jax.random.split(key, 3)
   x, l = b.signal_init(k_x), b.logits_init(k_l, b.y)
+  f_y = b.class_logits(b.y)   # the logit branch's conditioning before the switch, computed once
 
-  def logits_half(k, i, x, l, x0_hat, tl, tl_next):
-    c = jnp.where(i >= switch, x if noisy else x0_hat, b.y)
-    return b.logits_update(k, l, tl, tl_next, c, x0_hat)
+  def logits_half(k, before_switch, x, l, x0_hat, tl, tl_next):
+    if before_switch:
+      return b.logits_update(k, l, tl, tl_next, b.y, x0_hat, cond_logits=f_y)
+    return b.logits_update(k, l, tl, tl_next, x if noisy else x0_hat, x0_hat)
 
-  def body(carry, inputs):
+  def body(before_switch, carry, inputs):
     x, l, x0_hat, l0_hat, _, _ = carry
     i, tx, tx_next, tl, tl_next = inputs
     k_sig, k_log = jax.random.split(jax.random.fold_in(k_steps, i))
     if cfg.parallel_order == "logits_first":
-      out_l = logits_half(k_log, i, x, l, x0_hat, tl, tl_next)
+      out_l = logits_half(k_log, before_switch, x, l, x0_hat, tl, tl_next)
       out_x = b.signal_update(k_sig, x, tx, tx_next, l if noisy else out_l.x0_hat, out_l.x0_hat)
     else:
       out_x = b.signal_update(k_sig, x, tx, tx_next, l if noisy else l0_hat, l0_hat)
-      out_l = logits_half(k_log, i, out_x.x if noisy else x, l, out_x.x0_hat, tl, tl_next)
+      out_l = logits_half(k_log, before_switch, out_x.x if noisy else x, l, out_x.x0_hat, tl, tl_next)
     carry = (out_x.x, out_l.x, out_x.x0_hat, out_l.x0_hat, out_x.x_mean, out_l.x_mean)
     return carry, ((out_x.x0_hat, out_l.x0_hat) if cfg.return_trajectory else None)
 
   if cfg.parallel_order not in ("logits_first", "signal_first"):
     raise ValueError(f"Unknown sampling.parallel_order {cfg.parallel_order!r}; "
                      "use 'logits_first' or 'signal_first'.")
-  init = (x, l, b.y, _initial_logits(b), x, l)
-  steps = (jnp.arange(n), ts_x[:-1], ts_x[1:], ts_l[:-1], ts_l[1:])
-  carry, traj = jax.lax.scan(body, init, steps)
+  carry = (x, l, b.y, _initial_logits(b), x, l)
+  steps = (np.arange(n), ts_x[:-1], ts_x[1:], ts_l[:-1], ts_l[1:])
+  trajs = []
+  for before_switch, part in ((True, slice(0, switch)), (False, slice(switch, n))):
+    if part.stop > part.start:   # two scans: before the switch f(y) is a constant
+      carry, traj = jax.lax.scan(functools.partial(body, before_switch), carry,
+                                 tuple(a[part] for a in steps))
+      trajs.append(traj)
+  traj = jax.tree.map(lambda *t: jnp.concatenate(t), *trajs) if cfg.return_trajectory else None
   return b.output(carry[4], carry[5], b.signal_nfe + b.logits_nfe, traj)
 
 

@@ -178,3 +178,11 @@ def test_clear_errors():
   with pytest.raises(ValueError, match="equal step counts"):
     unequal = coupled.CoupledModel(**{**model.__dict__, "logits_sde": sde_lib.get_sde("vp_discrete", N=20)})
     run(unequal, sampling_config(strategy="parallel"), y)
+
+
+def test_parallel_trajectory_spans_both_sides_of_the_switch():
+  _, y = toy_data(8, jax.random.PRNGKey(6))
+  out = run(make_model(10), sampling_config(strategy="parallel", switch_t=0.3, return_trajectory=True), y)
+  x0_traj, l0_traj = out.trajectory
+  assert x0_traj.shape == (10, 8, D) and l0_traj.shape == (10, 8, 2)
+  np.testing.assert_allclose(x0_traj[-1], out.x0, rtol=1e-5, atol=1e-6)   # last step lands on x0_hat
