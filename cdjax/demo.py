@@ -18,7 +18,7 @@ _WORKDIR = flags.DEFINE_string("workdir", "runs/demo", "Where checkpoints and re
 
 def main(argv):
   del argv
-  logging.set_verbosity(logging.WARNING)
+  logging.set_verbosity(logging.ERROR)
   experiment.run(_CONFIG.value, _WORKDIR.value, os.path.join(_WORKDIR.value, "results"))
 
 

@@ -21,7 +21,7 @@ _OUT = flags.DEFINE_string("out", "experiments/results/fashion_mnist", "Results 
 
 def main(argv):
   del argv
-  logging.set_verbosity(logging.WARNING)
+  logging.set_verbosity(logging.ERROR)
   experiment.run(_CONFIG.value, _WORKDIR.value, _OUT.value)
 
 
