@@ -33,7 +33,7 @@ def test_experiment_trains_every_stage_and_writes_the_report(tmp_path):
   methods = [r["method"] for r in report["rows"]]
   assert methods == ["noisy", "enhance_then_classify", "nested", "parallel"]
   by_method = {r["method"]: r for r in rows}
-  assert [by_method[m]["nfe"] for m in methods] == [0, 3, 6, 3 + 3 + 3]
+  assert [by_method[m]["nfe"] for m in methods] == [0, 3, 3 + 3 + 3, 6]
   for r in rows:
     assert 0.0 <= r["ci95_lo"] <= r["accuracy"] <= r["ci95_hi"] <= 1.0
   assert "diff_vs_reference" in by_method["parallel"] and "diff_vs_reference" not in by_method["enhance_then_classify"]
