@@ -4,9 +4,13 @@ Spectrograms are `[..., F, T]` (frequency bins, frames). Defaults are SGMSE+'s (
 510 (256 bins), hop 128, periodic Hann window, centered with reflect padding, no
 normalisation (torch.stft's `normalized=False`, as sgmse uses), then amplitude compression
 `beta * |c|^alpha * exp(i angle c)` with alpha 0.5, beta 0.15. The iSTFT is torch.istft's
-windowed overlap-add divided by the summed squared window.
+windowed overlap-add divided by the summed squared window. `Frontend` bundles the whole path
+(noisy-maximum normalisation, padding, compressed STFT and back); `make_observe` is the trainers'
+speech observation model.
 """
+import dataclasses
 import functools
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
@@ -154,3 +158,67 @@ def log_mel(wave: jax.Array, sample_rate: int = SAMPLE_RATE, n_fft: int = 512,
             fmax: float | None = None, eps: float = 1e-6) -> jax.Array:
   """log(mel_spectrogram + eps): wave [..., L] -> [..., n_mels, 1 + L//hop]."""
   return jnp.log(mel_spectrogram(wave, sample_rate, n_fft, hop_length, n_mels, fmin, fmax) + eps)
+
+
+@dataclasses.dataclass(frozen=True)
+class Frontend:
+  """The SGMSE+ signal path between waveforms and the networks' compressed spectrograms.
+
+  `analyze(y, *others)`: divide every waveform [B, L] by the noisy maximum max |y| (per item),
+  zero-pad to `padded_length(L)` samples (so the centered STFT has a multiple of
+  `frame_multiple` frames) and take `to_spec`. `synthesize(spec, length, scale)` inverts it.
+  """
+  n_fft: int = N_FFT
+  hop_length: int = HOP_LENGTH
+  alpha: float = ALPHA
+  beta: float = BETA
+  frame_multiple: int = 64
+
+  @classmethod
+  def from_config(cls, config) -> "Frontend":
+    """From the `audio` section of a config (fields n_fft, hop_length, alpha, beta, frame_multiple)."""
+    a = config.audio
+    return cls(a.n_fft, a.hop_length, a.alpha, a.beta, a.frame_multiple)
+
+  def padded_length(self, length: int) -> int:
+    """The fewest samples >= length whose centered STFT has a multiple of frame_multiple frames."""
+    needed = 1 - (-length // self.hop_length)   # (frames - 1) * hop >= length
+    frames = -(-needed // self.frame_multiple) * self.frame_multiple
+    return frames_to_samples(frames, self.hop_length)
+
+  def to_spec(self, wave: jax.Array) -> jax.Array:
+    """wave [..., L] -> compressed spectrogram [..., F, T] of the zero-padded wave."""
+    pad = self.padded_length(wave.shape[-1]) - wave.shape[-1]
+    wave = jnp.pad(wave, [(0, 0)] * (wave.ndim - 1) + [(0, pad)])
+    return to_spec(wave, self.n_fft, self.hop_length, self.alpha, self.beta)
+
+  def analyze(self, y: jax.Array, *others: jax.Array):
+    """(Y, *others' spectrograms, scale [..., 1]) from the noisy y [..., L] and e.g. the clean x."""
+    *waves, scale = normalize_by_noisy(y, *others)
+    return (*(self.to_spec(w) for w in waves), scale)
+
+  def synthesize(self, spec: jax.Array, length: int, scale: jax.Array = 1.0) -> jax.Array:
+    """Compressed spectrogram [..., F, T] -> waveform [..., length], times `scale`."""
+    wave = to_wave(spec, frames_to_samples(spec.shape[-1], self.hop_length), self.n_fft,
+                   self.hop_length, self.alpha, self.beta)
+    return wave[..., :length] * scale
+
+
+def make_observe(corrupt: Callable, frontend: Frontend, crop_frames: int = 0) -> Callable:
+  """The speech observation model `observe(key, batch) -> (x0, y)` of the trainers.
+
+  batch["audio"]: clean waveforms [B, L]; with `crop_frames` > 0 each item is first cropped to a
+  random window of (crop_frames - 1) * hop samples (SGMSE+ trains on crops). The mixture is
+  `corrupt(key, clean)`; x0, y: compressed spectrograms [B, F, T] of clean and mixture, both
+  divided by the mixture's maximum (`Frontend.analyze`).
+  """
+  def observe(key, batch):
+    k_crop, k_corrupt = jax.random.split(key)
+    x = batch["audio"]
+    if crop_frames > 0:
+      length = min(frames_to_samples(crop_frames, frontend.hop_length), x.shape[-1])
+      starts = jax.random.randint(k_crop, (x.shape[0],), 0, x.shape[-1] - length + 1)
+      x = jax.vmap(lambda w, s: jax.lax.dynamic_slice(w, (s,), (length,)))(x, starts)
+    y_spec, x_spec, _ = frontend.analyze(corrupt(k_corrupt, x), x)
+    return x_spec, y_spec
+  return observe

@@ -1,6 +1,8 @@
 """Command line.
 
   python -m cdjax.main --config configs/<exp>.py --workdir DIR --mode train|evaluate|sample|sweep
+  python -m cdjax.main --config configs/speech_enhancement.py --workdir runs/speech_enhancement/noise \
+      --mode enhance --input in.wav --output out.wav
   python -m cdjax.main gather DIR...          (a table of each run's final metrics)
 
 Any config field is overridable (`--config.optim.lr=3e-4`); an unknown field fails at once,
@@ -30,6 +32,8 @@ _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config fil
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory of the run (checkpoints, metrics).")
 _MODE = flags.DEFINE_string("mode", "train", "What to run: one of MODES, or 'sweep'.")
 _SWEEP_RUN = flags.DEFINE_bool("sweep_run", False, "With --mode sweep: train every member in turn.")
+_INPUT = flags.DEFINE_string("input", None, "With --mode enhance: the audio file (any sample rate).")
+_OUTPUT = flags.DEFINE_string("output", None, "With --mode enhance: the enhanced WAV to write.")
 
 MODES = Registry("mode")   # name -> fn(config, workdir)
 
@@ -38,6 +42,17 @@ MODES = Registry("mode")   # name -> fn(config, workdir)
 def train_mode(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """Trains `config.train.trainer` in `workdir` (resuming when it holds a checkpoint)."""
   return train_lib.train(config, workdir, config.train.trainer)
+
+
+@MODES.register("enhance")
+def enhance_mode(config: ml_collections.ConfigDict, workdir: str) -> str:
+  """Enhances --input with the speech models trained in `workdir` (one condition of
+  experiments/speech_enhancement.py: enhancer/, sgmse/, exdiff/; Ex-Diff when trained) and
+  writes --output (`cdjax.speech.enhance_file`)."""
+  from cdjax import speech   # pylint: disable=g-import-not-at-top
+  if not _INPUT.value or not _OUTPUT.value:
+    raise app.UsageError("--mode enhance needs --input in.wav and --output out.wav.")
+  return speech.enhance_file(config, workdir, _INPUT.value, _OUTPUT.value)
 
 
 # ---- config fields and overrides ----------------------------------------------------------------

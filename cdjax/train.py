@@ -23,6 +23,7 @@ from flax import struct
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from tqdm.auto import tqdm
 
+from cdjax import audio
 from cdjax import checkpoint
 from cdjax import data
 from cdjax import losses
@@ -137,6 +138,19 @@ class Trainer:
   export: Optional[Callable] = None         # (workdir, ema_params, last metrics) after training
 
 
+def _network(config, section) -> nn.Module:
+  """The network of a config section (`net`, `net_kwargs`), rematerialised when
+  `config.train.remat` is set (the module must have a `remat` field)."""
+  kwargs = dict(section.net_kwargs)
+  if config.train.remat:
+    kwargs["remat"] = True
+  try:
+    return nets.get_network(section.net, **kwargs)
+  except TypeError as e:
+    raise TypeError(f"Network {section.net!r} rejected its net_kwargs {sorted(kwargs)} "
+                    f"(config.train.remat={config.train.remat}): {e}") from e
+
+
 def _train_apply(module: nn.Module) -> Callable:
   """`apply(params, *inputs, rng)`: the module in training mode, `rng` for dropout."""
   def apply(params, *inputs):
@@ -166,6 +180,17 @@ def image_observation(config: ml_collections.ConfigDict) -> Callable:
   return lambda key, batch: (batch["image"], corrupt(key, batch["image"]))
 
 
+@OBSERVATIONS.register("audio")
+def audio_observation(config: ml_collections.ConfigDict) -> Callable:
+  """observe(key, batch) -> (x0, y): compressed spectrograms [B, F, T] of the clean clips
+  batch["audio"] [B, L] and of the mixture corruption(key, clean), both divided by the mixture's
+  maximum (SGMSE+), on random crops of `audio.train_crop_frames` frames when > 0
+  (`audio.make_observe`)."""
+  corrupt = data.corruption_from_config(config, config.data.train_split)
+  return audio.make_observe(corrupt, audio.Frontend.from_config(config),
+                            config.audio.train_crop_frames)
+
+
 def _observe(config):
   return OBSERVATIONS.get(config.data.modality)(config)
 
@@ -178,7 +203,7 @@ def _frozen_classifier(config):
     raise ValueError("This trainer needs a frozen classifier: set config.checkpoint.classifier to "
                      "the `classifier` directory written by the classifier trainer.")
   params, record = checkpoint.load_classifier(path)
-  net = nets.get_network(config.classifier.net, **config.classifier.net_kwargs)
+  net = _network(config, config.classifier)
   classify = lambda p, x: net.apply({"params": p}, x, train=False)
   return classify, params, record["sha256"]
 
@@ -205,7 +230,7 @@ def classifier_trainer(config) -> Trainer:
   """Cross-entropy on clean data; exported to `<workdir>/classifier` as a frozen classifier
   with its provenance record (EMA params, clean eval-split accuracy)."""
   c = config.classifier
-  net = nets.get_network(c.net, **c.net_kwargs)
+  net = _network(config, c)
   input_key = config.data.modality
   evaluate = _classifier_accuracy(config, net, input_key)
 
@@ -223,7 +248,7 @@ def _signal_branch(config, observe):
   """(net, sde, parameterization, init(rng, batch), latent, frozen) of the signal branch;
   `latent` and `frozen` as in `_enhancer_latent`."""
   c = config.signal
-  net, sde = nets.get_network(c.net, **c.net_kwargs), sde_lib.get_sde(c.sde, **c.sde_kwargs)
+  net, sde = _network(config, c), sde_lib.get_sde(c.sde, **c.sde_kwargs)
   k = config.data.num_classes
   latent, frozen = _enhancer_latent(config)
 
@@ -241,7 +266,7 @@ def _enhancer_latent(config):
   latents (`signal.net_kwargs.latent_mode` not "none"); else (None, {})."""
   if not config.checkpoint.enhancer or config.signal.net_kwargs.get("latent_mode", "none") == "none":
     return None, {}
-  net = nets.get_network(config.enhancer.net, **config.enhancer.net_kwargs)
+  net = _network(config, config.enhancer)
   params = checkpoint.restore_params(os.path.join(config.checkpoint.enhancer, "checkpoints"))
   latent = lambda p, y: jax.lax.stop_gradient(net.apply({"params": p}, y, train=False)[1])
   return latent, {"enhancer": params}
@@ -250,7 +275,7 @@ def _enhancer_latent(config):
 def _logits_branch(config, observe):
   """(net, sde, parameterization, init(rng, batch)) of the logit branch."""
   c = config.logits
-  net, sde = nets.get_network(c.net, **c.net_kwargs), sde_lib.get_sde(c.sde, **c.sde_kwargs)
+  net, sde = _network(config, c), sde_lib.get_sde(c.sde, **c.sde_kwargs)
   k = config.data.num_classes
 
   def init(rng, batch):
@@ -293,7 +318,7 @@ def enhancer_trainer(config) -> Trainer:
   net_kwargs, num_steps, batch_size), regressed onto the clean signal."""
   c = config.enhancer
   observe = _observe(config)
-  net = nets.get_network(c.net, **c.net_kwargs)
+  net = _network(config, c)
   loss_fn = functools.partial(losses.enhancer_loss, apply=_train_apply(net), observe=observe)
   return Trainer(loss_fn, lambda rng, batch: _init(net, rng, observe(rng, batch)[1]),
                  c.num_steps, c.batch_size)

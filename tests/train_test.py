@@ -241,3 +241,11 @@ def test_logits_trainer_records_and_checks_classifier(classifier_dir, tmp_path):
   with pytest.raises(checkpoint.CheckpointError, match="trained against the frozen classifier"):
     train.train(main.apply_overrides(config, {"checkpoint.classifier": clf_b,
                                               "logits.pretrain_steps": 4}), workdir, "logits")
+
+
+def test_remat_from_config_reaches_the_networks():
+  config = mnist_classifier.get_config()
+  config.train.remat = True
+  assert train._network(config, config.signal).remat
+  with pytest.raises(TypeError, match="'cnn_classifier' rejected its net_kwargs.*remat=True"):
+    train._network(config, config.classifier)

@@ -1,0 +1,31 @@
+"""The coupled spoken-keyword table (noisy / enhance_then_classify / coupled strategies; error
+rate with 95% CI): trains what the workdir lacks, evaluates, writes
+experiments/results/speech_keywords.{json,md}.
+
+python experiments/speech_keywords.py --config configs/speech_keywords.py --workdir runs/speech_keywords \
+    --out experiments/results/speech_keywords
+"""
+import os
+import sys
+
+from absl import app
+from absl import flags
+from absl import logging
+from ml_collections import config_flags
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from cdjax import speech  # noqa: E402
+
+_CONFIG = config_flags.DEFINE_config_file("config", "configs/speech_keywords.py", "Experiment config.")
+_WORKDIR = flags.DEFINE_string("workdir", "runs/speech_keywords", "Checkpoints of every stage.")
+_OUT = flags.DEFINE_string("out", "experiments/results/speech_keywords", "Results path prefix.")
+
+
+def main(argv):
+  del argv
+  logging.set_verbosity(logging.WARNING)
+  speech.run_keywords(_CONFIG.value, _WORKDIR.value, _OUT.value)
+
+
+if __name__ == "__main__":
+  app.run(main)

@@ -1,0 +1,271 @@
+"""Speech pipeline (cdjax.speech): the audio observation, one train step of each speech trainer
+(enhancer, SGMSE+, Ex-Diff), PC-sampler enhancement, the latent path, the configs, WAV input.
+
+Tiny STFTs (n_fft 62, 32 bins) and nets keep compile times to seconds; no dataset is built
+(a Gaussian-noise corruption needs no noise clips; batches are synthetic).
+"""
+import os
+
+import flax
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import soundfile
+
+from cdjax import audio
+from cdjax import checkpoint
+from cdjax import coupled
+from cdjax import speech
+from cdjax import train
+from cdjax.data.corruptions import get_corruption
+from cdjax.nets import get_network
+from cdjax.nets.layers import count_params
+from configs import default
+from configs.speech_enhancement import set_fields
+
+KEY = jax.random.key(0, impl="rbg")
+B, L = 4, 480          # items, samples: 31 frames at hop 16 -> padded to 32
+F = 32                 # n_fft 62
+
+
+def _config():
+  c = default.get_config()
+  c.data.update(name="spoken_digits", modality="audio", shape=(L,), num_classes=10)
+  c.audio.update(n_fft=62, hop_length=16, frame_multiple=4)
+  set_fields(c.corruption, name="gaussian", kwargs=dict(sigma=0.1))
+  set_fields(c.enhancer, net_kwargs=dict(widths=(8, 16), strides=((2, 2),)), num_steps=2, batch_size=B)
+  set_fields(c.signal, net="ncsnpp",
+                  net_kwargs=dict(nf=8, ch_mult=(1,), num_res_blocks=1, attn_resolutions=(),
+                                  logit_hidden=8, latent_mode="film"),
+                  sde="ouve", sde_kwargs=dict(N=3), parameterization="neg_score", x0_clip=None,
+                  pretrain_steps=2, batch_size=B)
+  c.sampling.update(signal_predictor="reverse_diffusion", corrector="annealed_langevin", snr=0.5)
+  c.mesh.data = 1
+  return c
+
+
+def _speech(seed=0, batch=B, length=L):
+  rng = np.random.default_rng(seed)
+  t = np.arange(length) / 16000
+  x = np.sin(2 * np.pi * rng.uniform(100, 400, (batch, 1)) * t) * np.hanning(length)
+  return (0.5 * x).astype(np.float32)
+
+
+def _batch(seed=0):
+  return {"audio": _speech(seed), "label": np.arange(B, dtype=np.int32) % 10}
+
+
+def _perturb(tree, seed=0, scale=0.1):
+  rng = np.random.default_rng(seed)
+  return jax.tree.map(lambda p: p + scale * rng.standard_normal(p.shape).astype(p.dtype), tree)
+
+
+def _train_two_steps(config, name, frozen_override=None):
+  """Two steps of trainer `name` through `train.make_train_step`; returns (state, losses)."""
+  trainer = train.TRAINERS.get(name)(config)
+  optimizer = train.make_optimizer(config.optim, trainer.num_steps)
+  example = jax.tree.map(lambda v: v[:1], _batch())
+  state = train.TrainState.create(trainer.init_params(KEY, example), optimizer, jax.random.key(1))
+  mesh = train.parallel.make_mesh(config)
+  step = train.make_train_step(trainer.loss_fn, optimizer, config, mesh)
+  frozen = trainer.frozen if frozen_override is None else frozen_override
+  losses = []
+  for i in range(2):
+    state, m = step(state, _batch(i), frozen)
+    losses.append(float(m["loss"]))
+  return state, trainer, losses
+
+
+@pytest.fixture(scope="module")
+def enhancer_workdir(tmp_path_factory):
+  """A trained-for-two-steps enhancer saved as a training workdir (as `train.train` does)."""
+  config = _config()
+  state, _, losses = _train_two_steps(config, "enhancer")
+  assert np.all(np.isfinite(losses))
+  workdir = str(tmp_path_factory.mktemp("enhancer"))
+  ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"), config.checkpoint)
+  ckpt.save(2, state, None, {"trainer": "enhancer"})
+  ckpt.wait()
+  ckpt.close()
+  return workdir
+
+
+def test_frontend_round_trip_and_padding():
+  frontend = audio.Frontend.from_config(_config())
+  y = _speech(1) + 0.05 * np.random.default_rng(2).standard_normal((B, L)).astype(np.float32)
+  x = _speech(1)
+  y_spec, x_spec, scale = frontend.analyze(y, x)
+  assert y_spec.shape == x_spec.shape == (B, F, 32) and y_spec.dtype == jnp.complex64
+  np.testing.assert_allclose(scale[:, 0], np.abs(y).max(-1), rtol=1e-6)
+  np.testing.assert_allclose(frontend.synthesize(y_spec, L, scale), y, atol=2e-5)
+  np.testing.assert_allclose(frontend.synthesize(x_spec, L, scale), x, atol=2e-5)
+  sgmse = audio.Frontend()
+  assert audio.num_frames(sgmse.padded_length(16000)) == 128   # 126 frames -> 128
+  assert sgmse.padded_length(8064) == 8064
+
+
+def test_audio_observation_is_the_normalised_mixture():
+  config = _config()
+  observe = train.OBSERVATIONS.get("audio")(config)
+  key = jax.random.key(3)
+  batch = _batch()
+  x0, y = observe(key, batch)
+  assert x0.shape == y.shape == (B, F, 32)
+  mixture = get_corruption("gaussian", sigma=0.1)(jax.random.split(key)[1], batch["audio"])
+  peak = np.abs(np.asarray(mixture)).max(-1, keepdims=True)
+  frontend = audio.Frontend.from_config(config)
+  np.testing.assert_allclose(frontend.synthesize(y, L), mixture / peak, atol=2e-5)
+  np.testing.assert_allclose(frontend.synthesize(x0, L), batch["audio"] / peak, atol=2e-5)
+  # Training crops: (crop_frames - 1) * hop samples -> exactly crop_frames frames.
+  config.audio.train_crop_frames = 16
+  x0, y = train.OBSERVATIONS.get("audio")(config)(key, batch)
+  assert x0.shape == y.shape == (B, F, 16)
+
+
+def test_speech_trainers_take_finite_steps(enhancer_workdir):
+  config = _config()
+  config.signal.net_kwargs.latent_mode = "none"
+  sgmse_state, _, sgmse_losses = _train_two_steps(config, "signal")
+  assert np.all(np.isfinite(sgmse_losses)) and "latent" not in sgmse_state.params
+
+  config.signal.net_kwargs.latent_mode = "film"
+  config.checkpoint.enhancer = enhancer_workdir
+  state, trainer, losses = _train_two_steps(config, "signal")
+  assert np.all(np.isfinite(losses))
+  assert set(trainer.frozen) == {"enhancer"}
+  assert "latent" in state.params                      # the integration layer is trained
+  enhancer = speech.load_enhancer(config)
+  assert jax.tree.all(jax.tree.map(np.array_equal, trainer.frozen["enhancer"], enhancer))
+  # The latent really enters the loss: another frozen enhancer gives another loss.
+  params = _perturb(state.params, scale=0.3)
+  loss = jax.jit(lambda frozen: trainer.loss_fn(params, frozen, _batch(), jax.random.key(2))[0])
+  assert float(loss({"enhancer": enhancer})) != float(loss({"enhancer": _perturb(enhancer, 1, 0.5)}))
+
+
+def test_pc_sampler_enhancement_and_latent_path(enhancer_workdir):
+  config = _config()
+  config.checkpoint.enhancer = enhancer_workdir
+  enhancer = speech.load_enhancer(config)
+  y_spec = audio.Frontend.from_config(config).analyze(_speech(4) + 0.1)[0]
+  net = get_network(config.signal.net, **config.signal.net_kwargs)
+  latent = speech.enhancer_latent_fn(config)(enhancer, y_spec)
+  zeros = jnp.zeros((B, 10))
+  score = _perturb(net.init(KEY, y_spec, jnp.full((B,), 0.5), y_spec, zeros, latent)["params"])
+
+  for method, params in (("exdiff", {"score": score, "enhancer": enhancer}),
+                         ("discriminative", enhancer)):
+    enhance = speech.get_enhance_fn(config, method)
+    x0 = jax.jit(enhance)(params, jax.random.key(5), y_spec)
+    assert x0.shape == y_spec.shape and x0.dtype == jnp.complex64, method
+    assert np.all(np.isfinite(np.asarray(x0))), method
+    assert enhance.nfe == (1 if method == "discriminative" else 2 * 3)
+
+  # With non-zero integration weights the Ex-Diff score net differs from the baseline's call.
+  model = speech.coupled_model(config)
+  t = jnp.full((B,), 0.5)
+  exdiff = model.signal_net({"score": score, "enhancer": enhancer}, y_spec, t, y_spec, zeros)
+  baseline = net.apply({"params": score}, y_spec, t, y_spec, zeros)
+  assert not np.allclose(exdiff, baseline, atol=1e-4)
+  no_film = flax.core.unfreeze(score)
+  no_film["latent"] = jax.tree.map(jnp.zeros_like, score["latent"])
+  same = model.signal_net({"score": no_film, "enhancer": enhancer}, y_spec, t, y_spec, zeros)
+  np.testing.assert_allclose(same, net.apply({"params": no_film}, y_spec, t, y_spec, zeros),
+                             atol=1e-5)
+
+
+def test_enhance_file_and_wav_errors(enhancer_workdir, tmp_path):
+  config = _config()
+  os.symlink(enhancer_workdir, os.path.join(tmp_path, "enhancer"))
+  src = os.path.join(tmp_path, "in.wav")
+  soundfile.write(src, _speech(7, batch=1, length=240)[0], 8000)   # 8 kHz in: resampled
+  dst = os.path.join(tmp_path, "out.wav")
+  speech.enhance_file(config, str(tmp_path), src, dst)             # the enhancer: all there is
+  wave, rate = soundfile.read(dst)
+  assert rate == 16000 and len(wave) == 480 and np.all(np.isfinite(wave))
+
+  silent = os.path.join(tmp_path, "silent.wav")
+  soundfile.write(silent, np.zeros(800, np.float32), 16000)
+  with pytest.raises(ValueError, match="silent"):
+    speech.read_wav(silent, 16000)
+  bad = os.path.join(tmp_path, "bad.wav")
+  with open(bad, "w") as f:
+    f.write("not audio")
+  with pytest.raises(ValueError, match="Cannot read"):
+    speech.read_wav(bad, 16000)
+  with pytest.raises(FileNotFoundError, match="No trained 'sgmse'"):
+    speech.enhance_file(config, str(tmp_path), src, dst, method="sgmse")
+
+
+def test_speech_classifier_reads_spectrograms_at_any_gain():
+  config = _config()
+  net = get_network("speech_classifier", num_classes=10, width=8, depth=1, input_peak=0.5,
+                    spec_n_fft=62, spec_hop_length=16)
+  wave = jnp.asarray(_speech(8, length=L))
+  frontend = audio.Frontend.from_config(config)
+  spec = frontend.to_spec(0.3 * wave)
+  padded = jnp.pad(wave, ((0, 0), (0, frontend.padded_length(L) - L)))
+  params = _perturb(jax.jit(net.init)(KEY, wave)["params"])
+  out = jax.jit(lambda x, s: (net.apply({"params": params}, x), net.apply({"params": params}, s)))
+  np.testing.assert_allclose(*out(padded, spec), atol=1e-3)
+
+
+def test_configs_build():
+  from configs import sgmse_full, speech_commands, speech_enhancement, speech_keywords
+  for module in (speech_enhancement, speech_keywords, speech_commands, sgmse_full):
+    c = module.get_config()
+    assert c.data.modality == "audio" and c.signal.net == "ncsnpp"
+  c = speech_commands.get_config()
+  assert c.signal.sde_kwargs.N == c.logits.sde_kwargs.N == 50
+  assert c.sampling.parallel_order == "signal_first" and c.sampling.initial_logits == "classifier"
+
+
+def test_sgmse_full_shapes():
+  """configs/sgmse_full.py: SGMSE+'s 65.6M score net; the enhancer's 384-channel latent at
+  F/64 x T/32 enters the score net's matching level."""
+  from configs import sgmse_full
+  c = sgmse_full.get_config()
+  frames = c.audio.train_crop_frames
+  y = jax.ShapeDtypeStruct((1, 256, frames), jnp.complex64)
+  enhancer = get_network(c.enhancer.net, **c.enhancer.net_kwargs)
+  latent = jax.eval_shape(lambda y: enhancer.init_with_output(KEY, y)[0][1], y)
+  assert latent.shape == (1, 256 // 64, frames // 32, 384)
+  net = get_network(c.signal.net, **dict(c.signal.net_kwargs, latent_mode="none"))
+  assert count_params(jax.eval_shape(net.init, KEY, y, jnp.ones((1,)), y)) == 65_590_694
+  exdiff = get_network(c.signal.net, **c.signal.net_kwargs)
+  out, params = jax.eval_shape(
+      lambda y, z: exdiff.init_with_output(KEY, y, jnp.ones((1,)), y, jnp.zeros((1, 10)), z), y, latent)
+  assert out.shape == y.shape and "latent" in params["params"]
+
+
+def test_coupled_speech_parallel_with_exdiff_signal_branch(enhancer_workdir):
+  """The speech settings of the coupled sampler (signal-first Parallel, f(y) as round-one logits,
+  OU logit SDE) with the Ex-Diff signal branch (score net + frozen enhancer latent)."""
+  config = _config()
+  config.checkpoint.enhancer = enhancer_workdir
+  set_fields(config.classifier, net="speech_classifier",
+             net_kwargs=dict(num_classes=10, width=8, depth=1, input_peak=0.5, spec_n_fft=62,
+                             spec_hop_length=16))
+  set_fields(config.logits, net="speech_logit_net",
+             net_kwargs=dict(num_classes=10, hidden=16, depth=1, enc_width=8, enc_depth=1,
+                             pool=(4, 4)),
+             sde="ouve", sde_kwargs=dict(N=3), parameterization="eps")
+  config.sampling.update(parallel_order="signal_first", initial_logits="classifier",
+                         logits_predictor="reverse_diffusion", switch_t=0.34)
+  model = speech.coupled_model(config)
+  y = audio.Frontend.from_config(config).analyze(_speech(9) + 0.1)[0]
+  l = jnp.zeros((B, 10))
+  enhancer = speech.load_enhancer(config)
+  nets = {name: get_network(s.net, **s.net_kwargs)
+          for name, s in (("signal", config.signal), ("logits", config.logits),
+                          ("classifier", config.classifier))}
+  latent = speech.enhancer_latent_fn(config)(enhancer, y)
+  params = {"signal": {"score": nets["signal"].init(KEY, y, 0.5, y, l, latent)["params"],
+                       "enhancer": enhancer},
+            "logits": nets["logits"].init(KEY, l, 0.5, l, y)["params"]}
+  classifier = nets["classifier"].init(KEY, y)["params"]
+  out = jax.jit(coupled.get_coupled_fn(model, config.sampling))(
+      _perturb(params), classifier, jax.random.key(3), y)
+  assert out.x0.shape == y.shape and out.logits.shape == out.classifier_logits.shape == (B, 10)
+  assert np.all(np.isfinite(np.asarray(out.logits))) and np.all(np.isfinite(np.asarray(out.x0)))
+  assert int(out.nfe) == 2 * 3 + 3   # signal: predictor + corrector per step; logits: predictor
