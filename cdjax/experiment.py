@@ -4,7 +4,7 @@ Layout of a workdir: `classifier/` (the frozen classifier, shared), and per corr
 `<corruption>/signal`, `<corruption>/logits`, `<corruption>/joint` (training workdirs of
 `cdjax.train`). Finished stages are reused, unfinished ones resume from their last checkpoint.
 `config.evaluation` names the corruptions ({name: corruption kwargs}) and the methods
-({name: flattened overrides of config.sampling}).
+({name: overrides of config.sampling, nested sections merged}).
 """
 import copy
 import json
@@ -135,7 +135,7 @@ def evaluate_corruption(config, workdir: str, corruption: str, methods: dict, to
   for name in method_order(methods):
     overrides = methods[name]
     sampling_cfg = copy.deepcopy(cfg.sampling)
-    sampling_cfg.update_from_flattened_dict(dict(overrides))
+    sampling_cfg.update(overrides)   # nested sections merge field by field
     results.append(evaluate.run_method(
         name, model, sampling_cfg, params, classifier_params, y,
         jax.random.PRNGKey(cfg.evaluation.sampling_seed), cfg.sampling.batch_size, mesh))

@@ -104,7 +104,7 @@ def get_config() -> ml_collections.ConfigDict:
 
   c.evaluation = ml_collections.ConfigDict(dict(
       corruptions={"gn30": dict(p=0.3)},   # name -> corruption kwargs (one model each)
-      methods={                            # name -> flattened overrides of `sampling`
+      methods={                            # name -> overrides of `sampling` (nested dicts merge)
           "noisy": dict(strategy="noisy"),
           "enhance_then_classify": dict(strategy="enhance_then_classify"),
           "parallel": dict(strategy="parallel"),

@@ -13,9 +13,9 @@ DETERMINISTIC = dict(signal_predictor="posterior_mean", logits_predictor="poster
 def get_config():
   c = default.get_config()
   c.data.name = "fashion_mnist_local"
-  c.classifier.update(net="resnet_classifier",
-                      net_kwargs=dict(num_classes=10, widths=(32, 64, 128), blocks=(1, 1, 1)),
-                      num_steps=3000, batch_size=128)
+  c.classifier.net = "resnet_classifier"
+  c.classifier.net_kwargs = dict(num_classes=10, widths=(32, 64, 128), blocks=(1, 1, 1))   # replaces, not merges
+  c.classifier.update(num_steps=3000, batch_size=128)
   c.signal.update(
       net_kwargs=dict(num_classes=10, width=32, ch_mult=(1, 2, 2), num_res_blocks=1, attn_levels=(2,)),
       sde_kwargs=dict(N=150, schedule="cosine"), pretrain_steps=6000, batch_size=64)
@@ -35,8 +35,7 @@ def get_config():
       "alternating_k1": dict(strategy="alternating", rounds=1, **DETERMINISTIC),
       "nested": dict(strategy="nested", **DETERMINISTIC),
       # Ablations (Parallel): guidance on, noisy-state conditioning, deterministic sampling.
-      "parallel_guided": {"strategy": "parallel", "guidance.signal_scale": 1.0,
-                          "guidance.logits_scale": 0.1},
+      "parallel_guided": dict(strategy="parallel", guidance=dict(signal_scale=1.0, logits_scale=0.1)),
       "parallel_noisy_state": dict(strategy="parallel", cond_source="noisy"),
       "parallel_deterministic": dict(strategy="parallel", **DETERMINISTIC),
       "parallel_ddim": dict(strategy="parallel", signal_predictor="ddim"),

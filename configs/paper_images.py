@@ -1,0 +1,26 @@
+"""The paper's 32x32 image setups, shared by configs/cifar10.py, cifar100.py, imagenet32_100.py:
+150-step cosine DDPM, ~4M-parameter signal U-Net, ResNet classifier, p% GN.
+
+These need the TFDS catalog dataset (internet on first use); here they are only built in tests.
+"""
+from configs import default
+from configs import fashion_mnist
+
+
+def make(tfds_name: str, num_classes: int, p: float):
+  c = default.get_config()
+  c.data.update(name=tfds_name, shape=(32, 32, 3), num_classes=num_classes)
+  c.classifier.net = "resnet_classifier"
+  c.classifier.net_kwargs = dict(num_classes=num_classes, widths=(64, 128, 256), blocks=(2, 2, 2))   # replaces, not merges
+  c.classifier.update(num_steps=40000, batch_size=128)
+  c.signal.update(
+      net_kwargs=dict(num_classes=num_classes, width=36, ch_mult=(1, 2, 2), num_res_blocks=2,
+                      attn_levels=(2,)),
+      sde_kwargs=dict(N=150, schedule="cosine"), pretrain_steps=40000, batch_size=128)
+  c.logits.update(net_kwargs=dict(num_classes=num_classes, hidden=512, depth=4, enc_width=32, enc_depth=3),
+                  sde_kwargs=dict(N=150, schedule="cosine"), pretrain_steps=20000, batch_size=128)
+  c.train.update(joint_steps=20000, ckpt_every=2000)
+  c.optim.update(lr=2e-4, schedule="cosine", warmup_steps=1000)
+  c.evaluation.corruptions = {f"gn{round(100 * p)}": dict(p=p)}
+  c.evaluation.methods = fashion_mnist.get_config().evaluation.methods
+  return c

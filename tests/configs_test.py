@@ -1,0 +1,48 @@
+"""Every experiment config builds, and each of its evaluation methods is a valid sampling config."""
+import copy
+import importlib
+import pkgutil
+
+import jax
+import jax.numpy as jnp
+import pytest
+
+import configs
+from cdjax import coupled
+from cdjax import nets
+from cdjax.nets.layers import count_params
+
+CONFIGS = sorted(m.name for m in pkgutil.iter_modules(configs.__path__)
+                 if hasattr(importlib.import_module(f"configs.{m.name}"), "get_config"))
+
+
+@pytest.mark.parametrize("name", CONFIGS)
+def test_config_builds_and_its_methods_are_valid(name):
+  config = importlib.import_module(f"configs.{name}").get_config()
+  if config.data.modality != "image":   # speech configs are built and run in speech_test.py
+    return
+  for method, overrides in config.evaluation.methods.items():
+    sampling = copy.deepcopy(config.sampling)
+    sampling.update(overrides)
+    coupled.STRATEGIES.get(sampling.strategy)
+    assert set(sampling.guidance) == {"signal_scale", "logits_scale", "temperature"}, method
+  model = coupled.model_from_config(config)
+  assert model.num_classes == config.data.num_classes
+  assert model.signal_sde.N == config.signal.sde_kwargs.N
+
+
+def test_paper_image_configs_match_the_paper():
+  for name, dataset, k, corruption in [("cifar10", "cifar10", 10, "gn30"),
+                                       ("cifar100", "cifar100", 100, "gn30"),
+                                       ("imagenet32_100", "imagenet_resized/32x32", 100, "gn15")]:
+    c = importlib.import_module(f"configs.{name}").get_config()
+    assert (c.data.name, c.data.num_classes, list(c.evaluation.corruptions)) == (dataset, k, [corruption])
+    assert dict(c.signal.sde_kwargs) == {"N": 150, "schedule": "cosine"}
+
+
+def test_paper_signal_unet_has_about_4m_parameters():
+  c = importlib.import_module("configs.cifar10").get_config()
+  net = nets.get_network(c.signal.net, **c.signal.net_kwargs)
+  x = jnp.zeros((1, 32, 32, 3))
+  shapes = jax.eval_shape(net.init, jax.random.PRNGKey(0), x, jnp.zeros((1,)), x, jnp.zeros((1, 10)))
+  assert 3.5e6 < count_params(shapes["params"]) < 4.5e6
