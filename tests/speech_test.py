@@ -61,15 +61,18 @@ def _perturb(tree, seed=0, scale=0.1):
   return jax.tree.map(lambda p: p + scale * rng.standard_normal(p.shape).astype(p.dtype), tree)
 
 
-def _train_two_steps(config, name, frozen_override=None):
+def _train_two_steps(config, name):
   """Two steps of trainer `name` through `train.make_train_step`; returns (state, losses)."""
   trainer = train.TRAINERS.get(name)(config)
   optimizer = train.make_optimizer(config.optim, trainer.num_steps)
   example = jax.tree.map(lambda v: v[:1], _batch())
-  state = train.TrainState.create(trainer.init_params(KEY, example), optimizer, jax.random.key(1))
+  params = jax.jit(trainer.init_params)(KEY, example)   # eager init is slow on CPU
   mesh = train.parallel.make_mesh(config)
+  # Replicated as in `train.train`, so that the second step reuses the first one's compilation.
+  state = train.parallel.replicate(
+      train.TrainState.create(params, optimizer, jax.random.key(1)), mesh)
   step = train.make_train_step(trainer.loss_fn, optimizer, config, mesh)
-  frozen = trainer.frozen if frozen_override is None else frozen_override
+  frozen = train.parallel.replicate(trainer.frozen, mesh)
   losses = []
   for i in range(2):
     state, m = step(state, _batch(i), frozen)
@@ -137,10 +140,8 @@ def test_speech_trainers_take_finite_steps(enhancer_workdir):
   assert "latent" in state.params                      # the integration layer is trained
   enhancer = speech.load_enhancer(config)
   assert jax.tree.all(jax.tree.map(np.array_equal, trainer.frozen["enhancer"], enhancer))
-  # The latent really enters the loss: another frozen enhancer gives another loss.
-  params = _perturb(state.params, scale=0.3)
-  loss = jax.jit(lambda frozen: trainer.loss_fn(params, frozen, _batch(), jax.random.key(2))[0])
-  assert float(loss({"enhancer": enhancer})) != float(loss({"enhancer": _perturb(enhancer, 1, 0.5)}))
+  # The integration layer (zero-initialised) got gradients through the latent: it moved.
+  assert any(float(jnp.abs(v).max()) > 0 for v in jax.tree.leaves(state.params["latent"]))
 
 
 def test_pc_sampler_enhancement_and_latent_path(enhancer_workdir):
@@ -164,14 +165,15 @@ def test_pc_sampler_enhancement_and_latent_path(enhancer_workdir):
   # With non-zero integration weights the Ex-Diff score net differs from the baseline's call.
   model = speech.coupled_model(config)
   t = jnp.full((B,), 0.5)
-  exdiff = model.signal_net({"score": score, "enhancer": enhancer}, y_spec, t, y_spec, zeros)
-  baseline = net.apply({"params": score}, y_spec, t, y_spec, zeros)
-  assert not np.allclose(exdiff, baseline, atol=1e-4)
   no_film = flax.core.unfreeze(score)
   no_film["latent"] = jax.tree.map(jnp.zeros_like, score["latent"])
-  same = model.signal_net({"score": no_film, "enhancer": enhancer}, y_spec, t, y_spec, zeros)
-  np.testing.assert_allclose(same, net.apply({"params": no_film}, y_spec, t, y_spec, zeros),
-                             atol=1e-5)
+
+  @jax.jit
+  def exdiff_and_baseline(score):
+    return (model.signal_net({"score": score, "enhancer": enhancer}, y_spec, t, y_spec, zeros),
+            net.apply({"params": score}, y_spec, t, y_spec, zeros))
+  assert not np.allclose(*exdiff_and_baseline(score), atol=1e-4)
+  np.testing.assert_allclose(*exdiff_and_baseline(no_film), atol=1e-5)
 
 
 def test_enhance_file_and_wav_errors(enhancer_workdir, tmp_path):
@@ -251,7 +253,7 @@ def test_coupled_speech_parallel_with_exdiff_signal_branch(enhancer_workdir):
                              pool=(4, 4)),
              sde="ouve", sde_kwargs=dict(N=3), parameterization="eps")
   config.sampling.update(parallel_order="signal_first", initial_logits="classifier",
-                         logits_predictor="reverse_diffusion", switch_t=0.34)
+                         logits_predictor="reverse_diffusion", switch_t=0.34, corrector="none")
   model = speech.coupled_model(config)
   y = audio.Frontend.from_config(config).analyze(_speech(9) + 0.1)[0]
   l = jnp.zeros((B, 10))
@@ -268,4 +270,4 @@ def test_coupled_speech_parallel_with_exdiff_signal_branch(enhancer_workdir):
       _perturb(params), classifier, jax.random.key(3), y)
   assert out.x0.shape == y.shape and out.logits.shape == out.classifier_logits.shape == (B, 10)
   assert np.all(np.isfinite(np.asarray(out.logits))) and np.all(np.isfinite(np.asarray(out.x0)))
-  assert int(out.nfe) == 2 * 3 + 3   # signal: predictor + corrector per step; logits: predictor
+  assert int(out.nfe) == 3 + 3   # one signal and one logit evaluation per step
