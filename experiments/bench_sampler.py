@@ -156,6 +156,18 @@ def make_step_loop(config, params, classifier, y):
   return run
 
 
+def timed_runs(run, repeats: int, budget: float):
+  """(output of the first run, median seconds, all run times, peak RSS delta MiB of the first
+  run): the first run is timed under PeakRSS, then up to `repeats - 1` more within `budget`."""
+  with bc.PeakRSS() as rss:
+    tic = time.perf_counter()
+    out = run()
+    first = time.perf_counter() - tic
+  _, times = bc.timeit(run, repeats - 1, warmup=0, budget_s=budget - first)
+  times = [first] + times
+  return out, float(np.median(times)), times, rss.delta_mib
+
+
 def bench_parallel(config, params, classifier, b: int, paths, repeats: int, budget: float) -> dict:
   """Items/s, compile time and peak memory of each path at batch b."""
   res = {}
@@ -165,15 +177,10 @@ def bench_parallel(config, params, classifier, b: int, paths, repeats: int, budg
   if "scan" in paths:
     compiled, compile_s, mem = compile_coupled(config, "parallel", params, classifier, y)
     run = lambda: jax.block_until_ready(compiled(params, classifier, key, y))
-    with bc.PeakRSS() as rss:   # compiled ahead of time: the first run is a timed one
-      tic = time.perf_counter()
-      scan_out = run()
-      first = time.perf_counter() - tic
-    sec, times = bc.timeit(run, repeats - 1, warmup=0, budget_s=budget - first)
-    times = [first] + times
-    sec = float(np.median(times))
+    # Compiled ahead of time: the first run is a timed one.
+    scan_out, sec, times, rss_mib = timed_runs(run, repeats, budget)
     res["scan"] = dict(sec=sec, times=times, items_per_s=b / sec, compile_s=compile_s,
-                       rss_delta_mib=rss.delta_mib,
+                       rss_delta_mib=rss_mib,
                        xla_temp_mib=mem.temp_size_in_bytes / 2**20 if mem else None,
                        nfe=int(scan_out.nfe))
   if "loop" in paths:
@@ -185,15 +192,9 @@ def bench_parallel(config, params, classifier, b: int, paths, repeats: int, budg
     jax.block_until_ready(run_loop(key, 1))
     compile_s = warm - (time.perf_counter() - tic)
     run = lambda: jax.block_until_ready(run_loop(key))
-    with bc.PeakRSS() as rss:
-      tic = time.perf_counter()
-      loop_out = run()
-      first = time.perf_counter() - tic
-    sec, times = bc.timeit(run, repeats - 1, warmup=0, budget_s=budget - first)
-    times = [first] + times
-    sec = float(np.median(times))
+    loop_out, sec, times, rss_mib = timed_runs(run, repeats, budget)
     res["loop"] = dict(sec=sec, times=times, items_per_s=b / sec, compile_s=compile_s,
-                       rss_delta_mib=rss.delta_mib)
+                       rss_delta_mib=rss_mib)
     if scan_out is not None:   # same keys, same step: the two must agree (up to fusion rounding)
       res["loop"]["max_abs_diff_vs_scan"] = float(jnp.max(jnp.abs(loop_out.x0 - scan_out.x0)))
   if "torch" in paths:
@@ -209,14 +210,8 @@ def bench_parallel(config, params, classifier, b: int, paths, repeats: int, budg
     sampler.n = 2   # warm-up (oneDNN primitive creation) on two steps
     sampler(yt)
     sampler.n = n
-    with bc.PeakRSS() as rss:
-      tic = time.perf_counter()
-      sampler(yt)
-      first = time.perf_counter() - tic
-    sec, times = bc.timeit(lambda: sampler(yt), repeats - 1, warmup=0, budget_s=budget - first)
-    times = [first] + times
-    sec = float(np.median(times))
-    res["torch"] = dict(sec=sec, times=times, items_per_s=b / sec, rss_delta_mib=rss.delta_mib)
+    _, sec, times, rss_mib = timed_runs(lambda: sampler(yt), repeats, budget)
+    res["torch"] = dict(sec=sec, times=times, items_per_s=b / sec, rss_delta_mib=rss_mib)
   return res
 
 
