@@ -40,7 +40,9 @@ def standardize_logits(logits, std: float):
 class CoupledModel:
   """The two branches and the frozen classifier, as pure functions of their parameters.
 
-  signal_net(params, x_t, t, y, logits) -> output shaped like x_t
+  signal_net(params, x_t, t, cond, logits) -> output shaped like x_t, where
+    cond = signal_context(params, y) is computed once per sampler call (default: y itself; Ex-Diff:
+    y and the frozen enhancer's latent of y)
   logits_net(params, l_t, t, cond_logits, cond_signal) -> output [B, K]
   classifier(params, x) -> logits [B, K]    (inference mode, never trained here)
   Outputs are turned into scores by `sde.score_from_output` with the branch's parameterization.
@@ -55,6 +57,7 @@ class CoupledModel:
   logits_parameterization: str = "eps"
   signal_x0_range: Optional[tuple] = (-1.0, 1.0)   # clip of x0_hat (images); None: no clip
   logits_std: float = 0.8
+  signal_context: Callable = lambda params, y: y
 
 
 def model_from_config(config) -> CoupledModel:
@@ -99,6 +102,7 @@ class _Branches:
     self.logits_step = sampling.get_step_fn(
         model.logits_sde, cfg.logits_predictor, "none", x0_transform=self.standardize)
     self.zero_logits = jnp.zeros((y.shape[0], model.num_classes), jnp.float32)
+    self.signal_cond = model.signal_context(params["signal"], y)
 
   def standardize(self, logits):
     return standardize_logits(logits, self.model.logits_std)
@@ -113,7 +117,7 @@ class _Branches:
     m = self.model
 
     def score_fn(x, t):
-      out = m.signal_net(self.params["signal"], x, t, self.y, logits_cond)
+      out = m.signal_net(self.params["signal"], x, t, self.signal_cond, logits_cond)
       score = m.signal_sde.score_from_output(out, t, m.signal_parameterization)
       if self.signal_scale:
         x0_hat = m.signal_sde.x0_from_score(x, score, t, self.y)

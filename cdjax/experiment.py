@@ -52,14 +52,21 @@ def _joint_config(cfg, branch_dir: str):
   return cfg
 
 
-STAGE_SECTIONS = {"classifier": "classifier", "signal": "signal", "logits": "logits",
-                  "joint": "train", "enhancer": "enhancer"}
+# stage -> (config section, its field with the stage's number of steps)
+STAGES = {"classifier": ("classifier", "num_steps"), "signal": ("signal", "pretrain_steps"),
+          "logits": ("logits", "pretrain_steps"), "joint": ("train", "joint_steps"),
+          "enhancer": ("enhancer", "num_steps")}
+
+
+def num_steps(cfg, stage: str) -> int:
+  section, field = STAGES[stage]
+  return cfg[section][field]
 
 
 def stage_config(cfg, stage: str):
   """`cfg` with `optim.lr` replaced by the stage section's own `lr`, when it sets one
   (e.g. `classifier.lr`; the joint stage reads `train.lr`)."""
-  section = cfg[STAGE_SECTIONS[stage]]
+  section = cfg[STAGES[stage][0]]
   if "lr" not in section:
     return cfg
   cfg = copy.deepcopy(cfg)
@@ -67,16 +74,10 @@ def stage_config(cfg, stage: str):
   return cfg
 
 
-def _num_steps(cfg, stage):
-  return {"classifier": cfg.classifier.num_steps, "signal": cfg.signal.pretrain_steps,
-          "logits": cfg.logits.pretrain_steps, "joint": cfg.train.joint_steps,
-          "enhancer": cfg.enhancer.num_steps}[stage]
-
-
 def train_stage(cfg, stage_dir: str, stage: str) -> None:
   """Trains `stage` (a `train.TRAINERS` name) in `stage_dir` unless its final checkpoint is
   already there."""
-  steps = _num_steps(cfg, stage)
+  steps = num_steps(cfg, stage)
   ckpt_dir = os.path.join(stage_dir, "checkpoints")
   done = (os.path.isdir(ckpt_dir)
           and checkpoint.Checkpointer(ckpt_dir, cfg.checkpoint).latest_step() == steps)
@@ -95,7 +96,7 @@ def train_all(config: ml_collections.ConfigDict, workdir: str) -> None:
     cfg = corruption_config(config, workdir, corruption)
     branch_dir = os.path.join(workdir, corruption)
     for stage in BRANCH_STAGES:
-      if _num_steps(cfg, stage) > 0:
+      if num_steps(cfg, stage) > 0:
         stage_cfg = _joint_config(cfg, branch_dir) if stage == "joint" else cfg
         train_stage(stage_cfg, os.path.join(branch_dir, stage), stage)
 
@@ -124,7 +125,7 @@ def evaluate_corruption(config, workdir: str, corruption: str, methods: dict, to
   params, classifier_params = load_params(cfg, os.path.join(workdir, corruption))
   model = model(cfg)
   split = data.load_split(cfg.data.name, cfg.data.eval_split, cfg.data.data_dir,
-                          cfg.data.max_eval_examples)
+                          cfg.data.max_eval_examples, cfg.data.label_subset)
   clean, labels = split[cfg.data.modality], split["label"]
   corrupt = data.corruption_from_config(cfg, cfg.data.eval_split)
   y = evaluate.degrade(corrupt, jax.random.PRNGKey(cfg.evaluation.corruption_seed), clean)
@@ -147,6 +148,7 @@ def evaluate_corruption(config, workdir: str, corruption: str, methods: dict, to
 def run(config: ml_collections.ConfigDict, workdir: str, out_prefix: str) -> list[dict]:
   """Trains what is missing, evaluates every method on every corruption, and writes
   `<out_prefix>.json` (command, config, rows), `<out_prefix>.md` and `<out_prefix>.png`."""
+  parallel.split_host_cpu(config.mesh.host_cpu_devices)
   train_all(config, workdir)
   rows, figure_data = [], None
   for corruption in config.evaluation.corruptions:

@@ -27,12 +27,13 @@ def _batch_mean(per_element: jax.Array, reduce: Callable = jnp.mean) -> jax.Arra
 
 
 def denoise(apply: Callable, params, sde: sde_lib.SDE, parameterization: str, key, rng_net,
-            x0: jax.Array, y, cond: tuple) -> tuple[jax.Array, jax.Array]:
-  """One denoising-score-matching term: x_t ~ p(x_t | x0, y) at t ~ sde.sample_time, the network
-  `apply(params, x_t, t, *cond, rng_net)`, and its loss. Returns (loss, x0_hat [B, ...]),
-  `x0_hat` the Tweedie estimate from the network's output."""
+            x0: jax.Array, y, cond: tuple, t: Optional[jax.Array] = None
+            ) -> tuple[jax.Array, jax.Array]:
+  """One denoising-score-matching term: x_t ~ p(x_t | x0, y) at times t [B] (default:
+  t ~ sde.sample_time), the network `apply(params, x_t, t, *cond, rng_net)`, and its loss.
+  Returns (loss, x0_hat [B, ...]), `x0_hat` the Tweedie estimate from the network's output."""
   k_t, k_z = jax.random.split(key)
-  t = sde.sample_time(k_t, (x0.shape[0],))
+  t = sde.sample_time(k_t, (x0.shape[0],)) if t is None else t
   mean, std = sde.marginal(x0, t, y)
   z = sde_lib.normal(k_z, x0.shape, x0.dtype)
   x_t = mean + sde_lib.bcast(std, x0) * z
@@ -101,20 +102,54 @@ def enhancer_loss(params, frozen, batch, rng, *, apply: Callable, observe: Calla
   return loss, {"loss": loss}
 
 
+def _time_range(sde: sde_lib.SDE) -> tuple[float, float]:
+  """(clean time, prior time): the ends of the SDE's sampling grid (DDPM: -1 and N - 1)."""
+  ts = sde.timesteps()
+  return float(ts[-1]), float(ts[0])
+
+
+def noised_clean_logits(key, signal_sde: sde_lib.SDE, logits_sde: sde_lib.SDE, t: jax.Array,
+                        l0: jax.Array, f_y: jax.Array, switch_t: float) -> jax.Array:
+  """The speech recipe's logit conditioning [B, K] of the signal net at its times t [B]: per
+  example, with r = t's fraction of the signal SDE's time range (0 clean, 1 prior), a sample of
+  the logit SDE's marginal p(l_s | l0, f(y)) at the time s at fraction r of its own range when
+  r < switch_t, else f(y). l0, f_y: [B, K]."""
+  (c_x, p_x), (c_l, p_l) = _time_range(signal_sde), _time_range(logits_sde)
+  r = (t - c_x) / (p_x - c_x)
+  s = c_l + (t - c_x) * ((p_l - c_l) / (p_x - c_x))   # exactly t when the ranges match
+  mean, std = logits_sde.marginal(l0, s, f_y)
+  l_s = mean + sde_lib.bcast(std, l0) * sde_lib.normal(key, l0.shape, l0.dtype)
+  return jnp.where(sde_lib.bcast(r < switch_t, l0), l_s, f_y)
+
+
+JOINT_LOGITS_CONDS = ("estimate", "noised_clean")
+
+
 def joint_loss(params, frozen, batch, rng, *, signal_apply: Callable, logits_apply: Callable,
                signal_sde: sde_lib.SDE, logits_sde: sde_lib.SDE, observe: Callable,
                classify: Callable, std: float, weights: dict,
-               signal_parameterization: str = "eps", logits_parameterization: str = "eps"):
-  """Joint training of `params = {"signal", "logits"}` (Parallel recipe): the logit term as in
-  `logits_loss`; the signal term conditioned on the logit branch's own stop-gradient estimate
-  l0_hat [B, K]. Loss: weights["signal"] L_x + weights["logits"] L_l."""
-  k_obs, k_l, k_x, k_lnet, k_xnet = jax.random.split(rng, 5)
+               signal_parameterization: str = "eps", logits_parameterization: str = "eps",
+               logits_cond: str = "estimate", switch_t: float = 0.5):
+  """Joint training of `params = {"signal", "logits"}`: the logit term as in `logits_loss`; the
+  signal term conditioned, by `logits_cond`, on "estimate" (image Parallel recipe): the logit
+  branch's own stop-gradient estimate l0_hat [B, K]; or "noised_clean" (speech): the noised clean
+  logits or f(y), by the signal's time (`noised_clean_logits`, `switch_t`).
+  Loss: weights["signal"] L_x + weights["logits"] L_l."""
+  if logits_cond not in JOINT_LOGITS_CONDS:
+    raise ValueError(f"Unknown joint logits conditioning (train.joint_logits_cond) {logits_cond!r};"
+                     f" use one of {', '.join(map(repr, JOINT_LOGITS_CONDS))}.")
+  k_obs, k_l, k_x, k_lnet, k_xnet, k_cond = jax.random.split(rng, 6)
   x0, y = observe(k_obs, batch)
   l0, f_y = classifier_targets(classify, frozen["classifier"], x0, y, std)
   loss_l, l0_hat = denoise(logits_apply, params["logits"], logits_sde, logits_parameterization,
                            k_l, k_lnet, l0, f_y, (f_y, y))
-  l0_hat = jax.lax.stop_gradient(standardize_logits(l0_hat, std))
+  if logits_cond == "estimate":
+    t_x, logits = None, jax.lax.stop_gradient(standardize_logits(l0_hat, std))
+  else:
+    k_t, k_z = jax.random.split(k_cond)
+    t_x = signal_sde.sample_time(k_t, (x0.shape[0],))
+    logits = noised_clean_logits(k_z, signal_sde, logits_sde, t_x, l0, f_y, switch_t)
   loss_x, _ = denoise(signal_apply, params["signal"], signal_sde, signal_parameterization,
-                      k_x, k_xnet, x0, y, (y, l0_hat))
+                      k_x, k_xnet, x0, y, (y, logits), t_x)
   loss = weights["signal"] * loss_x + weights["logits"] * loss_l
   return loss, {"loss": loss, "signal_loss": loss_x, "logits_loss": loss_l}

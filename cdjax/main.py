@@ -25,6 +25,7 @@ from absl import flags
 import ml_collections
 from ml_collections import config_flags
 
+from cdjax import parallel
 from cdjax import train as train_lib
 from cdjax.registry import Registry
 
@@ -193,6 +194,7 @@ def main(argv: list[str]) -> None:
   config, workdir = _CONFIG.value, _WORKDIR.value
   if config is None or workdir is None:
     raise app.UsageError("--config and --workdir are required.")
+  parallel.split_host_cpu(config.mesh.host_cpu_devices)
   if _MODE.value == "sweep":
     run_sweep(config, config_flags.get_config_filename(flags.FLAGS["config"]), workdir,
               _SWEEP_RUN.value)

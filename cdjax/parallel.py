@@ -8,6 +8,8 @@ import os
 import jax
 import ml_collections
 import numpy as np
+from absl import logging
+from jax._src import xla_bridge
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 DATA_AXIS = "data"
@@ -28,6 +30,22 @@ def initialize_distributed() -> None:
   on a single host or when already initialized. Call before any other JAX call."""
   if is_multihost_env() and not jax.distributed.is_initialized():
     jax.distributed.initialize()
+
+
+def split_host_cpu(num_devices: int) -> None:
+  """Makes XLA:CPU expose `num_devices` host devices (0: leave XLA's default), so that data
+  parallelism spreads the work over the cores of a CPU-only machine: XLA:CPU runs the small
+  convolutions of these networks on about one core per device. Accelerator backends are not
+  affected. A count already in XLA_FLAGS wins. Takes effect only before JAX's backends start;
+  afterwards it warns and does nothing."""
+  flag = f"--xla_force_host_platform_device_count={num_devices}"
+  if num_devices <= 0 or flag.split("=")[0] in os.environ.get("XLA_FLAGS", ""):
+    return
+  if xla_bridge.backends_are_initialized():
+    logging.warning("mesh.host_cpu_devices=%d ignored: JAX's backends are already running "
+                    "(set XLA_FLAGS=%s before starting instead).", num_devices, flag)
+    return
+  os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {flag}".strip()
 
 
 def make_mesh(config: ml_collections.ConfigDict) -> Mesh:

@@ -70,21 +70,17 @@ def load_enhancer(config: ml_collections.ConfigDict):
   return checkpoint.restore_params(os.path.join(config.checkpoint.enhancer, "checkpoints"))
 
 
-def signal_net(config: ml_collections.ConfigDict) -> Callable:
-  """The signal branch `net(params, x_t, t, y, logits) -> output` of the coupled model. For
-  Ex-Diff `params = {"score": ..., "enhancer": ...}` and the enhancer's latent of y enters the
-  score net (recomputed at each call: the enhancer is small next to the score net)."""
-  score = _inference(config.signal)
-  if not uses_latent(config):
-    return score
-  latent = enhancer_latent_fn(config)
-  return lambda params, x, t, y, logits: score(params["score"], x, t, y, logits,
-                                              latent(params["enhancer"], y))
-
-
 def coupled_model(config: ml_collections.ConfigDict) -> coupled.CoupledModel:
-  """`coupled.model_from_config` with the speech signal branch (Ex-Diff latent when configured)."""
-  return dataclasses.replace(coupled.model_from_config(config), signal_net=signal_net(config))
+  """`coupled.model_from_config`; for Ex-Diff the signal params are {"score", "enhancer"} and the
+  enhancer's latent of y, computed once per sampler call, enters the score net."""
+  model = coupled.model_from_config(config)
+  if not uses_latent(config):
+    return model
+  score, latent = _inference(config.signal), enhancer_latent_fn(config)
+  return dataclasses.replace(
+      model, signal_context=lambda params, y: (y, latent(params["enhancer"], y)),
+      signal_net=lambda params, x, t, cond, logits: score(params["score"], x, t, cond[0], logits,
+                                                          cond[1]))
 
 
 def get_enhance_fn(config: ml_collections.ConfigDict, method: str) -> Callable:

@@ -213,7 +213,7 @@ def _classifier_accuracy(config, net: nn.Module, input_key: str) -> Callable:
   @functools.cache
   def eval_data():
     return data.load_split(config.data.name, config.data.eval_split, config.data.data_dir,
-                           config.data.max_eval_examples)
+                           config.data.max_eval_examples, config.data.label_subset)
 
   predict = jax.jit(lambda p, x: net.apply({"params": p}, x, train=False).argmax(-1))
 
@@ -327,7 +327,8 @@ def enhancer_trainer(config) -> Trainer:
 @TRAINERS.register("joint")
 def joint_trainer(config) -> Trainer:
   """Both branches together (`losses.joint_loss`), each started from its pre-trained workdir
-  (`config.checkpoint.init_signal` / `init_logits`) when set; `config.train.joint_steps` steps."""
+  (`config.checkpoint.init_signal` / `init_logits`) when set; `config.train.joint_steps` steps.
+  The signal net's logits: `config.train.joint_logits_cond` (and `joint_switch_t`)."""
   observe = _observe(config)
   classify, classifier_params, sha = _frozen_classifier(config)
   s_net, s_sde, s_param, s_init, latent, _ = _signal_branch(config, observe)
@@ -341,7 +342,8 @@ def joint_trainer(config) -> Trainer:
       losses.joint_loss, signal_apply=_train_apply(s_net), logits_apply=_train_apply(l_net),
       signal_sde=s_sde, logits_sde=l_sde, observe=observe, classify=classify,
       std=config.logits.standardize_std, weights=dict(config.train.loss_weights),
-      signal_parameterization=s_param, logits_parameterization=l_param)
+      signal_parameterization=s_param, logits_parameterization=l_param,
+      logits_cond=config.train.joint_logits_cond, switch_t=config.train.joint_switch_t)
 
   def init(rng, batch):
     k_s, k_l = jax.random.split(rng)
@@ -364,11 +366,43 @@ def _check_finite(window: list[dict], first_step: int, last_good: Optional[str])
   return {k: float(np.mean([m[k] for m in window])) for k in window[0]}
 
 
+class MetricsWriter:
+  """Appends metrics records {"step": int, name: float} to workdir/metrics.jsonl and, when
+  `tensorboard` is set and the `tensorboard` package is installed, writes their values as
+  TensorBoard scalars (tag = name) to an event file in workdir/tensorboard."""
+
+  def __init__(self, workdir: str, tensorboard: bool):
+    self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a")
+    self._events = None
+    if tensorboard:
+      try:
+        from tensorboard.summary import Writer   # pylint: disable=g-import-not-at-top
+      except ImportError:
+        pass   # not installed: metrics.jsonl only
+      else:
+        self._events = Writer(os.path.join(workdir, "tensorboard"))
+
+  def write(self, record: dict) -> None:
+    self._jsonl.write(json.dumps(record) + "\n")
+    self._jsonl.flush()
+    if self._events is not None:
+      for name, value in record.items():
+        if name != "step":
+          self._events.add_scalar(name, value, record["step"])
+      self._events.flush()
+
+  def close(self) -> None:
+    self._jsonl.close()
+    if self._events is not None:
+      self._events.close()
+
+
 def train(config: ml_collections.ConfigDict, workdir: str, trainer_name: str) -> dict:
   """Trains `trainer_name` (a `TRAINERS` entry) in `workdir`, resuming from its latest checkpoint.
 
   Writes workdir/config.json (the resolved config), workdir/metrics.jsonl (one record per
-  `train.log_every` steps and per checkpoint) and workdir/checkpoints/<step>. Stops with a
+  `train.log_every` steps and per checkpoint; also as TensorBoard scalars in workdir/tensorboard,
+  see `MetricsWriter`) and workdir/checkpoints/<step>. Stops with a
   FloatingPointError on a non-finite loss, keeping the last good checkpoint. Returns the last
   metrics record.
   """
@@ -382,7 +416,8 @@ def train(config: ml_collections.ConfigDict, workdir: str, trainer_name: str) ->
     with open(os.path.join(workdir, "config.json"), "w") as f:
       f.write(config.to_json_best_effort(indent=2, sort_keys=True))
 
-  source = data.get_source(config.data.name, config.data.train_split, config.data.data_dir)
+  source = data.get_source(config.data.name, config.data.train_split, config.data.data_dir,
+                           config.data.label_subset)
   batches = iter(data.make_loader(source, trainer.batch_size, seed=config.data.shuffle_seed,
                                   worker_count=config.data.worker_count))
   optimizer = make_optimizer(config.optim, trainer.num_steps)
@@ -407,7 +442,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, trainer_name: str) ->
 
   start = int(state.step)
   record, window, window_start, tic = {}, [], start, time.perf_counter()
-  log = open(os.path.join(workdir, "metrics.jsonl"), "a") if is_main else None
+  log = MetricsWriter(workdir, config.train.tensorboard) if is_main else None
   try:
     with tqdm(total=trainer.num_steps, initial=start, desc=trainer_name, disable=not is_main,
               dynamic_ncols=True) as bar:
@@ -430,8 +465,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, trainer_name: str) ->
           last_good = ckpt.path(done)
         bar.set_postfix(loss=f"{record['loss']:.4g}")
         if log:
-          log.write(json.dumps(record) + "\n")
-          log.flush()
+          log.write(record)
     ckpt.wait()
     if trainer.export is not None:
       trainer.export(workdir, state.ema_params, record)

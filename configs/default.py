@@ -22,6 +22,7 @@ def get_config() -> ml_collections.ConfigDict:
       shuffle_seed=0,
       worker_count=0,
       max_eval_examples=-1,      # -1: the whole split
+      label_subset=None,         # a list of K labels: only their examples, relabelled 0..K-1
   ))
 
   c.audio = ml_collections.ConfigDict(dict(   # speech (modality "audio"): cdjax.speech
@@ -75,6 +76,9 @@ def get_config() -> ml_collections.ConfigDict:
       ckpt_every=1000,
       joint_steps=0,
       loss_weights=dict(signal=0.9, logits=0.1),
+      joint_logits_cond="estimate",   # joint signal net's logits: estimate | noised_clean (speech)
+      joint_switch_t=0.5,        # noised_clean: noised l0 below this fraction of T, else f(y)
+      tensorboard=True,          # also TensorBoard scalars (workdir/tensorboard), if installed
   ))
 
   c.optim = ml_collections.ConfigDict(dict(
@@ -114,7 +118,9 @@ def get_config() -> ml_collections.ConfigDict:
       sampling_seed=0,
   ))
 
-  c.mesh = ml_collections.ConfigDict(dict(data=-1))   # -1: every device
+  # data: mesh size (-1: every device); host_cpu_devices: split a CPU host into that many
+  # devices before JAX starts (0: XLA's default of one; see parallel.split_host_cpu).
+  c.mesh = ml_collections.ConfigDict(dict(data=-1, host_cpu_devices=0))
   c.checkpoint = ml_collections.ConfigDict(dict(
       keep=3, best_metric="", best_mode="max",   # keep the last `keep` (+ the best, if a metric)
       classifier="",     # frozen classifier dir (<classifier workdir>/classifier)

@@ -1,15 +1,19 @@
 """The paper's 32x32 image setups, shared by configs/cifar10.py, cifar100.py, imagenet32_100.py:
 150-step cosine DDPM, ~4M-parameter signal U-Net, ResNet classifier, p% GN.
 
-These need the TFDS catalog dataset (internet on first use); here they are only built in tests.
+These need the TFDS catalog dataset (internet on first use); here they take one step of each stage
+on TFDS's mock data (tests/paper_configs_test.py).
 """
 from configs import default
 from configs import fashion_mnist
 
 
-def make(tfds_name: str, num_classes: int, p: float):
+def make(tfds_name: str, num_classes: int, p: float, eval_split: str = "test",
+         label_subset: tuple[int, ...] | None = None):
+  """The setup on TFDS dataset `tfds_name` (restricted to `label_subset` when given) at p% GN."""
   c = default.get_config()
-  c.data.update(name=tfds_name, shape=(32, 32, 3), num_classes=num_classes)
+  c.data.update(name=tfds_name, shape=(32, 32, 3), num_classes=num_classes, eval_split=eval_split)
+  c.data.label_subset = label_subset   # cdjax.data.get_source: keep these labels, as 0..K-1
   c.classifier.net = "resnet_classifier"
   c.classifier.net_kwargs = dict(num_classes=num_classes, widths=(64, 128, 256), blocks=(2, 2, 2))   # replaces, not merges
   c.classifier.update(num_steps=40000, batch_size=128)

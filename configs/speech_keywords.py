@@ -46,7 +46,9 @@ def get_config():
       sde="ouve", sde_kwargs=dict(theta=1.5, sigma_min=0.05, sigma_max=0.5, N=NUM_STEPS, t_eps=0.03),
       parameterization="eps", standardize_std=0.8, pretrain_steps=300, batch_size=8)
   c.optim = se.optim
-  c.train.update(ema_decay=0.99, log_every=50, ckpt_every=300, joint_steps=0)
+  # Joint training (off here; configs/speech_commands.py): the speech recipe's conditioning.
+  c.train.update(ema_decay=0.99, log_every=50, ckpt_every=300, joint_steps=0,
+                 joint_logits_cond="noised_clean")
   c.sampling.update(
       signal_predictor="reverse_diffusion", logits_predictor="reverse_diffusion",
       corrector="annealed_langevin", snr=0.5, n_corrector=1,

@@ -32,11 +32,14 @@ def test_config_builds_and_its_methods_are_valid(name):
 
 
 def test_paper_image_configs_match_the_paper():
-  for name, dataset, k, corruption in [("cifar10", "cifar10", 10, "gn30"),
-                                       ("cifar100", "cifar100", 100, "gn30"),
-                                       ("imagenet32_100", "imagenet_resized/32x32", 100, "gn15")]:
+  """(One step of each of their stages: paper_configs_test.py.)"""
+  for name, dataset, k, corruption, eval_split, labels in [
+      ("cifar10", "cifar10", 10, "gn30", "test", None),
+      ("cifar100", "cifar100", 100, "gn30", "test", None),
+      ("imagenet32_100", "imagenet_resized/32x32", 100, "gn15", "validation", tuple(range(100)))]:
     c = importlib.import_module(f"configs.{name}").get_config()
     assert (c.data.name, c.data.num_classes, list(c.evaluation.corruptions)) == (dataset, k, [corruption])
+    assert (c.data.eval_split, c.data.label_subset) == (eval_split, labels)
     assert dict(c.signal.sde_kwargs) == {"N": 150, "schedule": "cosine"}
 
 

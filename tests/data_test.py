@@ -140,3 +140,19 @@ def test_catalog_dataset_needing_tensorflow_says_so():
   with tfds.testing.mock_data(num_examples=4):
     with pytest.raises(ModuleNotFoundError, match="Install tensorflow"):
       data.get_source("speech_commands", "train")
+
+
+def test_label_subset_keeps_its_labels_relabelled_in_order():
+  source = [{"image": np.full((2, 2, 1), i, np.uint8), "label": i % 5} for i in range(20)]
+  subset = data.LabelSubset(source, [3, 1])
+  examples = [subset[i] for i in range(len(subset))]
+  assert [int(e["image"][0, 0, 0]) for e in examples] == [1, 3, 6, 8, 11, 13, 16, 18]
+  assert [e["label"] for e in examples] == [1, 0] * 4   # label 3 -> 0, 1 -> 1
+  batch = next(iter(data.make_loader(subset, 8, seed=0)))
+  assert sorted(batch["label"].tolist()) == [0] * 4 + [1] * 4
+  for labels, match in (([], "non-empty"), ([1, 1], "distinct"),
+                        ([2, 5], "(?s)out of range.*0 to 4"), ([-1], "out of range")):
+    with pytest.raises(ValueError, match=match):
+      data.LabelSubset(source, labels)
+  with pytest.raises(ValueError, match=r"(?s)No example .* has a label in \[1\]"):
+    data.LabelSubset([e for e in source if e["label"] % 2 == 0], [1])

@@ -1,4 +1,9 @@
-"""Mesh from config, batch-size check, host batch -> global sharded array, multi-host detection."""
+"""Mesh from config, batch-size check, host batch -> global sharded array, multi-host detection,
+splitting a CPU host into devices."""
+import os
+import subprocess
+import sys
+
 import jax
 import numpy as np
 import pytest
@@ -50,3 +55,23 @@ def test_multihost_environment_detection(monkeypatch):
   assert not parallel.is_multihost_env()
   monkeypatch.setenv("SLURM_NTASKS", "4")
   assert parallel.is_multihost_env()
+
+
+@pytest.mark.parametrize("xla_flags,expected", [
+    ("", 3),                                                     # split as asked
+    ("--xla_force_host_platform_device_count=5", 5),             # the user's own count wins
+])
+def test_split_host_cpu_sets_the_device_count_before_jax_starts(xla_flags, expected):
+  code = ("from cdjax import parallel; parallel.split_host_cpu(3); import jax; "
+          "print(jax.devices('cpu').__len__())")
+  env = dict(os.environ, XLA_FLAGS=xla_flags, JAX_PLATFORMS="cpu")
+  out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                       check=True)
+  assert out.stdout.split()[-1] == str(expected)
+
+
+def test_split_host_cpu_after_start_changes_nothing(monkeypatch):
+  assert jax.device_count() == 8     # backends are running
+  monkeypatch.setenv("XLA_FLAGS", "")
+  parallel.split_host_cpu(3)
+  assert os.environ["XLA_FLAGS"] == "" and jax.device_count() == 8

@@ -170,7 +170,8 @@ def test_pc_sampler_enhancement_and_latent_path(enhancer_workdir):
 
   @jax.jit
   def exdiff_and_baseline(score):
-    return (model.signal_net({"score": score, "enhancer": enhancer}, y_spec, t, y_spec, zeros),
+    p = {"score": score, "enhancer": enhancer}
+    return (model.signal_net(p, y_spec, t, model.signal_context(p, y_spec), zeros),
             net.apply({"params": score}, y_spec, t, y_spec, zeros))
   assert not np.allclose(*exdiff_and_baseline(score), atol=1e-4)
   np.testing.assert_allclose(*exdiff_and_baseline(no_film), atol=1e-5)

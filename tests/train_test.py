@@ -189,6 +189,47 @@ def test_exact_resume_in_a_new_process(tmp_path):
       np.testing.assert_array_equal(x, y)
   read = lambda d: [json.loads(l) for l in open(os.path.join(d, "metrics.jsonl"))]
   assert [r["loss"] for r in read(straight)] == [r["loss"] for r in read(resumed)]
+  for d in (straight, resumed):   # resumed: one event file per process
+    assert [r["step"] for r in read(d)] == [3, 6]
+    assert _tensorboard_scalars(d) == _as_scalars(read(d))
+
+
+def _tensorboard_scalars(workdir):
+  """{(tag, step): value} of the event files in workdir/tensorboard, read as TensorBoard's
+  server reads them (all of them for its scalars plugin)."""
+  from tensorboard.backend.event_processing import plugin_event_accumulator
+  from tensorboard.util import tensor_util
+  events = plugin_event_accumulator.EventAccumulator(os.path.join(workdir, "tensorboard"))
+  events.Reload()
+  tags = events.Tags()["tensors"]
+  assert all(events.SummaryMetadata(t).plugin_data.plugin_name == "scalars" for t in tags)
+  return {(t, e.step): tensor_util.make_ndarray(e.tensor_proto).item()
+          for t in tags for e in events.Tensors(t)}
+
+
+def _as_scalars(records):
+  """metrics.jsonl records as {(name, step): value}, rounded to float32 as TensorBoard stores."""
+  return {(k, r["step"]): float(np.float32(v))
+          for r in records for k, v in r.items() if k != "step"}
+
+
+def test_metrics_writer_tensorboard_only_when_asked_and_installed(tmp_path, monkeypatch):
+  records = [{"step": 1, "loss": 0.5, "grad_norm": 2.0}, {"step": 2, "loss": 0.1, "grad_norm": 1.0}]
+
+  def write(name, tensorboard):
+    workdir = str(tmp_path / name)
+    os.makedirs(workdir)
+    writer = train.MetricsWriter(workdir, tensorboard)
+    for r in records:
+      writer.write(r)
+    writer.close()
+    assert [json.loads(l) for l in open(os.path.join(workdir, "metrics.jsonl"))] == records
+    return workdir
+
+  assert _tensorboard_scalars(write("on", True)) == _as_scalars(records)
+  assert not os.path.exists(os.path.join(write("off", False), "tensorboard"))
+  monkeypatch.setitem(sys.modules, "tensorboard.summary", None)   # not installed
+  assert not os.path.exists(os.path.join(write("missing", True), "tensorboard"))
 
 
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, monkeypatch):

@@ -4,7 +4,7 @@ in-memory splits for evaluation.
 Model-facing examples keep "image" (float32 [H, W, C] in [-1, 1]), "audio" (float32 [L]),
 "label" and "voice" (int32); other fields (e.g. catalog string ids) are dropped.
 """
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import grain.python as grain
 import jax
@@ -77,9 +77,11 @@ def make_loader(source, global_batch_size: int, *, seed: int, shuffle: bool = Tr
                           worker_count=worker_count)
 
 
-def load_split(name: str, split: str, data_dir: str = "", max_examples: int = -1) -> dict:
-  """The first max_examples (-1: all) standardized examples of a split, stacked: {key: [N, ...]}."""
-  source = get_source(name, split, data_dir)
+def load_split(name: str, split: str, data_dir: str = "", max_examples: int = -1,
+               label_subset: Sequence[int] | None = None) -> dict:
+  """The first max_examples (-1: all) standardized examples of a split (of the labels in
+  `label_subset`, relabelled, when given; see `get_source`), stacked: {key: [N, ...]}."""
+  source = get_source(name, split, data_dir, label_subset)
   n = len(source) if max_examples < 0 else min(max_examples, len(source))
   if n == 0:
     raise ValueError(f"Split {split!r} of {name!r} has no examples (max_examples={max_examples}).")

@@ -6,7 +6,9 @@ write array_record files without TensorFlow and are read back with `tfds.data_so
 import contextlib
 import fcntl
 import os
+from collections.abc import Sequence
 
+import numpy as np
 import tensorflow_datasets as tfds
 
 from cdjax.registry import Registry
@@ -42,14 +44,53 @@ def get_builder(name: str, data_dir: str = "") -> tfds.core.DatasetBuilder:
   return builder
 
 
-def get_source(name: str, split: str, data_dir: str = ""):
+class LabelSubset:
+  """The examples of `source` whose label is in `labels`, relabelled to their position there
+  (labels[k] -> k), as a random-access source. The kept indices are found once, by reading
+  every example's label."""
+
+  def __init__(self, source, labels: Sequence[int]):
+    self.source, self.labels = source, tuple(int(k) for k in labels)
+    if not self.labels or len(set(self.labels)) != len(self.labels):
+      raise ValueError(f"A label subset must be a non-empty list of distinct labels, got "
+                       f"{list(labels)!r}.")
+    old = np.array([source[i]["label"] for i in range(len(source))], np.int64)
+    top = int(old.max(initial=-1))
+    if min(self.labels) < 0 or max(self.labels) > top:
+      raise ValueError(f"Label subset {list(self.labels)} is out of range: the labels of "
+                       f"{source!r} run from 0 to {top}.")
+    self.index = np.flatnonzero(np.isin(old, self.labels))
+    if not len(self.index):
+      raise ValueError(f"No example of {source!r} has a label in {list(self.labels)}.")
+    self.new_label = {k: i for i, k in enumerate(self.labels)}
+
+  def __len__(self) -> int:
+    return len(self.index)
+
+  def __getitem__(self, i: int) -> dict:
+    example = dict(self.source[int(self.index[i])])
+    example["label"] = self.new_label[int(example["label"])]
+    return example
+
+  def __repr__(self) -> str:   # grain checks it when restoring an iterator
+    return f"LabelSubset({self.source!r}, labels={list(self.labels)})"
+
+
+def get_source(name: str, split: str, data_dir: str = "",
+               label_subset: Sequence[int] | None = None):
   """A random-access source over `split` of dataset `name`.
 
   Local builders (`DATASETS`) are built into `data_dir` if needed; any other name goes to
   `tfds.data_source` (TFDS catalog datasets, which need internet to prepare the first time).
   Examples are dicts: images {"image": uint8 [H, W, C], "label"}, audio {"audio": [L],
-  "label", "voice"} (noise clips: {"audio", "label"}).
+  "label", "voice"} (noise clips: {"audio", "label"}). With `label_subset` (a list of K labels),
+  only the examples of those labels, relabelled 0..K-1 in that order (`LabelSubset`).
   """
+  source = _get_source(name, split, data_dir)
+  return source if label_subset is None else LabelSubset(source, label_subset)
+
+
+def _get_source(name: str, split: str, data_dir: str):
   if name in DATASETS:
     return get_builder(name, data_dir).as_data_source(split=split)
   base = name.split(":")[0].split("/")[0]

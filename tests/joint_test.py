@@ -1,0 +1,146 @@
+"""Joint training of both branches (`losses.joint_loss`, the `joint` trainer): what the signal net
+is conditioned on in each `train.joint_logits_cond` mode, and real steps of the trainer.
+
+Stub networks (affine in their inputs, their inputs captured eagerly) keep the conditioning
+checks to seconds; the trainer test runs three steps with one-layer stand-in networks.
+"""
+import math
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from cdjax import checkpoint
+from cdjax import losses
+from cdjax import parallel
+from cdjax import sde as sde_lib
+from cdjax import train
+from cdjax.coupled import standardize_logits
+from configs import default
+from configs import speech_commands
+from experiment_test import tiny_config
+
+B, K, STD = 2048, 4, 0.8
+KEY = jax.random.key(0, impl="rbg")
+OUVE = dict(theta=1.5, sigma_min=0.05, sigma_max=0.5, N=10, t_eps=0.03)
+PARAMS = {"signal": {"w": jnp.float32(0.3), "v": jnp.float32(0.2)},
+          "logits": {"w": jnp.float32(0.5)}}
+
+
+def _stub_loss(signal_sde, logits_sde, calls, **kwargs):
+  """joint_loss(params, rng) on x0 [B, K] with stub nets recording their inputs in `calls`:
+  classify(x) = x, y = x0 + 0.5, the logit net p["w"] * l_t, the signal net
+  p["w"] * x_t + p["v"] * logits."""
+  def logits_apply(p, l_t, t, f_y, y, rng):
+    out = p["w"] * l_t
+    calls["logits"] = (l_t, t, out)
+    return out
+
+  def signal_apply(p, x_t, t, y, logits, rng):
+    calls["signal"] = (t, logits)
+    return p["w"] * x_t + p["v"] * logits
+
+  x0 = jax.random.normal(jax.random.fold_in(KEY, 1), (B, K))
+  return lambda params, rng: losses.joint_loss(
+      params, {"classifier": None}, {"x": x0}, rng, signal_apply=signal_apply,
+      logits_apply=logits_apply, signal_sde=signal_sde, logits_sde=logits_sde,
+      observe=lambda k, b: (b["x"], b["x"] + 0.5), classify=lambda p, x: x, std=STD,
+      weights={"signal": 1.0, "logits": 0.0}, **kwargs), x0
+
+
+@pytest.mark.parametrize("signal_sde,fraction", [
+    (sde_lib.get_sde("ouve", **OUVE), lambda t: t),                      # OUVE: t / T, T = 1
+    (sde_lib.get_sde("vp_discrete", N=10), lambda t: (t + 1) / 10),      # DDPM: (t + 1) / N
+])
+def test_noised_clean_conditions_on_the_logit_marginal_then_f_y(signal_sde, fraction):
+  """The speech recipe: per example, noised l0 from the OU logit SDE's closed-form marginal at
+  the signal's fraction of T when that is below 1/2, exactly f(y) otherwise."""
+  calls = {}
+  loss_fn, x0 = _stub_loss(signal_sde, sde_lib.get_sde("ouve", **OUVE), calls,
+                           logits_cond="noised_clean", switch_t=0.5)
+  loss, _ = loss_fn(PARAMS, KEY)
+  assert np.isfinite(loss)
+  t, logits = map(np.asarray, calls["signal"])
+  l0, f_y = map(np.asarray, losses.classifier_targets(lambda p, x: x, None, x0, x0 + 0.5, STD))
+  r = fraction(t)
+  noised = r < 0.5
+  assert 0.3 < noised.mean() < 0.6
+  np.testing.assert_array_equal(logits[~noised], f_y[~noised])
+  # OUVE (theta, sigma_min, sigma_max) on the logits, at s = r * T (T = 1), reverting to f(y):
+  s, th, lg = r[noised, None], OUVE["theta"], math.log(OUVE["sigma_max"] / OUVE["sigma_min"])
+  mean = f_y[noised] + (l0[noised] - f_y[noised]) * np.exp(-th * s)
+  std = np.sqrt(OUVE["sigma_min"] ** 2 * np.expm1(2 * (th + lg) * s) * np.exp(-2 * th * s)
+                * lg / (th + lg))
+  z = (logits[noised] - mean) / std
+  assert abs(z.mean()) < 0.05 and abs(z.std() - 1.0) < 0.05
+
+
+def test_estimate_conditions_on_the_stop_gradient_logit_estimate():
+  """The image recipe: the signal net sees standardize(l0_hat) of the logit net, and the signal
+  loss sends no gradient into the logit branch."""
+  calls = {}
+  sde = sde_lib.get_sde("vp_discrete", N=10)
+  loss_fn, _ = _stub_loss(sde, sde, calls)
+  loss_fn(PARAMS, KEY)
+  l_t, t_l, out = calls["logits"]
+  l0_hat = sde.x0_from_score(l_t, sde.score_from_output(out, t_l, "eps"), t_l)
+  np.testing.assert_allclose(calls["signal"][1], standardize_logits(l0_hat, STD), atol=1e-6)
+  grads, _ = jax.grad(loss_fn, has_aux=True)(PARAMS, KEY)
+  assert float(grads["logits"]["w"]) == 0.0
+  assert float(grads["signal"]["v"]) != 0.0   # the logits do enter the signal loss
+
+
+def test_unknown_logits_cond_is_a_clear_error():
+  sde = sde_lib.get_sde("vp_discrete", N=10)
+  loss_fn, _ = _stub_loss(sde, sde, {}, logits_cond="clean")
+  with pytest.raises(ValueError, match=r"'clean'; use one of 'estimate', 'noised_clean'"):
+    loss_fn(PARAMS, KEY)
+
+
+def test_configs_pick_the_recipe():
+  assert default.get_config().train.joint_logits_cond == "estimate"
+  assert speech_commands.get_config().train.joint_logits_cond == "noised_clean"
+
+
+class TinyNet(nn.Module):
+  """net(first, *rest, train) -> [B, num_outputs] (0: the shape of `first`): one Dense layer over
+  all the flattened inputs, standing in for every network of a trainer."""
+  num_outputs: int = 0
+
+  @nn.compact
+  def __call__(self, first, *rest, train=False):
+    b = first.shape[0]
+    h = jnp.concatenate([jnp.reshape(x, (b, -1)) for x in (first,) + rest], -1)
+    return nn.Dense(self.num_outputs or first[0].size)(h).reshape(
+        (b, self.num_outputs) if self.num_outputs else first.shape)
+
+
+def test_joint_trainer_steps_update_both_branches(tmp_path, monkeypatch):
+  """Three steps of `TRAINERS["joint"]` (noised_clean; one-layer networks, so that compiling
+  takes seconds): finite losses, and both branches' parameters move."""
+  config = tiny_config()
+  config.update_from_flattened_dict({"mesh.data": 1, "train.joint_logits_cond": "noised_clean"})
+  k = config.data.num_classes
+  monkeypatch.setattr(train.nets, "get_network", lambda name, **kwargs: TinyNet(
+      k if name == config.classifier.net else 0))
+  images = np.random.default_rng(0).uniform(-1, 1, (3, 16, 8, 8, 1)).astype(np.float32)
+  key = jax.random.key(0, impl="rbg")   # XLA:CPU compiles threefry random bits slowly
+  clf_params = TinyNet(k).init(key, images[0, :1])["params"]
+  config.checkpoint.classifier = str(tmp_path / "classifier")
+  checkpoint.save_classifier(config.checkpoint.classifier, clf_params, 0.1, config)
+
+  trainer = train.TRAINERS.get("joint")(config)
+  params = jax.device_get(trainer.init_params(key, {"image": images[0, :1]}))
+  optimizer = train.make_optimizer(config.optim, trainer.num_steps)
+  mesh = parallel.make_mesh(config)
+  state = parallel.replicate(train.TrainState.create(params, optimizer, key), mesh)
+  step = train.make_train_step(trainer.loss_fn, optimizer, config, mesh)
+  frozen = parallel.replicate(trainer.frozen, mesh)
+  for batch in images:
+    state, metrics = step(state, parallel.global_batch({"image": batch}, mesh), frozen)
+    assert all(np.isfinite(float(metrics[m])) for m in ("loss", "signal_loss", "logits_loss"))
+  for branch in ("signal", "logits"):
+    new = jax.tree.leaves(jax.device_get(state.params[branch]))
+    assert all(not np.allclose(a, b) for a, b in zip(jax.tree.leaves(params[branch]), new)), branch
