@@ -10,6 +10,7 @@ about an hour: the demo's network sizes, 25 DDPM steps, no joint stage, the firs
 images. Everything else (corruptions, methods, ablations, samplers) is unchanged.
 """
 from configs import default
+from configs import mnist_demo
 
 DETERMINISTIC = dict(signal_predictor="posterior_mean", logits_predictor="posterior_mean")
 
@@ -52,12 +53,11 @@ def get_config(scale: str = "full"):
     c.classifier.net = "cnn_classifier"
     c.classifier.net_kwargs = dict(num_classes=10, width=16, depth=3)
     c.classifier.update(num_steps=1500, batch_size=64, lr=1e-2)
-    c.signal.update(
-        net_kwargs=dict(num_classes=10, width=16, ch_mult=(1, 2), num_res_blocks=1, attn_levels=()),
-        sde_kwargs=dict(N=25, schedule="cosine"), pretrain_steps=1000, batch_size=32)
-    c.logits.update(
-        net_kwargs=dict(num_classes=10, hidden=128, depth=2, enc_width=8, enc_depth=2),
-        sde_kwargs=dict(N=25, schedule="cosine"), pretrain_steps=500, batch_size=64)
+    demo = mnist_demo.get_config()   # the demo's branch networks
+    for section in ("signal", "logits"):
+      c[section].net_kwargs = demo[section].net_kwargs
+    c.signal.update(sde_kwargs=dict(N=25, schedule="cosine"), pretrain_steps=1000, batch_size=32)
+    c.logits.update(sde_kwargs=dict(N=25, schedule="cosine"), pretrain_steps=500, batch_size=64)
     c.train.update(joint_steps=0, ema_decay=0.99, log_every=100, ckpt_every=500)
     c.optim.update(lr=3e-3, warmup_steps=20)
     c.sampling.batch_size = 200
