@@ -102,17 +102,29 @@ def train_all(config: ml_collections.ConfigDict, workdir: str) -> None:
 
 
 def load_params(cfg: ml_collections.ConfigDict, branch_dir: str):
-  """(params {"signal", "logits"}, classifier params) of the stages in `branch_dir`: the joint
-  stage's EMA parameters when it was trained, else each pre-trained branch's."""
+  """({source: params {"signal", "logits"}}, classifier params) of the stages in `branch_dir`
+  (EMA parameters): source "pretrained" (each pre-trained branch) and, when the joint stage
+  was trained, "joint"."""
   classifier_params, record = checkpoint.load_classifier(cfg.checkpoint.classifier)
   sha = record["sha256"]
   restore = lambda stage, **kw: checkpoint.restore_params(
       os.path.join(branch_dir, stage, "checkpoints"), **kw)
+  params = {"pretrained": {"signal": restore("signal"),
+                           "logits": restore("logits", classifier_sha256=sha)}}
   if cfg.train.joint_steps > 0:
-    params = restore("joint", classifier_sha256=sha)
-  else:
-    params = {"signal": restore("signal"), "logits": restore("logits", classifier_sha256=sha)}
+    params["joint"] = restore("joint", classifier_sha256=sha)
   return params, classifier_params
+
+
+def method_params(params: dict, name: str, overrides: dict) -> tuple[dict, dict]:
+  """(The parameters method `name` samples with, its `sampling` overrides): `overrides["params"]`
+  ("pretrained" | "joint"; baselines such as enhance_then_classify and card use the pre-trained
+  branches), by default the joint stage's when trained."""
+  source = overrides.get("params", "joint" if "joint" in params else "pretrained")
+  if source not in params:
+    raise ValueError(f"evaluation.methods.{name}.params={source!r}: no such parameters; use one "
+                     f"of {sorted(params)} (joint needs train.joint_steps > 0).")
+  return params[source], {k: v for k, v in overrides.items() if k != "params"}
 
 
 def evaluate_corruption(config, workdir: str, corruption: str, methods: dict, to_model=None,
@@ -134,11 +146,11 @@ def evaluate_corruption(config, workdir: str, corruption: str, methods: dict, to
   mesh = parallel.make_mesh(cfg)
   results = []
   for name in method_order(methods):
-    overrides = methods[name]
+    branch_params, overrides = method_params(params, name, methods[name])
     sampling_cfg = copy.deepcopy(cfg.sampling)
     sampling_cfg.update(overrides)   # nested sections merge field by field
     results.append(evaluate.run_method(
-        name, model, sampling_cfg, params, classifier_params, y,
+        name, model, sampling_cfg, branch_params, classifier_params, y,
         jax.random.PRNGKey(cfg.evaluation.sampling_seed), cfg.sampling.batch_size, mesh))
     print(f"[{corruption}] {name}: accuracy {np.mean(results[-1].predictions == labels):.4f}")
   rows = evaluate.result_rows(results, labels, corruption=corruption)

@@ -11,6 +11,7 @@ Denoising outputs are parameterized as in `sde.score_from_output`: "eps" (loss: 
 |out - z|^2) or "neg_score" (SGMSE+, score = -out; loss: 0.5 sum |std score + z|^2 over non-batch
 dims, mean over the batch).
 """
+import functools
 from typing import Callable, Optional
 
 import jax
@@ -108,48 +109,78 @@ def _time_range(sde: sde_lib.SDE) -> tuple[float, float]:
   return float(ts[-1]), float(ts[0])
 
 
+def time_fraction(sde: sde_lib.SDE, t: jax.Array) -> jax.Array:
+  """t's fraction of the SDE's time range: 0 clean, 1 prior (the samplers' `switch_t` scale)."""
+  clean, prior = _time_range(sde)
+  return (t - clean) / (prior - clean)
+
+
+def matched_time(t: jax.Array, from_sde: sde_lib.SDE, to_sde: sde_lib.SDE) -> jax.Array:
+  """The time of `to_sde` at t's fraction of `from_sde`'s range; exactly t when the ranges match."""
+  (c_f, p_f), (c_t, p_t) = _time_range(from_sde), _time_range(to_sde)
+  return c_t + (t - c_f) * ((p_t - c_t) / (p_f - c_f))
+
+
 def noised_clean_logits(key, signal_sde: sde_lib.SDE, logits_sde: sde_lib.SDE, t: jax.Array,
                         l0: jax.Array, f_y: jax.Array, switch_t: float) -> jax.Array:
   """The speech recipe's logit conditioning [B, K] of the signal net at its times t [B]: per
-  example, with r = t's fraction of the signal SDE's time range (0 clean, 1 prior), a sample of
-  the logit SDE's marginal p(l_s | l0, f(y)) at the time s at fraction r of its own range when
-  r < switch_t, else f(y). l0, f_y: [B, K]."""
-  (c_x, p_x), (c_l, p_l) = _time_range(signal_sde), _time_range(logits_sde)
-  r = (t - c_x) / (p_x - c_x)
-  s = c_l + (t - c_x) * ((p_l - c_l) / (p_x - c_x))   # exactly t when the ranges match
-  mean, std = logits_sde.marginal(l0, s, f_y)
+  example, a sample of the logit SDE's marginal p(l_s | l0, f(y)) at the matching time s when
+  t's fraction of the signal's range is below `switch_t`, else f(y). l0, f_y: [B, K]."""
+  mean, std = logits_sde.marginal(l0, matched_time(t, signal_sde, logits_sde), f_y)
   l_s = mean + sde_lib.bcast(std, l0) * sde_lib.normal(key, l0.shape, l0.dtype)
-  return jnp.where(sde_lib.bcast(r < switch_t, l0), l_s, f_y)
+  return jnp.where(sde_lib.bcast(time_fraction(signal_sde, t) < switch_t, l0), l_s, f_y)
 
 
 JOINT_LOGITS_CONDS = ("estimate", "noised_clean")
+JOINT_SIGNAL_CONDS = ("observation", "estimate")
+
+
+def _check_choice(value: str, allowed: tuple, field: str):
+  if value not in allowed:
+    raise ValueError(f"Unknown {field} {value!r}; use one of {', '.join(map(repr, allowed))}.")
 
 
 def joint_loss(params, frozen, batch, rng, *, signal_apply: Callable, logits_apply: Callable,
                signal_sde: sde_lib.SDE, logits_sde: sde_lib.SDE, observe: Callable,
                classify: Callable, std: float, weights: dict,
                signal_parameterization: str = "eps", logits_parameterization: str = "eps",
-               logits_cond: str = "estimate", switch_t: float = 0.5):
-  """Joint training of `params = {"signal", "logits"}`: the logit term as in `logits_loss`; the
-  signal term conditioned, by `logits_cond`, on "estimate" (image Parallel recipe): the logit
-  branch's own stop-gradient estimate l0_hat [B, K]; or "noised_clean" (speech): the noised clean
-  logits or f(y), by the signal's time (`noised_clean_logits`, `switch_t`).
+               logits_cond: str = "estimate", switch_t: float = 0.5,
+               signal_cond: str = "estimate", signal_switch_t: float = 0.5,
+               x0_range: Optional[tuple] = None):
+  """Joint training of `params = {"signal", "logits"}`, both branches at one time t [B] (the
+  logit SDE's at the matching fraction), as in the Parallel sampler. Returns (loss, metrics).
+
+  The signal term is conditioned, by `logits_cond`, on "estimate" (image Parallel recipe): the
+  logit branch's stop-gradient l0_hat [B, K] from its observation-conditioned pass; or
+  "noised_clean" (speech): the noised clean logits or f(y), by t (`noised_clean_logits`,
+  `switch_t`). The logit term is conditioned, by `signal_cond`, on "observation": (f(y), y) as
+  in pre-training; or "estimate": below the fraction `signal_switch_t` of the range (the
+  sampler's `switch_t`), the signal's stop-gradient x0_hat (clipped to `x0_range`) and
+  f(x0_hat), as the sampler's logit branch sees after its switch; above it (f(y), y).
   Loss: weights["signal"] L_x + weights["logits"] L_l."""
-  if logits_cond not in JOINT_LOGITS_CONDS:
-    raise ValueError(f"Unknown joint logits conditioning (train.joint_logits_cond) {logits_cond!r};"
-                     f" use one of {', '.join(map(repr, JOINT_LOGITS_CONDS))}.")
+  _check_choice(logits_cond, JOINT_LOGITS_CONDS, "joint logits conditioning (train.joint_logits_cond)")
+  _check_choice(signal_cond, JOINT_SIGNAL_CONDS, "joint signal conditioning (train.joint_signal_cond)")
   k_obs, k_l, k_x, k_lnet, k_xnet, k_cond = jax.random.split(rng, 6)
+  k_t, k_z = jax.random.split(k_cond)
   x0, y = observe(k_obs, batch)
   l0, f_y = classifier_targets(classify, frozen["classifier"], x0, y, std)
-  loss_l, l0_hat = denoise(logits_apply, params["logits"], logits_sde, logits_parameterization,
-                           k_l, k_lnet, l0, f_y, (f_y, y))
+  t_x = signal_sde.sample_time(k_t, (x0.shape[0],))
+  t_l = matched_time(t_x, signal_sde, logits_sde)
+  logits_term = functools.partial(denoise, logits_apply, params["logits"], logits_sde,
+                                  logits_parameterization, k_l, k_lnet, l0, t=t_l)
+  loss_l, l0_hat = logits_term(f_y, (f_y, y))
   if logits_cond == "estimate":
-    t_x, logits = None, jax.lax.stop_gradient(standardize_logits(l0_hat, std))
+    logits = jax.lax.stop_gradient(standardize_logits(l0_hat, std))
   else:
-    k_t, k_z = jax.random.split(k_cond)
-    t_x = signal_sde.sample_time(k_t, (x0.shape[0],))
     logits = noised_clean_logits(k_z, signal_sde, logits_sde, t_x, l0, f_y, switch_t)
-  loss_x, _ = denoise(signal_apply, params["signal"], signal_sde, signal_parameterization,
-                      k_x, k_xnet, x0, y, (y, logits), t_x)
+  loss_x, x0_hat = denoise(signal_apply, params["signal"], signal_sde, signal_parameterization,
+                           k_x, k_xnet, x0, y, (y, logits), t_x)
+  if signal_cond == "estimate":
+    x0_hat = jax.lax.stop_gradient(x0_hat if x0_range is None else jnp.clip(x0_hat, *x0_range))
+    below = time_fraction(signal_sde, t_x) < signal_switch_t
+    c = jnp.where(sde_lib.bcast(below, y), x0_hat, y)
+    f_x0_hat = standardize_logits(classify(frozen["classifier"], x0_hat), std)
+    f_c = jax.lax.stop_gradient(jnp.where(below[:, None], f_x0_hat, f_y))
+    loss_l, _ = logits_term(f_c, (f_c, c))   # same l_t noise and t; replaces the pass above
   loss = weights["signal"] * loss_x + weights["logits"] * loss_l
   return loss, {"loss": loss, "signal_loss": loss_x, "logits_loss": loss_l}

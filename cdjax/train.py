@@ -328,7 +328,8 @@ def enhancer_trainer(config) -> Trainer:
 def joint_trainer(config) -> Trainer:
   """Both branches together (`losses.joint_loss`), each started from its pre-trained workdir
   (`config.checkpoint.init_signal` / `init_logits`) when set; `config.train.joint_steps` steps.
-  The signal net's logits: `config.train.joint_logits_cond` (and `joint_switch_t`)."""
+  The signal net's logits: `config.train.joint_logits_cond` (and `joint_switch_t`); the logit
+  net's signal: `config.train.joint_signal_cond` (switching at `config.sampling.switch_t`)."""
   observe = _observe(config)
   classify, classifier_params, sha = _frozen_classifier(config)
   s_net, s_sde, s_param, s_init, latent, _ = _signal_branch(config, observe)
@@ -343,7 +344,9 @@ def joint_trainer(config) -> Trainer:
       signal_sde=s_sde, logits_sde=l_sde, observe=observe, classify=classify,
       std=config.logits.standardize_std, weights=dict(config.train.loss_weights),
       signal_parameterization=s_param, logits_parameterization=l_param,
-      logits_cond=config.train.joint_logits_cond, switch_t=config.train.joint_switch_t)
+      logits_cond=config.train.joint_logits_cond, switch_t=config.train.joint_switch_t,
+      signal_cond=config.train.joint_signal_cond, signal_switch_t=config.sampling.switch_t,
+      x0_range=None if config.signal.x0_clip is None else tuple(config.signal.x0_clip))
 
   def init(rng, batch):
     k_s, k_l = jax.random.split(rng)

@@ -78,6 +78,7 @@ def get_config() -> ml_collections.ConfigDict:
       loss_weights=dict(signal=0.9, logits=0.1),
       joint_logits_cond="estimate",   # joint signal net's logits: estimate | noised_clean (speech)
       joint_switch_t=0.5,        # noised_clean: noised l0 below this fraction of T, else f(y)
+      joint_signal_cond="estimate",   # joint logit net's signal: estimate (x0_hat below sampling.switch_t) | observation
       tensorboard=True,          # also TensorBoard scalars (workdir/tensorboard), if installed
   ))
 
@@ -108,7 +109,7 @@ def get_config() -> ml_collections.ConfigDict:
 
   c.evaluation = ml_collections.ConfigDict(dict(
       corruptions={"gn30": dict(p=0.3)},   # name -> corruption kwargs (one model each)
-      methods={                            # name -> overrides of `sampling` (nested dicts merge)
+      methods={   # name -> overrides of `sampling` (nested dicts merge); params: pretrained | joint
           "noisy": dict(strategy="noisy"),
           "enhance_then_classify": dict(strategy="enhance_then_classify"),
           "parallel": dict(strategy="parallel"),

@@ -30,17 +30,18 @@ PARAMS = {"signal": {"w": jnp.float32(0.3), "v": jnp.float32(0.2)},
 
 
 def _stub_loss(signal_sde, logits_sde, calls, **kwargs):
-  """joint_loss(params, rng) on x0 [B, K] with stub nets recording their inputs in `calls`:
-  classify(x) = x, y = x0 + 0.5, the logit net p["w"] * l_t, the signal net
-  p["w"] * x_t + p["v"] * logits."""
-  def logits_apply(p, l_t, t, f_y, y, rng):
+  """joint_loss(params, rng) on x0 [B, K] with stub nets recording their inputs in `calls`
+  (`calls["logits"]`: one entry per logit-net call): classify(x) = x, y = x0 + 0.5, the logit
+  net p["w"] * l_t, the signal net p["w"] * x_t + p["v"] * logits."""
+  def logits_apply(p, l_t, t, f_c, c, rng):
     out = p["w"] * l_t
-    calls["logits"] = (l_t, t, out)
+    calls.setdefault("logits", []).append((l_t, t, out, f_c, c))
     return out
 
   def signal_apply(p, x_t, t, y, logits, rng):
-    calls["signal"] = (t, logits)
-    return p["w"] * x_t + p["v"] * logits
+    out = p["w"] * x_t + p["v"] * logits
+    calls["signal"] = (t, logits, x_t, out)
+    return out
 
   x0 = jax.random.normal(jax.random.fold_in(KEY, 1), (B, K))
   return lambda params, rng: losses.joint_loss(
@@ -62,7 +63,7 @@ def test_noised_clean_conditions_on_the_logit_marginal_then_f_y(signal_sde, frac
                            logits_cond="noised_clean", switch_t=0.5)
   loss, _ = loss_fn(PARAMS, KEY)
   assert np.isfinite(loss)
-  t, logits = map(np.asarray, calls["signal"])
+  t, logits = map(np.asarray, calls["signal"][:2])
   l0, f_y = map(np.asarray, losses.classifier_targets(lambda p, x: x, None, x0, x0 + 0.5, STD))
   r = fraction(t)
   noised = r < 0.5
@@ -84,7 +85,7 @@ def test_estimate_conditions_on_the_stop_gradient_logit_estimate():
   sde = sde_lib.get_sde("vp_discrete", N=10)
   loss_fn, _ = _stub_loss(sde, sde, calls)
   loss_fn(PARAMS, KEY)
-  l_t, t_l, out = calls["logits"]
+  l_t, t_l, out = calls["logits"][0][:3]
   l0_hat = sde.x0_from_score(l_t, sde.score_from_output(out, t_l, "eps"), t_l)
   np.testing.assert_allclose(calls["signal"][1], standardize_logits(l0_hat, STD), atol=1e-6)
   grads, _ = jax.grad(loss_fn, has_aux=True)(PARAMS, KEY)
@@ -92,14 +93,61 @@ def test_estimate_conditions_on_the_stop_gradient_logit_estimate():
   assert float(grads["signal"]["v"]) != 0.0   # the logits do enter the signal loss
 
 
-def test_unknown_logits_cond_is_a_clear_error():
+@pytest.mark.parametrize("signal_sde,logits_sde", [
+    (sde_lib.get_sde("vp_discrete", N=10), sde_lib.get_sde("vp_discrete", N=10)),
+    (sde_lib.get_sde("ouve", **OUVE), sde_lib.get_sde("ouve", **OUVE)),
+])
+def test_logit_term_sees_the_signal_estimate_below_the_switch(signal_sde, logits_sde):
+  """signal_cond='estimate': the logit net's loss pass, at the signal's own time and with the
+  same noise, is conditioned per example on the signal's clipped stop-gradient x0_hat and
+  f(x0_hat) below the switch fraction, on y and f(y) above; no gradient from the logit loss
+  reaches the signal net."""
+  calls = {}
+  loss_fn, x0 = _stub_loss(signal_sde, logits_sde, calls, signal_switch_t=0.3,
+                           x0_range=(-1.0, 1.0))
+  loss_fn(PARAMS, KEY)
+  (l_t1, t1, _, f_y, y), (l_t2, t2, _, f_c, c) = calls["logits"]
+  t_x, _, x_t, out = calls["signal"]
+  np.testing.assert_array_equal(t1, t_x)
+  np.testing.assert_array_equal(t2, t_x)
+  x0_hat = np.clip(signal_sde.x0_from_score(
+      x_t, signal_sde.score_from_output(out, t_x, "eps"), t_x, y), -1.0, 1.0)
+  below = np.asarray(losses.time_fraction(signal_sde, t_x)) < 0.3
+  assert 0.15 < below.mean() < 0.45
+  np.testing.assert_allclose(c[below], x0_hat[below], atol=1e-5)
+  np.testing.assert_array_equal(c[~below], y[~below])
+  np.testing.assert_allclose(f_c[below], standardize_logits(x0_hat[below], STD), atol=1e-5)
+  np.testing.assert_array_equal(f_c[~below], f_y[~below])
+  if not logits_sde.reverts_to_y:   # DDPM: the same l_t; OUVE: its mean moves to f(c)
+    np.testing.assert_array_equal(l_t1, l_t2)
+  only_logits = lambda p, k: loss_fn(p, k)[1]["logits_loss"]
+  grads = jax.grad(only_logits)(PARAMS, KEY)
+  assert float(grads["signal"]["w"]) == float(grads["signal"]["v"]) == 0.0
+  assert float(grads["logits"]["w"]) != 0.0
+
+
+def test_observation_keeps_the_pretraining_conditioning():
+  calls = {}
   sde = sde_lib.get_sde("vp_discrete", N=10)
-  loss_fn, _ = _stub_loss(sde, sde, {}, logits_cond="clean")
-  with pytest.raises(ValueError, match=r"'clean'; use one of 'estimate', 'noised_clean'"):
+  loss_fn, x0 = _stub_loss(sde, sde, calls, signal_cond="observation")
+  loss_fn(PARAMS, KEY)
+  (_, _, _, f_c, c), = calls["logits"]
+  np.testing.assert_array_equal(c, x0 + 0.5)
+
+
+@pytest.mark.parametrize("field,value,allowed", [
+    ("logits_cond", "clean", "'estimate', 'noised_clean'"),
+    ("signal_cond", "noisy", "'observation', 'estimate'"),
+])
+def test_unknown_conditioning_is_a_clear_error(field, value, allowed):
+  sde = sde_lib.get_sde("vp_discrete", N=10)
+  loss_fn, _ = _stub_loss(sde, sde, {}, **{field: value})
+  with pytest.raises(ValueError, match=f"'{value}'; use one of {allowed}"):
     loss_fn(PARAMS, KEY)
 
 
 def test_configs_pick_the_recipe():
+  assert default.get_config().train.joint_signal_cond == "estimate"
   assert default.get_config().train.joint_logits_cond == "estimate"
   assert speech_commands.get_config().train.joint_logits_cond == "noised_clean"
 
