@@ -277,6 +277,19 @@ def alternating(b: _Branches, key):
   return b.output(x0, logits, rounds * b.signal_nfe + logit_runs * b.logits_nfe, traj)
 
 
+def _grid_indices(grid: np.ndarray, times) -> np.ndarray:
+  """Indices into the step grid [N] of `times` (sampling.nested_steps), unique and sorted;
+  a ValueError names any time that is not on the grid."""
+  times = np.asarray(times, np.float32).reshape(-1)
+  match = np.isclose(times[:, None], grid[None, :], rtol=1e-6, atol=1e-6)
+  off = times[~match.any(1)]
+  if off.size:
+    raise ValueError(f"sampling.nested_steps {off.tolist()} are not steps of the logit SDE's grid "
+                     f"({grid[0]:g} ... {grid[-1]:g}, {grid.size} steps); use values of "
+                     "logits_sde.timesteps()[:-1].")
+  return np.unique(match.argmax(1))
+
+
 @STRATEGIES.register("nested")
 def nested(b: _Branches, key):
   """A signal trajectory (round-one logits), then one logit trajectory conditioned on its x0; at
@@ -284,7 +297,7 @@ def nested(b: _Branches, key):
   refreshing x0. `cfg.final_signal_run` (speech) adds one last signal run on the final logits."""
   m = b.model
   ts = m.logits_sde.timesteps()
-  refresh_at = jnp.asarray(sorted(b.cfg.nested_steps), jnp.float32)
+  refresh_at = _grid_indices(ts[:-1], b.cfg.nested_steps)
   k_first, k_init, k_steps, k_refresh, k_final = jax.random.split(key, 5)
   x0 = b.signal_trajectory(k_first, _initial_logits(b))
   l = b.logits_init(k_init, x0)
@@ -293,15 +306,14 @@ def nested(b: _Branches, key):
     l, _, x0 = carry
     i, t, t_next = inputs
     out = b.logits_update(jax.random.fold_in(k_steps, i), l, t, t_next, x0, x0)
-    refresh = jnp.any(t == refresh_at)
+    refresh = jnp.any(i == refresh_at)
     x0 = jax.lax.cond(refresh, lambda: b.signal_trajectory(jax.random.fold_in(k_refresh, i), out.x0_hat),
                       lambda: x0)
     return (out.x, out.x_mean, x0), (out.x0_hat if b.cfg.return_trajectory else None)
 
   steps = (jnp.arange(m.logits_sde.N), ts[:-1], ts[1:])
   (_, logits, x0), traj = jax.lax.scan(body, (l, l, x0), steps)
-  num_refresh = int(np.isin(ts[:-1], np.asarray(b.cfg.nested_steps, np.float32)).sum())
-  signal_runs = 1 + num_refresh
+  signal_runs = 1 + len(refresh_at)
   if b.cfg.final_signal_run:
     x0 = b.signal_trajectory(k_final, logits)
     signal_runs += 1

@@ -131,7 +131,9 @@ def test_nfe_counts():
   assert nfe(strategy="parallel") == 40
   assert nfe(strategy="alternating", rounds=5) == 200
   assert nfe(strategy="alternating", rounds=5, skip_last_logits=True) == 180
-  assert nfe(strategy="nested", nested_steps=(39, 19, 7, 3)) == 4 * 20 + 20   # 39 is off the grid
+  assert nfe(strategy="nested", nested_steps=(19, 7, 3, 3)) == 4 * 20 + 20   # repeats count once
+  with pytest.raises(ValueError, match=r"nested_steps \[39.0, 2.5\] are not steps"):
+    nfe(strategy="nested", nested_steps=(39, 19, 2.5))
   assert nfe(strategy="nested", nested_steps=(7, 3), final_signal_run=True) == 4 * 20 + 20
   assert nfe(strategy="parallel", num_samples=3) == 120
 

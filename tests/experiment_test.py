@@ -2,6 +2,8 @@
 import json
 import os
 
+import pytest
+
 from cdjax import experiment
 from configs import mnist_demo
 
@@ -17,7 +19,8 @@ def tiny_config():
   c.train.update(joint_steps=2, log_every=1, ckpt_every=2)
   c.sampling.batch_size = 16
   c.evaluation.methods = {"noisy": dict(strategy="noisy"),
-                          "enhance_then_classify": dict(strategy="enhance_then_classify"),
+                          "enhance_then_classify": dict(strategy="enhance_then_classify",
+                                                        params="pretrained"),
                           "parallel": dict(strategy="parallel"),
                           "nested": dict(strategy="nested", nested_steps=(1,))}
   return c
@@ -53,3 +56,13 @@ def test_stage_config_uses_the_stage_learning_rate():
   assert experiment.stage_config(config, "classifier").optim.lr == 0.05
   assert experiment.stage_config(config, "signal").optim.lr == config.optim.lr
   assert config.optim.lr != 0.05   # the experiment's config is left as it was
+
+
+def test_methods_pick_pretrained_or_joint_parameters():
+  params = {"pretrained": "P", "joint": "J"}
+  assert experiment.method_params(params, "m", {"strategy": "card", "params": "pretrained"}) == (
+      "P", {"strategy": "card"})
+  assert experiment.method_params(params, "m", {"strategy": "parallel"}) == ("J", {"strategy": "parallel"})
+  assert experiment.method_params({"pretrained": "P"}, "m", {})[0] == "P"   # no joint stage
+  with pytest.raises(ValueError, match=r"methods.m.params='joint': no such parameters"):
+    experiment.method_params({"pretrained": "P"}, "m", {"params": "joint"})

@@ -26,15 +26,14 @@ class LogitBlock(nn.Module):
     return AttentionBlock(self.heads, self.groups)(h[:, None, :], context)[:, 0]
 
 
-@NETWORKS.register("logit_net")
-class LogitNet(nn.Module):
-  """Logit branch of the coupled model (official image design).
+class LogitHead(nn.Module):
+  """The logit branch's shared head: net(l_t [B, K], t [B] or scalar, cond_logits f(c) [B, K],
+  cond_signal c) -> eps [B, K].
 
-  net(l_t [B, K], t [B] or scalar, cond_logits f(c) [B, K], cond_signal c [B, H, W, C])
-  -> eps [B, K]. concat(l_t, f(c)) -> Dense(hidden) -> `depth` LogitBlocks (FiLM time
-  conditioning + cross-attention to the flattened feature map of a small ConvEncoder of c:
-  `enc_depth` stride-2 stages, 28x28 or 32x32 -> 4x4 = 16 tokens at the defaults)
-  -> LN-SiLU-Dense(K).
+  concat(l_t, f(c)) -> Dense(hidden) -> `depth` LogitBlocks (FiLM conditioning on
+  `embed_time(t)` + cross-attention to the flattened feature map of a small ConvEncoder of
+  `signal_map(c)` [B, H, W, C], `enc_depth` stride-2 stages) -> LN-SiLU-Dense(K).
+  Subclasses define `embed_time` and `signal_map`.
   """
   num_classes: int = 10
   hidden: int = 256
@@ -44,8 +43,15 @@ class LogitNet(nn.Module):
   enc_depth: int = 3
   dropout: float = 0.0
   groups: int = 8
-  time_steps: int = 0
   remat: bool = False
+
+  def embed_time(self, t: jax.Array) -> jax.Array:
+    """t [B] -> [B, hidden]."""
+    raise NotImplementedError
+
+  def signal_map(self, cond_signal: jax.Array) -> jax.Array:
+    """c -> the ConvEncoder's input [B, H, W, C]."""
+    raise NotImplementedError
 
   @nn.compact
   def __call__(self, l_t: jax.Array, t: jax.Array, cond_logits: jax.Array,
@@ -53,10 +59,11 @@ class LogitNet(nn.Module):
     b = l_t.shape[0] if l_t.ndim else 0
     check_shape("logit_net: l_t", l_t, (b, self.num_classes))
     check_shape("logit_net: cond_logits", cond_logits, (b, self.num_classes))
-    check_shape("logit_net: cond_signal", cond_signal, (b, None, None, None))
+    signal = self.signal_map(cond_signal)
+    check_shape("logit_net: cond_signal", signal, (b, None, None, None))
 
-    emb = TimeEmbedding(self.hidden, self.time_steps)(batch_time(t, b))
-    feats = ConvEncoder(self.enc_width, self.enc_depth, groups=self.groups)(cond_signal)
+    emb = self.embed_time(batch_time(t, b))
+    feats = ConvEncoder(self.enc_width, self.enc_depth, groups=self.groups)(signal)
     context = feats.reshape(b, -1, feats.shape[-1])
     h = nn.Dense(self.hidden)(jnp.concatenate([l_t, cond_logits.astype(l_t.dtype)], axis=-1))
     block = maybe_remat(LogitBlock, self.remat, static_argnums=(4,))
@@ -64,3 +71,18 @@ class LogitNet(nn.Module):
       h = block(self.hidden, self.heads, self.dropout, self.groups, name=f"block{i}")(
           h, emb, context, train)
     return nn.Dense(self.num_classes)(nn.silu(nn.LayerNorm()(h)))
+
+
+@NETWORKS.register("logit_net")
+class LogitNet(LogitHead):
+  """Logit branch of the coupled model (official image design): `LogitHead` on c [B, H, W, C]
+  itself (28x28 or 32x32 -> 4x4 = 16 context tokens at the defaults); time embedding a learned
+  table (`time_steps` > 0, integer t) or sinusoidal features of t.
+  """
+  time_steps: int = 0
+
+  def embed_time(self, t: jax.Array) -> jax.Array:
+    return TimeEmbedding(self.hidden, self.time_steps)(t)
+
+  def signal_map(self, cond_signal: jax.Array) -> jax.Array:
+    return cond_signal

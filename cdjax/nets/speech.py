@@ -18,9 +18,9 @@ import numpy as np
 
 from cdjax import audio
 from cdjax.nets import NETWORKS
-from cdjax.nets.layers import (ConvEncoder, ResBlock, batch_time, check_shape, group_norm,
-                               maybe_remat, sinusoidal_embedding)
-from cdjax.nets.logits import LogitNet
+from cdjax.nets.layers import (ConvEncoder, ResBlock, TimeEmbedding, batch_time, check_shape,
+                               group_norm, maybe_remat, sinusoidal_embedding)
+from cdjax.nets.logits import LogitHead
 
 # DDPM/NCSN++ initialisation; SGMSE+'s `init_scale=0` layers are zero-initialised here.
 _default_init = nn.initializers.variance_scaling(1.0, "fan_avg", "uniform")
@@ -422,33 +422,22 @@ class SpeechClassifier(nn.Module):
 
 
 @NETWORKS.register("speech_logit_net")
-class SpeechLogitNet(nn.Module):
+class SpeechLogitNet(LogitHead):
   """Logit branch for speech: net(l_t [B, K], t, cond_logits f(c) [B, K], c) -> [B, K].
 
-  c is a compressed complex spectrogram [B, F, T]; its magnitude is average-pooled by `pool`
-  (frequency, time) into a small map [B, F / pf, T / pf, 1] that `LogitNet` (the image design:
-  concat(l_t, f(c)), FiLM time conditioning, cross-attention to a ConvEncoder of the map) reads.
-  Continuous times t in (0, 1] enter LogitNet's sinusoidal embedding as `time_scale * t`.
+  `LogitHead` (the image design) on c, a compressed complex spectrogram [B, F, T], read as its
+  magnitude average-pooled by `pool` (frequency, time) into a small map [B, F / pf, T / pt, 1].
+  Continuous times t in (0, 1] enter a sinusoidal embedding as `time_scale * t`.
   """
-  num_classes: int = 10
   hidden: int = 128
   depth: int = 2
-  heads: int = 4
-  enc_width: int = 16
-  enc_depth: int = 3
   pool: Sequence[int] = (8, 8)
   time_scale: float = 1000.0
-  dropout: float = 0.0
-  groups: int = 8
-  remat: bool = False
 
-  @nn.compact
-  def __call__(self, l_t: jax.Array, t: jax.Array, cond_logits: jax.Array,
-               cond_signal: jax.Array, train: bool = False) -> jax.Array:
+  def embed_time(self, t: jax.Array) -> jax.Array:
+    return TimeEmbedding(self.hidden, scale=self.time_scale)(t)
+
+  def signal_map(self, cond_signal: jax.Array) -> jax.Array:
     _check_spec("speech_logit_net", "cond_signal", cond_signal)
     pool = tuple(self.pool)
-    h = nn.avg_pool(jnp.abs(cond_signal)[..., None], pool, pool, padding="SAME")
-    return LogitNet(self.num_classes, self.hidden, self.depth, self.heads, self.enc_width,
-                    self.enc_depth, self.dropout, self.groups, remat=self.remat,
-                    name="logit_net")(l_t, self.time_scale * batch_time(t, l_t.shape[0]),
-                                      cond_logits, h, train)
+    return nn.avg_pool(jnp.abs(cond_signal)[..., None], pool, pool, padding="SAME")
