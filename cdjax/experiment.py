@@ -137,7 +137,7 @@ def evaluate_corruption(config, workdir: str, corruption: str, methods: dict, to
   params, classifier_params = load_params(cfg, os.path.join(workdir, corruption))
   model = model(cfg)
   split = data.load_split(cfg.data.name, cfg.data.eval_split, cfg.data.data_dir,
-                          cfg.data.max_eval_examples, cfg.data.label_subset)
+                          cfg.data.max_eval_examples, cfg.data.label_subset, data.audio_length(cfg))
   clean, labels = split[cfg.data.modality], split["label"]
   corrupt = data.corruption_from_config(cfg, cfg.data.eval_split)
   y = evaluate.degrade(corrupt, jax.random.PRNGKey(cfg.evaluation.corruption_seed), clean)

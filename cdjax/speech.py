@@ -206,7 +206,7 @@ def evaluate_enhancement(config, workdir: str, condition: str) -> tuple[list[dic
   cfg = condition_config(config, condition)
   frontend = audio.Frontend.from_config(cfg)
   split = data.load_split(cfg.data.name, cfg.data.eval_split, cfg.data.data_dir,
-                          cfg.data.max_eval_examples)
+                          cfg.data.max_eval_examples, audio_length=data.audio_length(cfg))
   clean = center_crop(split["audio"], cfg.evaluation.crop_samples)
   corrupt = data.corruption_from_config(cfg, cfg.data.eval_split)
   noisy = evaluate.degrade(corrupt, jax.random.PRNGKey(cfg.evaluation.corruption_seed), clean)

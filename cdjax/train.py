@@ -213,7 +213,8 @@ def _classifier_accuracy(config, net: nn.Module, input_key: str) -> Callable:
   @functools.cache
   def eval_data():
     return data.load_split(config.data.name, config.data.eval_split, config.data.data_dir,
-                           config.data.max_eval_examples, config.data.label_subset)
+                           config.data.max_eval_examples, config.data.label_subset,
+                           data.audio_length(config))
 
   predict = jax.jit(lambda p, x: net.apply({"params": p}, x, train=False).argmax(-1))
 
@@ -422,11 +423,13 @@ def train(config: ml_collections.ConfigDict, workdir: str, trainer_name: str) ->
   source = data.get_source(config.data.name, config.data.train_split, config.data.data_dir,
                            config.data.label_subset)
   batches = iter(data.make_loader(source, trainer.batch_size, seed=config.data.shuffle_seed,
-                                  worker_count=config.data.worker_count))
+                                  worker_count=config.data.worker_count,
+                                  audio_length=data.audio_length(config)))
   optimizer = make_optimizer(config.optim, trainer.num_steps)
   # Initial params from the "rbg" generator: XLA:CPU compiles threefry initializers ~7x slower.
   k_init = jax.random.key(config.seed, impl="rbg")
-  example = jax.tree.map(lambda v: v[None], data.standardize(source[0]))
+  example = jax.tree.map(lambda v: v[None], data.fit_audio(data.standardize(source[0]),
+                                                            data.audio_length(config)))
   state = parallel.replicate(TrainState.create(
       trainer.init_params(k_init, example), optimizer, jax.random.PRNGKey(config.seed)), mesh)
 

@@ -8,7 +8,8 @@ logits when t < T/2, else f(y)).
 Needs the TFDS catalog dataset `speech_commands`, whose builder needs TensorFlow (not installed
 with cdjax; `pip install tensorflow-cpu` and internet on first use); here its stages are only
 traced on synthetic 1-s clips (tests/paper_configs_test.py). Its clips are up to 1 s at 16 kHz
-(the shorter ones are not yet padded to 1 s for batching) with 12 labels (10 words, silence,
+(the input pipeline centres the shorter ones in zeros to `data.shape`'s 16000 samples:
+`data.audio_length`) with 12 labels (10 words, silence,
 unknown); `noise_local` stands in for the noise.
 python experiments/speech_keywords.py --config configs/speech_commands.py \
     --workdir runs/speech_commands --out experiments/results/speech_commands

@@ -8,7 +8,9 @@ matmul peak of the machine. Random weights: throughput does not depend on them.
 PYTHONPATH=. .venv/bin/python experiments/bench_sampler.py --config configs/mnist_demo.py
 
 Writes experiments/results/bench.{json,md} (merged with bench_train.py's entries).
-`--xla_variants` re-runs the scan path at one batch size in a subprocess per XLA_FLAGS value.
+`--xla_variants` re-runs the scan path at one batch size in a subprocess per XLA_FLAGS value;
+`--xla_variants=--xla_force_host_platform_device_count=2` measures the split CPU host
+(`mesh.host_cpu_devices=2`): the scan path shards its batch over every device it sees.
 """
 import json
 import os
@@ -28,6 +30,7 @@ import numpy as np  # noqa: E402
 
 from cdjax import coupled  # noqa: E402
 from cdjax import nets  # noqa: E402
+from cdjax import parallel  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/mnist_demo.py", "Experiment config.")
 _STEPS = flags.DEFINE_integer("steps", 50, "DDPM steps (NFE per branch) of every trajectory.")
@@ -175,6 +178,10 @@ def bench_parallel(config, params, classifier, b: int, paths, repeats: int, budg
   key = jax.random.PRNGKey(1)
   scan_out = None
   if "scan" in paths:
+    if b % jax.device_count() == 0:   # a split host (XLA variant): data parallel as in evaluation
+      mesh = parallel.make_mesh(config)
+      y = jax.device_put(y, parallel.data_sharded(mesh))
+      params, classifier = parallel.replicate((params, classifier), mesh)
     compiled, compile_s, mem = compile_coupled(config, "parallel", params, classifier, y)
     run = lambda: jax.block_until_ready(compiled(params, classifier, key, y))
     # Compiled ahead of time: the first run is a timed one.

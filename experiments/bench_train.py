@@ -1,8 +1,8 @@
 """Training benchmark (issue 8): steps/s and examples/s of the image signal branch through
 `cdjax.train.make_train_step` (the `signal` trainer's loss, adam + clipping + EMA, donated
 state) vs the PyTorch eager equivalent (`torch_reference.CoupledUNet`, the same loss, clipping,
-adam and EMA in a plain loop); the data-parallel path on 8 host devices (a subprocess with
-XLA_FLAGS=--xla_force_host_platform_device_count=8) vs 1 device; and the compiled peak memory
+adam and EMA in a plain loop); the data-parallel path on the CPU host split into 2 and 8
+devices (a subprocess each, XLA_FLAGS=--xla_force_host_platform_device_count=N) vs 1 device; and the compiled peak memory
 of a step with and without rematerialisation and gradient accumulation.
 
 PYTHONPATH=. .venv/bin/python experiments/bench_train.py --config configs/mnist_demo.py
@@ -34,7 +34,9 @@ _MEMORY_VARIANTS = flags.DEFINE_list(
     "memory_variants", ["net_remat", "accum2", "train_remat"],
     "Compiled-memory variants of the JAX step: net_remat (signal.net_kwargs.remat), accumK "
     "(train.grad_accum_steps=K), train_remat (config.train.remat).")
-_DEVICES8 = flags.DEFINE_bool("devices8", True, "Also run the 8-host-device data-parallel path.")
+_HOST_DEVICES = flags.DEFINE_list(
+    "host_devices", ["2", "8"], "Also run the data-parallel path with the CPU host split into "
+    "each of these device counts (mesh.host_cpu_devices; a subprocess each).")
 _TORCH = flags.DEFINE_bool("torch", True, "Also run the PyTorch eager equivalent.")
 _WORKER = flags.DEFINE_bool("worker", False, "Internal: time the JAX step only, print JSON.")
 _RESUME = flags.DEFINE_bool("resume", False, "Reuse the stages already in results/bench_train_raw.json.")
@@ -176,14 +178,16 @@ def main(argv):
     results["torch"] = time_torch(config, b, _STEPS.value)
     _save(results)
     print("torch:", results["torch"], file=sys.stderr, flush=True)
-  if _DEVICES8.value and "jax_8dev" not in results:
+  for n in map(int, _HOST_DEVICES.value):
+    if f"jax_{n}dev" in results:
+      continue
     cmd = [sys.executable, os.path.abspath(__file__),
            f"--config={flags.FLAGS['config'].config_filename}", f"--batch={b}",
            f"--steps={_STEPS.value}", "--worker"]
-    flags8 = " ".join(x for x in (os.environ.get("XLA_FLAGS", ""),
-                                  "--xla_force_host_platform_device_count=8") if x)
-    results["jax_8dev"] = bc.run_json_subprocess(cmd, {"XLA_FLAGS": flags8})
-    print("jax 8 devices:", results["jax_8dev"], file=sys.stderr, flush=True)
+    xla_flags = " ".join(x for x in (os.environ.get("XLA_FLAGS", ""),
+                                     f"--xla_force_host_platform_device_count={n}") if x)
+    results[f"jax_{n}dev"] = bc.run_json_subprocess(cmd, {"XLA_FLAGS": xla_flags})
+    print(f"jax {n} devices:", results[f"jax_{n}dev"], file=sys.stderr, flush=True)
     _save(results)
   results.setdefault("memory", {})
   for name in _MEMORY_VARIANTS.value:
@@ -207,10 +211,11 @@ def write(results: dict) -> None:
     t = results["torch"]
     e.append(bc.entry("train_jax_vs_torch_eager", j["examples_per_s"], "examples/s",
                       t["examples_per_s"], **S))
-  j8 = results.get("jax_8dev")
-  if j8 and "steps_per_s" in j8:
-    e.append(bc.entry("train_8dev_vs_1dev", j8["examples_per_s"], "examples/s", j["examples_per_s"],
-                      **S))
+  host_runs = {k: v for k, v in results.items() if k.endswith("dev") and k != "jax_1dev"}
+  for key, r in host_runs.items():
+    if "steps_per_s" in r:
+      e.append(bc.entry(f"train_{key[4:]}_vs_1dev", r["examples_per_s"], "examples/s",
+                        j["examples_per_s"], **S))
   base_temp = j.get("temp_mib")
   e.append(bc.entry("train_step_temp_mib_baseline", base_temp or float("nan"), "MiB",
                     "compiled.memory_analysis() temp buffers", float("nan"), **S))
@@ -221,12 +226,14 @@ def write(results: dict) -> None:
            f"signal branch (configs' coupled_unet), global batch {b}, {results['steps']} timed steps "
            f"after 2 warm-up steps; threads: BENCH_THREADS={bc.THREADS}; total script time "
            f"{results['total_s']:.0f} s",
-           "train_8dev_vs_1dev: the 8-device run is a subprocess with "
-           "--xla_force_host_platform_device_count=8 on the same cores (batch split 8 ways)",
+           "train_Ndev_vs_1dev: the N-device run is a subprocess with "
+           "--xla_force_host_platform_device_count=N on the same cores (batch split N ways; "
+           "N=2 on 2 cores is what mesh.host_cpu_devices=2 gives the demo)",
            "memory: XLA's compiled temp-buffer size of one train step (arguments/outputs = state "
            "and batch are the same in every variant)"]
-  if j8 and "error" in j8:
-    notes.append(f"8-device run failed: {j8['error'][-300:]!r}")
+  for key, r in host_runs.items():
+    if "error" in r:
+      notes.append(f"{key[4:]} run failed: {r['error'][-300:]!r}")
   mem = results["memory"]
   if "train_remat" in mem and base_temp is not None and mem["train_remat"].get("temp_mib") == base_temp:
     notes.append("config.train.remat is NOT wired: setting it leaves the compiled step unchanged "

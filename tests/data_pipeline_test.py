@@ -4,6 +4,8 @@ import numpy as np
 import pytest
 
 from cdjax import data
+from configs import default
+from configs import speech_commands
 
 NUM_RECORDS = 100
 
@@ -99,3 +101,58 @@ def test_load_split(data_dir):
   assert split["image"].min() == -1 and split["image"].max() == 1
   assert split["label"].shape == (100,) and len(np.unique(split["label"])) == 10
   assert len(data.load_split("mnist_local", "test", data_dir)["label"]) == 1000
+
+
+def _clips(lengths=(700, 1000, 1300)):
+  """Audio examples {"audio": int16 [n], "label": k} of these lengths, with distinct samples."""
+  return [{"audio": (np.arange(n) * 7 + 1000 * k).astype(np.int16), "label": k}
+          for k, n in enumerate(lengths)]
+
+
+def _check_fitted(clips, fitted, length=1000):
+  """Each fitted [length] wave: short clips centred in zeros, exact ones unchanged, long ones a
+  contiguous window; returns the windows' starts."""
+  starts = []
+  for clip, wave in zip(clips, fitted):
+    x = data.standardize(clip)["audio"]
+    n = len(x)
+    assert wave.shape == (length,) and wave.dtype == np.float32
+    if n <= length:
+      before = (length - n) // 2
+      np.testing.assert_array_equal(wave[before:before + n], x)   # bit-identical, in zeros
+      assert not wave[:before].any() and not wave[before + n:].any()
+    else:
+      start = int(np.flatnonzero(x == wave[0])[0])
+      np.testing.assert_array_equal(wave, x[start:start + length])
+      starts.append(start)
+  return starts
+
+
+def test_loader_fits_variable_length_audio():
+  clips = _clips() * 8                                    # 24 examples, 8 of each length
+  loader = data.make_loader(clips, 8, seed=0, num_epochs=1, audio_length=1000)
+  starts = []
+  for batch in loader:
+    assert batch["audio"].shape == (8, 1000)
+    starts += _check_fitted([clips[k] for k in batch["label"]], batch["audio"])
+  assert len(starts) == 8 and all(0 <= s <= 300 for s in starts)
+  assert len(set(starts)) > 1                             # random crops of the long clip
+  again = next(iter(data.make_loader(clips, 8, seed=0, num_epochs=1, audio_length=1000)))
+  np.testing.assert_array_equal(again["audio"], next(iter(loader))["audio"])
+  with pytest.raises(ValueError):                         # unfitted clips cannot be batched
+    next(iter(data.make_loader(clips, 8, seed=0)))
+
+
+def test_load_split_fits_variable_length_audio(monkeypatch):
+  clips = _clips()
+  monkeypatch.setattr(data.pipeline, "get_source", lambda *args: clips)
+  split = data.load_split("speech_commands", "test", audio_length=1000)
+  assert split["audio"].shape == (3, 1000) and split["label"].tolist() == [0, 1, 2]
+  assert _check_fitted(clips, split["audio"]) == [150]    # the central window
+  np.testing.assert_array_equal(
+      data.load_split("speech_commands", "test", audio_length=1000)["audio"], split["audio"])
+
+
+def test_audio_length_of_config():
+  assert data.audio_length(speech_commands.get_config()) == 16000
+  assert data.audio_length(default.get_config()) == 0   # images

@@ -33,10 +33,11 @@ def _run(cmd: list[str], package: str, stdin: bytes | None = None) -> bytes:
     raise RuntimeError(f"{' '.join(cmd)} failed: {e.stderr.decode().strip()}") from e
 
 
-def _fit(x: np.ndarray, length: int) -> np.ndarray:
-  """Centres x [N] in `length` samples: zero-pads both sides, or crops the middle."""
+def fit_length(x: np.ndarray, length: int, start: int | None = None) -> np.ndarray:
+  """x [N] in exactly `length` samples: centred with zero padding on both sides when shorter;
+  when longer, the window from `start` (default: the middle one)."""
   if len(x) >= length:
-    start = (len(x) - length) // 2
+    start = (len(x) - length) // 2 if start is None else start
     return x[start:start + length]
   before = (length - len(x)) // 2
   return np.pad(x, (before, length - len(x) - before))
@@ -131,7 +132,7 @@ class SpokenDigits(tfds.core.GeneratorBasedBuilder):
     for word in np.split(x, (loud[cuts] + loud[cuts + 1]) // 2):
       word = scipy.signal.resample_poly(word, SAMPLE_RATE // g, rate // g)
       loud_word = np.flatnonzero(np.abs(word) > np.abs(word).max() * 10 ** (cls.TRIM_DB / 20))
-      clips.append(_to_int16(_fit(word[loud_word[0]:loud_word[-1] + 1], cls.LENGTH), cls.PEAK))
+      clips.append(_to_int16(fit_length(word[loud_word[0]:loud_word[-1] + 1], cls.LENGTH), cls.PEAK))
     return np.stack(clips)
 
   def _info(self) -> tfds.core.DatasetInfo:

@@ -2,7 +2,9 @@
 in-memory splits for evaluation.
 
 Model-facing examples keep "image" (float32 [H, W, C] in [-1, 1]), "audio" (float32 [L]),
-"label" and "voice" (int32); other fields (e.g. catalog string ids) are dropped.
+"label" and "voice" (int32); other fields (e.g. catalog string ids) are dropped. With an
+`audio_length` L (`audio_length(config)`: L of `data.shape` (L,) for modality "audio"), every
+clip is fitted to exactly L samples (`fit_audio`) so that variable-length clips can be batched.
 """
 from collections.abc import Callable, Sequence
 
@@ -10,6 +12,7 @@ import grain.python as grain
 import jax
 import numpy as np
 
+from cdjax.data import audio
 from cdjax.data.sources import get_source
 
 EXAMPLE_KEYS = ("image", "audio", "label", "voice")
@@ -40,6 +43,25 @@ def host_batch_size(global_batch_size: int) -> int:
   return global_batch_size // jax.process_count()
 
 
+def audio_length(config) -> int:
+  """The fixed clip length L of `config.data` (modality "audio", `shape` (L,)), else 0."""
+  c = config.data
+  if c.modality != "audio" or len(c.shape) != 1 or not c.shape[0]:
+    return 0
+  return int(c.shape[0])
+
+
+def fit_audio(example: dict, length: int, rng: np.random.Generator | None = None) -> dict:
+  """`example` with its "audio" [L'] fitted to [length] (`audio.fit_length`: centred with zero
+  padding when shorter; when longer, a window at a random start with `rng`, else the middle
+  one); a no-op without "audio", with length <= 0 or L' = length."""
+  wave = example.get("audio")
+  if wave is None or length <= 0 or wave.shape[-1] == length:
+    return example
+  start = None if rng is None else int(rng.integers(0, max(len(wave) - length, 0) + 1))
+  return {**example, "audio": audio.fit_length(wave, length, start)}
+
+
 class _Map(grain.MapTransform):
   """A grain map step from a plain function of one example."""
 
@@ -50,14 +72,26 @@ class _Map(grain.MapTransform):
     return self.fn(element)
 
 
+class _FitAudio(grain.RandomMapTransform):
+  """`fit_audio` with random crops from grain's per-example RNG (deterministic in the seed)."""
+
+  def __init__(self, length: int):
+    self.length = length
+
+  def random_map(self, element: dict, rng: np.random.Generator) -> dict:
+    return fit_audio(element, self.length, rng)
+
+
 def make_loader(source, global_batch_size: int, *, seed: int, shuffle: bool = True,
                 num_epochs: int | None = None, transform: Callable[[dict], dict] | None = None,
-                worker_count: int = 0) -> grain.DataLoader:
+                worker_count: int = 0, audio_length: int = 0) -> grain.DataLoader:
   """A grain loader of this host's batches: dicts of [global_batch_size / hosts, ...] arrays.
 
   Shuffling is deterministic in `seed` (a new order each epoch); each host reads a disjoint
   shard; batches run across epoch boundaries and the last partial batch is dropped.
-  `transform` maps one standardized example. `it = iter(loader)` is checkpointable:
+  With audio_length L > 0, clips are fitted to [L] (`fit_audio`: centred in zeros, or a random
+  L-window of longer ones) before `transform`, which maps one standardized example.
+  `it = iter(loader)` is checkpointable:
   `it.get_state()` / `it.set_state(state)` resume exactly. num_epochs=None repeats forever.
   """
   batch = host_batch_size(global_batch_size)
@@ -71,19 +105,22 @@ def make_loader(source, global_batch_size: int, *, seed: int, shuffle: bool = Tr
   shard = grain.ShardOptions(jax.process_index(), jax.process_count(), drop_remainder=True)
   sampler = grain.IndexSampler(len(source), shard_options=shard, shuffle=shuffle,
                                num_epochs=num_epochs, seed=seed)
-  ops = [_Map(standardize)] + ([_Map(transform)] if transform else [])
+  ops = ([_Map(standardize)] + ([_FitAudio(audio_length)] if audio_length > 0 else [])
+         + ([_Map(transform)] if transform else []))
   return grain.DataLoader(data_source=source, sampler=sampler,
                           operations=ops + [grain.Batch(batch, drop_remainder=True)],
                           worker_count=worker_count)
 
 
 def load_split(name: str, split: str, data_dir: str = "", max_examples: int = -1,
-               label_subset: Sequence[int] | None = None) -> dict:
+               label_subset: Sequence[int] | None = None, audio_length: int = 0) -> dict:
   """The first max_examples (-1: all) standardized examples of a split (of the labels in
-  `label_subset`, relabelled, when given; see `get_source`), stacked: {key: [N, ...]}."""
+  `label_subset`, relabelled, when given; see `get_source`), stacked: {key: [N, ...]}.
+  With audio_length L > 0, clips are fitted to [L] deterministically (`fit_audio`: centred in
+  zeros, or their central L samples)."""
   source = get_source(name, split, data_dir, label_subset)
   n = len(source) if max_examples < 0 else min(max_examples, len(source))
   if n == 0:
     raise ValueError(f"Split {split!r} of {name!r} has no examples (max_examples={max_examples}).")
-  examples = [standardize(source[i]) for i in range(n)]
+  examples = [fit_audio(standardize(source[i]), audio_length) for i in range(n)]
   return {k: np.stack([e[k] for e in examples]) for k in examples[0]}
