@@ -10,6 +10,7 @@ from collections.abc import Sequence
 
 import numpy as np
 import tensorflow_datasets as tfds
+import tqdm
 
 from cdjax.registry import Registry
 
@@ -44,6 +45,19 @@ def get_builder(name: str, data_dir: str = "") -> tfds.core.DatasetBuilder:
   return builder
 
 
+def _read_labels(source, chunk: int = 4096) -> np.ndarray:
+  """Every example's label [N], read in chunks (`__getitems__` where the source has it: about
+  3x faster than one example at a time), with a progress bar."""
+  n = len(source)
+  read = getattr(source, "__getitems__", lambda idx: [source[i] for i in idx])
+  labels = []
+  with tqdm.tqdm(total=n, desc="reading labels", unit="ex", disable=n <= 10 * chunk) as bar:
+    for start in range(0, n, chunk):
+      labels += [e["label"] for e in read(range(start, min(start + chunk, n)))]
+      bar.update(min(chunk, n - start))
+  return np.asarray(labels, np.int64)
+
+
 class LabelSubset:
   """The examples of `source` whose label is in `labels`, relabelled to their position there
   (labels[k] -> k), as a random-access source. The kept indices are found once, by reading
@@ -54,7 +68,7 @@ class LabelSubset:
     if not self.labels or len(set(self.labels)) != len(self.labels):
       raise ValueError(f"A label subset must be a non-empty list of distinct labels, got "
                        f"{list(labels)!r}.")
-    old = np.array([source[i]["label"] for i in range(len(source))], np.int64)
+    old = _read_labels(source)
     top = int(old.max(initial=-1))
     if min(self.labels) < 0 or max(self.labels) > top:
       raise ValueError(f"Label subset {list(self.labels)} is out of range: the labels of "
