@@ -114,8 +114,9 @@ def entry(name: str, value: float, unit: str, baseline, ratio=None, **extra) -> 
 
 
 def write_results(entries: list[dict], command: str, notes: list[str], section: str) -> str:
-  """Merges `entries` into results/bench.json (same-name entries replaced), records `command` and
-  `notes` under `section`, and rewrites results/bench.md. Returns the json path."""
+  """Merges `entries` into results/bench.json (replacing `section`'s entries from an earlier run
+  and same-name ones), records `command` and `notes` under `section`, and rewrites
+  results/bench.md. Returns the json path."""
   os.makedirs(RESULTS_DIR, exist_ok=True)
   path = os.path.join(RESULTS_DIR, "bench.json")
   data = {"command": "", "machine": machine(), "entries": [], "runs": {}}
@@ -123,7 +124,8 @@ def write_results(entries: list[dict], command: str, notes: list[str], section: 
     with open(path) as f:
       data.update(json.load(f))
   names = {e["name"] for e in entries}
-  data["entries"] = [e for e in data["entries"] if e["name"] not in names] + entries
+  data["entries"] = [e for e in data["entries"]
+                     if e["name"] not in names and e.get("section") != section] + entries
   data["runs"][section] = dict(command=command, notes=notes)
   data["command"] = " && ".join(r["command"] for r in data["runs"].values())
   data["machine"] = machine()
