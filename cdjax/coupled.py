@@ -7,6 +7,7 @@ the `sampling` config section. A strategy is a registered `fn(branches, key) -> 
 every diffusion step runs inside `jax.lax.scan` (nested scans where the strategy nests), so
 `jax.jit(get_coupled_fn(model, cfg))` compiles a whole run.
 """
+import copy
 import dataclasses
 import functools
 from typing import Any, Callable, NamedTuple, Optional
@@ -344,7 +345,14 @@ def card(b: _Branches, key):
 # ---- entry points -------------------------------------------------------------------------------
 def run(model: CoupledModel, cfg, params, classifier_params, key, y) -> CoupledOutput:
   """Runs `cfg.strategy` on observations y [B, ...]; with `cfg.num_samples > 1` the final logits
-  are a majority vote (ties broken by the mean logits) over independent samples."""
+  are a majority vote (ties broken by the mean logits) over independent samples. With
+  0 < `cfg.micro_batch` < B, the batch runs as B / micro_batch sequential chunks (`lax.map`)
+  of micro_batch items, chunk i with key fold_in(key, i) and items i, i + B / micro_batch, ...
+  (so a batch sharded over devices stays spread over them); XLA:CPU runs these networks faster
+  per item on small batches."""
+  m = cfg.micro_batch
+  if 0 < m < y.shape[0]:
+    return _micro_batched(model, cfg, params, classifier_params, key, y, m)
   strategy = STRATEGIES.get(cfg.strategy)
   b = _Branches(model, cfg, params, classifier_params, y)
   if cfg.num_samples <= 1:
@@ -354,6 +362,23 @@ def run(model: CoupledModel, cfg, params, classifier_params, key, y) -> CoupledO
   logits = votes + 1e-3 * jax.nn.softmax(outs.logits.mean(0), -1)
   return CoupledOutput(outs.x0[0], logits, outs.classifier_logits[0], outs.nfe[0] * cfg.num_samples,
                        outs.trajectory)
+
+
+def _micro_batched(model, cfg, params, classifier_params, key, y, m: int) -> CoupledOutput:
+  b = y.shape[0]
+  if b % m:
+    raise ValueError(f"sampling.micro_batch={m} must divide the batch size {b}.")
+  if cfg.return_trajectory:
+    raise ValueError("sampling.micro_batch does not support return_trajectory; set micro_batch=0.")
+  cfg = copy.deepcopy(cfg)
+  cfg.micro_batch = 0
+  to_chunks = lambda a: a.reshape((m, b // m) + a.shape[1:]).swapaxes(0, 1)   # [B/m, m, ...]
+  from_chunks = lambda a: a.swapaxes(0, 1).reshape((b,) + a.shape[2:])
+  outs = jax.lax.map(lambda args: run(model, cfg, params, classifier_params,
+                                      jax.random.fold_in(key, args[0]), args[1]),
+                     (jnp.arange(b // m), to_chunks(y)))
+  return CoupledOutput(from_chunks(outs.x0), from_chunks(outs.logits),
+                       from_chunks(outs.classifier_logits), outs.nfe[0])
 
 
 def get_coupled_fn(model: CoupledModel, cfg) -> Callable:

@@ -105,6 +105,7 @@ def get_config() -> ml_collections.ConfigDict:
       guidance=dict(signal_scale=0.0, logits_scale=0.0, temperature=1.0),
       num_samples=1,             # per item; majority vote over final logits
       batch_size=256,
+      micro_batch=0,             # > 0: run the batch as sequential chunks of this many items (CPU)
   ))
 
   c.evaluation = ml_collections.ConfigDict(dict(

@@ -44,6 +44,8 @@ _STRATEGY_REPEATS = flags.DEFINE_integer("strategy_repeats", 2, "Timed repeats o
 _XLA_VARIANTS = flags.DEFINE_list("xla_variants", [], "XLA_FLAGS values to try on the scan path "
                                   "(subprocess each), e.g. --xla_cpu_use_onednn=true.")
 _VARIANT_BATCH = flags.DEFINE_integer("variant_batch", 16, "Batch of the XLA-flag variants.")
+_MICRO_BATCHES = flags.DEFINE_list("micro_batches", [], "Also time the scan path with "
+                                   "sampling.micro_batch = each of these (path scan_micro<m>).")
 _JSON_ONLY = flags.DEFINE_bool("json_only", False, "Print results as one JSON line; write nothing.")
 
 SECTION = "sampler"
@@ -178,18 +180,23 @@ def bench_parallel(config, params, classifier, b: int, paths, repeats: int, budg
   key = jax.random.PRNGKey(1)
   scan_out = None
   if "scan" in paths:
+    sharded_y, sharded = y, (params, classifier)
     if b % jax.device_count() == 0:   # a split host (XLA variant): data parallel as in evaluation
       mesh = parallel.make_mesh(config)
-      y = jax.device_put(y, parallel.data_sharded(mesh))
-      params, classifier = parallel.replicate((params, classifier), mesh)
-    compiled, compile_s, mem = compile_coupled(config, "parallel", params, classifier, y)
-    run = lambda: jax.block_until_ready(compiled(params, classifier, key, y))
-    # Compiled ahead of time: the first run is a timed one.
-    scan_out, sec, times, rss_mib = timed_runs(run, repeats, budget)
-    res["scan"] = dict(sec=sec, times=times, items_per_s=b / sec, compile_s=compile_s,
-                       rss_delta_mib=rss_mib,
-                       xla_temp_mib=mem.temp_size_in_bytes / 2**20 if mem else None,
-                       nfe=int(scan_out.nfe))
+      sharded_y = jax.device_put(y, parallel.data_sharded(mesh))
+      sharded = parallel.replicate((params, classifier), mesh)
+    micro = [m for m in map(int, _MICRO_BATCHES.value) if 0 < m < b and b % m == 0]
+    for m in [0] + micro:
+      c = config.copy_and_resolve_references()
+      c.sampling.micro_batch = m
+      compiled, compile_s, mem = compile_coupled(c, "parallel", *sharded, sharded_y)
+      run = lambda: jax.block_until_ready(compiled(*sharded, key, sharded_y))
+      # Compiled ahead of time: the first run is a timed one.
+      out, sec, times, rss_mib = timed_runs(run, repeats, budget)
+      res[f"scan_micro{m}" if m else "scan"] = dict(
+          sec=sec, times=times, items_per_s=b / sec, compile_s=compile_s, rss_delta_mib=rss_mib,
+          xla_temp_mib=mem.temp_size_in_bytes / 2**20 if mem else None, nfe=int(out.nfe))
+      scan_out = out if not m else scan_out
   if "loop" in paths:
     run_loop = make_step_loop(config, params, classifier, y)
     tic = time.perf_counter()
@@ -256,10 +263,10 @@ def run_variants(argv0: str, variants, b: int) -> dict:
   for v in [""] + list(variants):
     cmd = [sys.executable, argv0, f"--config={_CONFIG_PATH}", f"--steps={_STEPS.value}",
            f"--batches={b}", "--paths=scan", f"--repeats={_REPEATS.value}", "--strategy_batch=0",
-           "--json_only"]
+           f"--micro_batches={','.join(_MICRO_BATCHES.value)}", "--json_only"]
     flags_env = " ".join(x for x in (os.environ.get("XLA_FLAGS", ""), v) if x)
     r = bc.run_json_subprocess(cmd, {"XLA_FLAGS": flags_env})
-    out[v or "default"] = r.get("parallel", {}).get(str(b), {}).get("scan", r)
+    out[v or "default"] = r.get("parallel", {}).get(str(b), r)   # {path: result}, or the error
   return out
 
 
@@ -334,6 +341,13 @@ def write(results: dict, config) -> None:
                         "MiB", "compiled.memory_analysis() temp buffers", float("nan"), **S))
       e.append(bc.entry(f"sampler_jit_scan_rss_delta_mib_b{b}", s["rss_delta_mib"], "MiB",
                         "peak RSS minus RSS before the first run", float("nan"), **S))
+    for path in (p for p in r if p.startswith("scan_micro")):
+      m = path[len("scan_micro"):]
+      e.append(bc.entry(f"sampler_jit_scan_micro{m}_vs_whole_batch_b{b}", r[path]["items_per_s"],
+                        "items/s", r["scan"]["items_per_s"], **S))
+      if "torch" in r:
+        e.append(bc.entry(f"sampler_jit_scan_micro{m}_vs_torch_eager_b{b}", r[path]["items_per_s"],
+                          "items/s", r["torch"]["items_per_s"], **S))
     if "scan" in r and "torch" in r:
       e.append(bc.entry(f"sampler_jit_scan_vs_torch_eager_b{b}", r["scan"]["items_per_s"], "items/s",
                         r["torch"]["items_per_s"], **S))
@@ -359,11 +373,18 @@ def write(results: dict, config) -> None:
                       ("nested_vs_enhance_cost", "nested")):
       e.append(bc.entry(name, st[key]["sec"], "s (wall, whole batch)", base["sec"], **S))
       e.append(bc.entry(name.replace("_cost", "_nfe"), st[key]["nfe"], "NFE/item", base["nfe"], **S))
-  for v, r in results.get("xla_variants", {}).items():
-    if "items_per_s" in r:
-      e.append(bc.entry(f"xla_variant[{v}]_items_per_s_b{_VARIANT_BATCH.value}", r["items_per_s"],
-                        "items/s", results["xla_variants"]["default"].get("items_per_s", float("nan")),
-                        **S))
+  variants = results.get("xla_variants", {})
+  for v, r in variants.items():
+    for path, res in r.items():
+      if isinstance(res, dict) and "items_per_s" in res:
+        suffix = "" if path == "scan" else f"_{path}"
+        e.append(bc.entry(f"xla_variant[{v}]{suffix}_items_per_s_b{_VARIANT_BATCH.value}",
+                          res["items_per_s"], "items/s",
+                          variants["default"].get("scan", {}).get("items_per_s", float("nan")), **S))
+        if "torch" in results["parallel"].get(str(_VARIANT_BATCH.value), {}):
+          e.append(bc.entry(f"xla_variant[{v}]{suffix}_vs_torch_eager_b{_VARIANT_BATCH.value}",
+                            res["items_per_s"], "items/s",
+                            results["parallel"][str(_VARIANT_BATCH.value)]["torch"]["items_per_s"], **S))
   notes = [f"load before: {results['load_before']}; after: {results['load_after']}",
            f"threads: BENCH_THREADS={results['threads']} (torch.set_num_threads, OMP), XLA_FLAGS="
            f"'{results['xla_flags']}'; {n} DDPM steps; median of {_REPEATS.value} repeats after one "

@@ -88,6 +88,24 @@ def test_coupled_beats_enhance_then_classify_on_the_toy():
   assert alt >= enhance - 0.01, (enhance, alt)
 
 
+def test_micro_batches_are_the_batch_run_in_chunks():
+  """micro_batch=2 on 6 items: chunk i holds items i, i + 3 and runs with key fold_in(key, i)."""
+  _, y = toy_data(6, jax.random.PRNGKey(1))
+  model = make_model(10)
+  cfg = sampling_config(strategy="parallel")
+  out = jax.jit(coupled.get_coupled_fn(model, sampling_config(strategy="parallel", micro_batch=2)))(
+      {"signal": {}, "logits": {}}, {}, jax.random.PRNGKey(3), y)
+  assert out.x0.shape == y.shape and int(out.nfe) == 20
+  fn = jax.jit(coupled.get_coupled_fn(model, cfg))
+  for i in range(3):
+    chunk = fn({"signal": {}, "logits": {}}, {}, jax.random.fold_in(jax.random.PRNGKey(3), i),
+               y[i::3])
+    np.testing.assert_allclose(out.x0[i::3], chunk.x0, atol=1e-6)
+    np.testing.assert_allclose(out.logits[i::3], chunk.logits, atol=1e-6)
+  with pytest.raises(ValueError, match="micro_batch=4 must divide the batch size 6"):
+    run(model, sampling_config(strategy="parallel", micro_batch=4), y)
+
+
 def test_alternating_k1_equals_enhance_then_classify():
   _, y = toy_data(64, jax.random.PRNGKey(1))
   model = make_model(20)
