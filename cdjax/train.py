@@ -422,14 +422,14 @@ def train(config: ml_collections.ConfigDict, workdir: str, trainer_name: str) ->
 
   source = data.get_source(config.data.name, config.data.train_split, config.data.data_dir,
                            config.data.label_subset)
+  audio_length = data.audio_length(config)
   batches = iter(data.make_loader(source, trainer.batch_size, seed=config.data.shuffle_seed,
-                                  worker_count=config.data.worker_count,
-                                  audio_length=data.audio_length(config)))
+                                  worker_count=config.data.worker_count, audio_length=audio_length))
   optimizer = make_optimizer(config.optim, trainer.num_steps)
   # Initial params from the "rbg" generator: XLA:CPU compiles threefry initializers ~7x slower.
   k_init = jax.random.key(config.seed, impl="rbg")
-  example = jax.tree.map(lambda v: v[None], data.fit_audio(data.standardize(source[0]),
-                                                            data.audio_length(config)))
+  example = jax.tree.map(lambda v: v[None],
+                         data.fit_audio(data.standardize(source[0]), audio_length))
   state = parallel.replicate(TrainState.create(
       trainer.init_params(k_init, example), optimizer, jax.random.PRNGKey(config.seed)), mesh)
 

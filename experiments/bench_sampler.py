@@ -196,7 +196,8 @@ def bench_parallel(config, params, classifier, b: int, paths, repeats: int, budg
       res[f"scan_micro{m}" if m else "scan"] = dict(
           sec=sec, times=times, items_per_s=b / sec, compile_s=compile_s, rss_delta_mib=rss_mib,
           xla_temp_mib=mem.temp_size_in_bytes / 2**20 if mem else None, nfe=int(out.nfe))
-      scan_out = out if not m else scan_out
+      if not m:
+        scan_out = out
   if "loop" in paths:
     run_loop = make_step_loop(config, params, classifier, y)
     tic = time.perf_counter()
@@ -374,6 +375,7 @@ def write(results: dict, config) -> None:
       e.append(bc.entry(name, st[key]["sec"], "s (wall, whole batch)", base["sec"], **S))
       e.append(bc.entry(name.replace("_cost", "_nfe"), st[key]["nfe"], "NFE/item", base["nfe"], **S))
   variants = results.get("xla_variants", {})
+  torch_at_variant_batch = results["parallel"].get(str(_VARIANT_BATCH.value), {}).get("torch")
   for v, r in variants.items():
     for path, res in r.items():
       if isinstance(res, dict) and "items_per_s" in res:
@@ -381,10 +383,9 @@ def write(results: dict, config) -> None:
         e.append(bc.entry(f"xla_variant[{v}]{suffix}_items_per_s_b{_VARIANT_BATCH.value}",
                           res["items_per_s"], "items/s",
                           variants["default"].get("scan", {}).get("items_per_s", float("nan")), **S))
-        if "torch" in results["parallel"].get(str(_VARIANT_BATCH.value), {}):
+        if torch_at_variant_batch:
           e.append(bc.entry(f"xla_variant[{v}]{suffix}_vs_torch_eager_b{_VARIANT_BATCH.value}",
-                            res["items_per_s"], "items/s",
-                            results["parallel"][str(_VARIANT_BATCH.value)]["torch"]["items_per_s"], **S))
+                            res["items_per_s"], "items/s", torch_at_variant_batch["items_per_s"], **S))
   notes = [f"load before: {results['load_before']}; after: {results['load_after']}",
            f"threads: BENCH_THREADS={results['threads']} (torch.set_num_threads, OMP), XLA_FLAGS="
            f"'{results['xla_flags']}'; {n} DDPM steps; median of {_REPEATS.value} repeats after one "
