@@ -2,10 +2,17 @@
 
 Every method sees the same degraded inputs (the corruption key is fixed per chunk of items), so
 differences between methods are paired. Compile time is measured apart from steady-state time.
+Long evaluations resume: with a cache directory, `run_method` saves its progress after every
+batch and an interrupted run goes on from the last saved batch.
 """
 import dataclasses
+import functools
+import hashlib
+import os
 import time
+import zipfile
 
+from absl import logging
 import jax
 import ml_collections
 import numpy as np
@@ -37,30 +44,101 @@ class MethodResult:
   x0: np.ndarray                       # the enhanced signals of the first batch
 
 
+@functools.cache
+def _source_digest() -> bytes:
+  """sha256 of the cdjax sources: a code change invalidates every saved evaluation."""
+  h = hashlib.sha256()
+  root = os.path.dirname(os.path.abspath(__file__))
+  for folder, dirs, files in sorted(os.walk(root)):
+    dirs.sort()
+    for f in sorted(files):
+      if f.endswith(".py"):
+        h.update(open(os.path.join(folder, f), "rb").read())
+  return h.digest()
+
+
+def _fingerprint(cfg: ml_collections.ConfigDict, params, y: np.ndarray, key, batch_size: int,
+                 mesh) -> str:
+  """Hex digest of everything a method's predictions depend on: code, jax version, platform and
+  mesh size, sampling config, parameters, inputs, key and batch size."""
+  h = hashlib.sha256(_source_digest())
+  key = jax.random.key_data(key) if jax.dtypes.issubdtype(key.dtype, jax.dtypes.prng_key) else key
+  h.update(f"{jax.__version__}|{jax.default_backend()}|{mesh.size}|{batch_size}|".encode())
+  h.update(cfg.to_json(sort_keys=True).encode())
+  h.update(str(jax.tree.structure(params)).encode())
+  for a in jax.tree.leaves(params) + [y, key]:
+    h.update(np.ascontiguousarray(a).tobytes())
+  return h.hexdigest()
+
+
+def _load_progress(path: str) -> dict:
+  """The saved progress of a method ({} when there is none or it is unreadable: then it is
+  recomputed, with a warning)."""
+  if not path or not os.path.exists(path):
+    return {}
+  try:
+    with np.load(path) as f:
+      return {k: f[k] for k in f.files}
+  except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
+    logging.warning("Ignoring unreadable evaluation progress %s (%s); recomputing.", path, e)
+    return {}
+
+
+def _save_progress(path: str, **arrays) -> None:
+  """Writes `arrays` to path atomically (a killed run leaves the previous file whole)."""
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  with open(path + ".tmp", "wb") as f:
+    np.savez(f, **arrays)
+  os.replace(path + ".tmp", path)
+
+
 def run_method(name: str, model: coupled.CoupledModel, cfg: ml_collections.ConfigDict, params,
-               classifier_params, y: np.ndarray, key, batch_size: int, mesh) -> MethodResult:
+               classifier_params, y: np.ndarray, key, batch_size: int, mesh,
+               cache_dir: str = "") -> MethodResult:
   """Runs one sampling config over y [N, ...] in batches (batch b uses fold_in(key, b)), each
-  batch sharded over the mesh's `data` axis and the parameters replicated (as in training)."""
+  batch sharded over the mesh's `data` axis and the parameters replicated (as in training).
+
+  With `cache_dir`, progress is saved there after every batch (`<name>-<fingerprint>.npz`, see
+  `_fingerprint`): a rerun goes on from the last saved batch, or reads a finished one back
+  without compiling. seconds_per_item sums the batches' times over the runs."""
   parallel.check_batch_size(batch_size, mesh)
-  fn = jax.jit(coupled.get_coupled_fn(model, cfg))
-  params, classifier_params = parallel.replicate((params, classifier_params), mesh)
   n = len(y)
   pad = -n % batch_size
   y_padded = np.concatenate([y, np.repeat(y[-1:], pad, 0)]) if pad else y
-  batch = lambda b: jax.device_put(y_padded[b * batch_size:(b + 1) * batch_size],
-                                   parallel.data_sharded(mesh))
-  start = time.perf_counter()
-  compiled = fn.lower(params, classifier_params, key, batch(0)).compile()
-  compile_seconds = time.perf_counter() - start
-  preds, clf_preds, first_x0, nfe = [], [], None, 0
-  start = time.perf_counter()
-  for b in tqdm(range(len(y_padded) // batch_size), desc=name, leave=False):
-    out = compiled(params, classifier_params, jax.random.fold_in(key, b), batch(b))
-    preds.append(np.asarray(out.logits.argmax(-1)))
-    clf_preds.append(np.asarray(out.classifier_logits.argmax(-1)))
-    if first_x0 is None:
-      first_x0, nfe = np.asarray(out.x0), int(out.nfe)
-  seconds = time.perf_counter() - start
+  num_batches = len(y_padded) // batch_size
+  path = ""
+  if cache_dir:
+    digest = _fingerprint(cfg, (params, classifier_params), y, key, batch_size, mesh)
+    path = os.path.join(cache_dir, f"{name}-{digest[:16]}.npz")
+  saved = _load_progress(path)
+  first = int(saved.get("batches", 0))
+  preds = [saved["preds"]] if first else []
+  clf_preds = [saved["clf_preds"]] if first else []
+  first_x0, nfe = saved.get("x0"), int(saved.get("nfe", 0))
+  seconds, compile_seconds = float(saved.get("seconds", 0.0)), float(saved.get("compile_seconds", 0.0))
+  if first < num_batches:
+    if first:
+      tqdm.write(f"{name}: resuming at batch {first + 1}/{num_batches} ({path})")
+    fn = jax.jit(coupled.get_coupled_fn(model, cfg))
+    params, classifier_params = parallel.replicate((params, classifier_params), mesh)
+    batch = lambda b: jax.device_put(y_padded[b * batch_size:(b + 1) * batch_size],
+                                     parallel.data_sharded(mesh))
+    start = time.perf_counter()
+    compiled = fn.lower(params, classifier_params, key, batch(0)).compile()
+    compile_seconds = time.perf_counter() - start
+    for b in tqdm(range(first, num_batches), desc=name, leave=False, initial=first,
+                  total=num_batches):
+      start = time.perf_counter()
+      out = compiled(params, classifier_params, jax.random.fold_in(key, b), batch(b))
+      preds.append(np.asarray(out.logits.argmax(-1)))
+      clf_preds.append(np.asarray(out.classifier_logits.argmax(-1)))
+      if first_x0 is None:
+        first_x0, nfe = np.asarray(out.x0), int(out.nfe)
+      seconds += time.perf_counter() - start
+      if path:
+        _save_progress(path, preds=np.concatenate(preds), clf_preds=np.concatenate(clf_preds),
+                       x0=first_x0, nfe=nfe, batches=b + 1, seconds=seconds,
+                       compile_seconds=compile_seconds)
   return MethodResult(name, np.concatenate(preds)[:n], np.concatenate(clf_preds)[:n], nfe,
                       seconds / n, compile_seconds, first_x0)
 

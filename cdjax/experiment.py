@@ -2,9 +2,11 @@
 
 Layout of a workdir: `classifier/` (the frozen classifier, shared), and per corruption
 `<corruption>/signal`, `<corruption>/logits`, `<corruption>/joint` (training workdirs of
-`cdjax.train`). Finished stages are reused, unfinished ones resume from their last checkpoint.
-`config.evaluation` names the corruptions ({name: corruption kwargs}) and the methods
-({name: overrides of config.sampling, nested sections merged}).
+`cdjax.train`) and `<corruption>/eval` (each method's saved evaluation progress). Finished
+stages and evaluations are reused, unfinished ones resume from their last checkpoint or batch.
+`config.evaluation` names the corruptions ({name: corruption kwargs}, a "name" key in the
+kwargs picking another corruption than `config.corruption.name`) and the methods ({name:
+overrides of config.sampling, nested sections merged}).
 """
 import copy
 import json
@@ -35,12 +37,17 @@ TABLE_COLUMNS = ["corruption", "method", "accuracy", "ci95", "accuracy_f_x0", "d
 
 
 def corruption_config(config: ml_collections.ConfigDict, workdir: str, corruption: str):
-  """A copy of `config` for one corruption of `config.evaluation.corruptions`, with the
-  checkpoint paths of its stages under `workdir`."""
+  """A copy of `config` for one corruption of `config.evaluation.corruptions`: its kwargs (and
+  corruption name, when the entry sets "name"), the classifier under `workdir`, and
+  "{corruption}" in `checkpoint.init_signal` / `init_logits` replaced by the corruption's name."""
   cfg = copy.deepcopy(config)
+  kwargs = dict(config.evaluation.corruptions[corruption])
   with cfg.unlocked():
-    cfg.corruption.kwargs = dict(config.evaluation.corruptions[corruption])
+    cfg.corruption.name = kwargs.pop("name", config.corruption.name)
+    cfg.corruption.kwargs = kwargs
     cfg.checkpoint.classifier = os.path.join(workdir, "classifier", "classifier")
+    for field in ("init_signal", "init_logits"):
+      cfg.checkpoint[field] = config.checkpoint[field].replace("{corruption}", corruption)
   return cfg
 
 
@@ -151,7 +158,8 @@ def evaluate_corruption(config, workdir: str, corruption: str, methods: dict, to
     sampling_cfg.update(overrides)   # nested sections merge field by field
     results.append(evaluate.run_method(
         name, model, sampling_cfg, branch_params, classifier_params, y,
-        jax.random.PRNGKey(cfg.evaluation.sampling_seed), cfg.sampling.batch_size, mesh))
+        jax.random.PRNGKey(cfg.evaluation.sampling_seed), cfg.sampling.batch_size, mesh,
+        cache_dir=os.path.join(workdir, corruption, "eval")))
     print(f"[{corruption}] {name}: accuracy {np.mean(results[-1].predictions == labels):.4f}")
   rows = evaluate.result_rows(results, labels, corruption=corruption)
   return rows, dict(clean=clean, y=y, labels=labels, results=results)

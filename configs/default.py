@@ -109,7 +109,8 @@ def get_config() -> ml_collections.ConfigDict:
   ))
 
   c.evaluation = ml_collections.ConfigDict(dict(
-      corruptions={"gn30": dict(p=0.3)},   # name -> corruption kwargs (one model each)
+      corruptions={"gn30": dict(p=0.3)},   # name -> corruption kwargs (one model each; a "name"
+                                           # entry picks another corruption than corruption.name)
       methods={   # name -> overrides of `sampling` (nested dicts merge); params: pretrained | joint
           "noisy": dict(strategy="noisy"),
           "enhance_then_classify": dict(strategy="enhance_then_classify"),
@@ -126,8 +127,9 @@ def get_config() -> ml_collections.ConfigDict:
   c.checkpoint = ml_collections.ConfigDict(dict(
       keep=3, best_metric="", best_mode="max",   # keep the last `keep` (+ the best, if a metric)
       classifier="",     # frozen classifier dir (<classifier workdir>/classifier)
-      init_signal="",    # workdir whose latest EMA params start the signal branch
-      init_logits="",    # workdir whose latest EMA params start the logit branch
+      init_signal="",    # workdir whose latest EMA params start the signal branch ("{corruption}"
+                         # stands for the evaluation corruption's name)
+      init_logits="",    # workdir whose latest EMA params start the logit branch (same)
       enhancer="",       # Ex-Diff: workdir of the frozen enhancer whose latent the signal net reads
   ))
   return c

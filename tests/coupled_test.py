@@ -6,7 +6,9 @@ import numpy as np
 import pytest
 
 from cdjax import coupled
+from cdjax import evaluate
 from cdjax import guidance
+from cdjax import parallel
 from cdjax import sde as sde_lib
 from configs import default
 
@@ -206,3 +208,41 @@ def test_parallel_trajectory_spans_both_sides_of_the_switch():
   x0_traj, l0_traj = out.trajectory
   assert x0_traj.shape == (10, 8, D) and l0_traj.shape == (10, 8, 2)
   np.testing.assert_allclose(x0_traj[-1], out.x0, rtol=1e-5, atol=1e-6)   # last step lands on x0_hat
+
+
+def test_run_method_resumes_an_interrupted_evaluation(tmp_path, monkeypatch):
+  """With a cache dir, a rerun after batch 1 of 3 computes only batches 2 and 3 and returns what
+  an uninterrupted run does; a finished run is read back without compiling."""
+  _, y = toy_data(20, jax.random.PRNGKey(2))   # 3 batches of 8 (the last padded)
+  model, cfg, mesh = make_model(5), sampling_config(strategy="parallel"), parallel.make_mesh(default.get_config())
+  args = (model, cfg, {"signal": {}, "logits": {}}, {}, y, jax.random.PRNGKey(0), 8, mesh)
+  reference = evaluate.run_method("parallel", *args)
+  evaluate.run_method("parallel", *args, cache_dir=str(tmp_path))
+  (path,) = tmp_path.glob("parallel-*.npz")
+  saved = dict(np.load(path))
+  saved.update(batches=1, preds=saved["preds"][:8], clf_preds=saved["clf_preds"][:8])
+  np.savez(path, **saved)                                  # as if killed after batch 1
+  calls, real_fold_in = [], jax.random.fold_in
+
+  def fold_in(key, data):   # records the batch indices run_method folds in (not traced ones)
+    if isinstance(data, int):
+      calls.append(data)
+    return real_fold_in(key, data)
+
+  monkeypatch.setattr(evaluate.jax.random, "fold_in", fold_in)
+  resumed = evaluate.run_method("parallel", *args, cache_dir=str(tmp_path))
+  assert calls == [1, 2]
+  monkeypatch.setattr(evaluate.coupled, "get_coupled_fn", None)   # a finished run never compiles
+  for result in (resumed, evaluate.run_method("parallel", *args, cache_dir=str(tmp_path))):
+    np.testing.assert_array_equal(result.predictions, reference.predictions)
+    np.testing.assert_array_equal(result.classifier_predictions, reference.classifier_predictions)
+    np.testing.assert_array_equal(result.x0, reference.x0)
+    assert result.nfe == reference.nfe == 10 and len(result.predictions) == 20
+  # Another sampling config is another file; an unreadable file is recomputed.
+  monkeypatch.undo()
+  evaluate.run_method("card", model, sampling_config(strategy="card"), *args[2:], cache_dir=str(tmp_path))
+  assert len(list(tmp_path.glob("*.npz"))) == 2
+  path.write_bytes(b"not an npz")
+  again = evaluate.run_method("parallel", *args, cache_dir=str(tmp_path))
+  np.testing.assert_array_equal(again.predictions, reference.predictions)
+  assert int(np.load(path)["batches"]) == 3

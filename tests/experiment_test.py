@@ -31,6 +31,8 @@ def test_experiment_trains_every_stage_and_writes_the_report(tmp_path):
   rows = experiment.run(config, workdir, out)
   for stage in ("classifier/classifier", "gn30/signal", "gn30/logits", "gn30/joint"):
     assert os.path.isdir(os.path.join(workdir, stage)), stage
+  saved = sorted(f.split("-")[0] for f in os.listdir(os.path.join(workdir, "gn30", "eval")))
+  assert saved == ["enhance_then_classify", "nested", "noisy", "parallel"]   # resumable evaluation
   report = json.load(open(out + ".json"))
   assert report["command"] and report["config"]["data"]["name"] == "mnist_local"
   methods = [r["method"] for r in report["rows"]]
@@ -66,3 +68,19 @@ def test_methods_pick_pretrained_or_joint_parameters():
   assert experiment.method_params({"pretrained": "P"}, "m", {})[0] == "P"   # no joint stage
   with pytest.raises(ValueError, match=r"methods.m.params='joint': no such parameters"):
     experiment.method_params({"pretrained": "P"}, "m", {"params": "joint"})
+
+
+def test_corruption_entries_set_kwargs_name_and_init_paths():
+  config = tiny_config()
+  config.corruption.name = "add_noise"
+  config.evaluation.corruptions = {"noise": dict(snr_db=(0.0, 5.0)),
+                                   "noise_reverb": dict(name="noise_reverb", rt60=(0.2, 0.8))}
+  config.checkpoint.init_signal = "runs/speech/{corruption}/sgmse"
+  noise = experiment.corruption_config(config, "wd", "noise")
+  reverb = experiment.corruption_config(config, "wd", "noise_reverb")
+  assert (noise.corruption.name, noise.corruption.kwargs.to_dict()) == ("add_noise", {"snr_db": (0.0, 5.0)})
+  assert (reverb.corruption.name, reverb.corruption.kwargs.to_dict()) == ("noise_reverb", {"rt60": (0.2, 0.8)})
+  assert reverb.checkpoint.init_signal == "runs/speech/noise_reverb/sgmse"
+  assert (reverb.checkpoint.init_logits, reverb.checkpoint.classifier) == (
+      "", os.path.join("wd", "classifier", "classifier"))
+  assert config.evaluation.corruptions["noise_reverb"]["name"] == "noise_reverb"   # left as it was
