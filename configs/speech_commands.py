@@ -34,8 +34,8 @@ def get_config():
                                   attn_resolutions=(16,), logit_hidden=64, latent_mode="none"),
                   sde_kwargs=dict(theta=1.5, sigma_min=0.05, sigma_max=0.5, N=NUM_STEPS, t_eps=0.03),
                   pretrain_steps=200_000, batch_size=8)
-  # From the pre-trained SGMSE+ of this size (configs/sgmse_full.py; speech_keywords' is nf 8).
-  c.checkpoint.init_signal = "runs/sgmse_full/noise/sgmse"
+  # From the reverberant SGMSE+ of this size (configs/sgmse_full.py; speech_keywords' is nf 8).
+  c.checkpoint.init_signal = "runs/sgmse_full/noise_reverb/sgmse"
   set_fields(c.logits, net_kwargs=dict(num_classes=NUM_CLASSES, hidden=256, depth=3, heads=4,
                                   enc_width=32, enc_depth=3, pool=(8, 8)),
                   sde_kwargs=dict(theta=1.5, sigma_min=0.05, sigma_max=0.5, N=NUM_STEPS, t_eps=0.03),

@@ -1,5 +1,6 @@
-"""Coupled spoken-keyword classification on spoken_digits + noise_local (SNR in [-5, 5] dB), the
-offline stand-in for the paper's speech setting (DESIGN.md section 1), scaled down for a CPU.
+"""Coupled spoken-keyword classification on spoken_digits + noise_local (SNR in [-5, 5] dB), dry and
+reverberant, the offline stand-in for the paper's speech setting (DESIGN.md section 1), scaled
+down for a CPU.
 
 python experiments/speech_keywords.py --config configs/speech_keywords.py \
     --workdir runs/speech_keywords --out experiments/results/speech_keywords
@@ -9,8 +10,9 @@ Frozen classifier: log-mel CNN (`speech_classifier`) on clean clips. Signal bran
 parallel_order signal_first, initial_logits = f(y), the logits condition on x0_hat in the last
 10% of the steps, alternating skips the last logit run, nested re-runs the signal at the last
 step and once more at the end. Mixtures are of whole 1 s clips; the models see the central
-0.5 s (`evaluation.crop_samples`), trained on random 0.5 s crops. The signal branch starts from
-the SGMSE+ of experiments/speech_enhancement.py (`checkpoint.init_signal`; run that first).
+0.5 s (`evaluation.crop_samples`), trained on random 0.5 s crops. The signal branch of each
+condition starts from the SGMSE+ of experiments/speech_enhancement.py for the same condition
+(`checkpoint.init_signal`; run that first).
 """
 import ml_collections
 
@@ -25,7 +27,7 @@ def get_config():
   c = default.get_config()
   se = speech_enhancement.get_config()
   c.data = se.data
-  c.data.max_eval_examples = 40
+  c.data.max_eval_examples = 60
   c.audio = se.audio
   c.audio.update(train_crop_frames=64, frame_multiple=32)
   c.corruption = se.corruption
@@ -38,13 +40,13 @@ def get_config():
   # DESIGN: the speech signal branch starts from a pre-trained SGMSE+: the enhancement run's
   # (configs/speech_enhancement.py, same net and SDE), fine-tuned here on 0.5 s crops.
   c.signal.update(pretrain_steps=100, batch_size=4)
-  c.checkpoint.init_signal = "runs/speech_enhancement/noise/sgmse"
+  c.checkpoint.init_signal = "runs/speech_enhancement/{corruption}/sgmse"
   set_fields(c.logits, 
       net="speech_logit_net",
       net_kwargs=dict(num_classes=10, hidden=64, depth=2, heads=4, enc_width=8, enc_depth=2,
                       pool=(8, 8)),
       sde="ouve", sde_kwargs=dict(theta=1.5, sigma_min=0.05, sigma_max=0.5, N=NUM_STEPS, t_eps=0.03),
-      parameterization="eps", standardize_std=0.8, pretrain_steps=300, batch_size=8)
+      parameterization="eps", standardize_std=0.8, pretrain_steps=2000, batch_size=16)
   c.optim = se.optim
   # Joint training (off here; configs/speech_commands.py): the speech recipe's conditioning.
   c.train.update(ema_decay=0.99, log_every=50, ckpt_every=300, joint_steps=0,
@@ -57,7 +59,10 @@ def get_config():
       nested_steps=(0.03,),   # logit-step times t where nested re-runs the signal: the last step
       final_signal_run=True, batch_size=20)
   c.evaluation = ml_collections.ConfigDict(dict(
-      corruptions={"noise": dict(snr_db=(-5.0, 5.0))},   # kwargs of `corruption.name`
+      corruptions={   # kwargs of `corruption.name` (add_noise) unless they name another
+          "noise": dict(snr_db=(-5.0, 5.0)),
+          "noise_reverb": dict(name="noise_reverb", rt60=(0.2, 0.8), snr_db=(-5.0, 5.0)),
+      },
       methods={
           "noisy": dict(strategy="noisy"),
           "enhance_then_classify": dict(strategy="enhance_then_classify"),
