@@ -59,11 +59,12 @@ def _source_digest() -> bytes:
 
 def _fingerprint(cfg: ml_collections.ConfigDict, params, y: np.ndarray, key, batch_size: int,
                  mesh) -> str:
-  """Hex digest of everything a method's predictions depend on: code, jax version, platform and
-  mesh size, sampling config, parameters, inputs, key and batch size."""
+  """Hex digest of everything a method's predictions depend on: code, jax version, platform,
+  XLA_FLAGS and mesh size, sampling config, parameters, inputs, key and batch size."""
   h = hashlib.sha256(_source_digest())
   key = jax.random.key_data(key) if jax.dtypes.issubdtype(key.dtype, jax.dtypes.prng_key) else key
-  h.update(f"{jax.__version__}|{jax.default_backend()}|{mesh.size}|{batch_size}|".encode())
+  h.update(f"{jax.__version__}|{jax.default_backend()}|{os.environ.get('XLA_FLAGS', '')}|"
+           f"{mesh.size}|{batch_size}|".encode())
   h.update(cfg.to_json(sort_keys=True).encode())
   h.update(str(jax.tree.structure(params)).encode())
   for a in jax.tree.leaves(params) + [y, key]:

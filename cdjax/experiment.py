@@ -36,18 +36,24 @@ TABLE_COLUMNS = ["corruption", "method", "accuracy", "ci95", "accuracy_f_x0", "d
                  "diff_ci95", "wins", "losses", "nfe", "seconds_per_item"]
 
 
-def corruption_config(config: ml_collections.ConfigDict, workdir: str, corruption: str):
-  """A copy of `config` for one corruption of `config.evaluation.corruptions`: its kwargs (and
-  corruption name, when the entry sets "name"), the classifier under `workdir`, and
-  "{corruption}" in `checkpoint.init_signal` / `init_logits` replaced by the corruption's name."""
+def with_corruption(config: ml_collections.ConfigDict, corruption: str) -> ml_collections.ConfigDict:
+  """A copy of `config` for one entry of `config.evaluation.corruptions`: its kwargs (and
+  corruption name, when the entry sets "name"), and "{corruption}" in `checkpoint.init_signal` /
+  `init_logits` replaced by the entry's name."""
   cfg = copy.deepcopy(config)
   kwargs = dict(config.evaluation.corruptions[corruption])
   with cfg.unlocked():
     cfg.corruption.name = kwargs.pop("name", config.corruption.name)
     cfg.corruption.kwargs = kwargs
-    cfg.checkpoint.classifier = os.path.join(workdir, "classifier", "classifier")
     for field in ("init_signal", "init_logits"):
       cfg.checkpoint[field] = config.checkpoint[field].replace("{corruption}", corruption)
+  return cfg
+
+
+def corruption_config(config: ml_collections.ConfigDict, workdir: str, corruption: str):
+  """`with_corruption`, and the frozen classifier under `workdir`."""
+  cfg = with_corruption(config, corruption)
+  cfg.checkpoint.classifier = os.path.join(workdir, "classifier", "classifier")
   return cfg
 
 
@@ -168,7 +174,7 @@ def evaluate_corruption(config, workdir: str, corruption: str, methods: dict, to
 def run(config: ml_collections.ConfigDict, workdir: str, out_prefix: str) -> list[dict]:
   """Trains what is missing, evaluates every method on every corruption, and writes
   `<out_prefix>.json` (command, config, rows), `<out_prefix>.md` and `<out_prefix>.png`."""
-  parallel.split_host_cpu(config.mesh.host_cpu_devices)
+  parallel.configure_xla(config.mesh)
   train_all(config, workdir)
   rows, figure_data = [], None
   for corruption in config.evaluation.corruptions:

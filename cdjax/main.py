@@ -194,7 +194,7 @@ def main(argv: list[str]) -> None:
   config, workdir = _CONFIG.value, _WORKDIR.value
   if config is None or workdir is None:
     raise app.UsageError("--config and --workdir are required.")
-  parallel.split_host_cpu(config.mesh.host_cpu_devices)
+  parallel.configure_xla(config.mesh)
   if _MODE.value == "sweep":
     run_sweep(config, config_flags.get_config_filename(flags.FLAGS["config"]), workdir,
               _SWEEP_RUN.value)

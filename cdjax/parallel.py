@@ -32,20 +32,29 @@ def initialize_distributed() -> None:
     jax.distributed.initialize()
 
 
-def split_host_cpu(num_devices: int) -> None:
-  """Makes XLA:CPU expose `num_devices` host devices (0: leave XLA's default), so that data
-  parallelism spreads the work over the cores of a CPU-only machine: XLA:CPU runs the small
-  convolutions of these networks on about one core per device. Accelerator backends are not
-  affected. A count already in XLA_FLAGS wins. Takes effect only before JAX's backends start;
+def configure_xla(mesh_config: ml_collections.ConfigDict) -> None:
+  """Adds `mesh_config.xla_flags` (a string of `--flag=value`) and, for host_cpu_devices > 0,
+  `--xla_force_host_platform_device_count=<host_cpu_devices>` to XLA_FLAGS. Splitting the host
+  makes data parallelism spread the work over the cores of a CPU-only machine (XLA:CPU runs the
+  small convolutions of these networks on about one core per device); accelerator backends are
+  not affected. A flag already in XLA_FLAGS wins. Takes effect only before JAX's backends start;
   afterwards it warns and does nothing."""
-  flag = f"--xla_force_host_platform_device_count={num_devices}"
-  if num_devices <= 0 or flag.split("=")[0] in os.environ.get("XLA_FLAGS", ""):
+  wanted = mesh_config.xla_flags.split()
+  bad = [f for f in wanted if not f.startswith("--")]
+  if bad:
+    raise ValueError(f"mesh.xla_flags: {bad} are not XLA flags; write them as --name=value.")
+  if mesh_config.host_cpu_devices > 0:
+    wanted.append(f"--xla_force_host_platform_device_count={mesh_config.host_cpu_devices}")
+  current = os.environ.get("XLA_FLAGS", "")
+  present = {f.split("=")[0] for f in current.split()}
+  missing = [f for f in wanted if f.split("=")[0] not in present]
+  if not missing:
     return
   if xla_bridge.backends_are_initialized():
-    logging.warning("mesh.host_cpu_devices=%d ignored: JAX's backends are already running "
-                    "(set XLA_FLAGS=%s before starting instead).", num_devices, flag)
+    logging.warning("mesh.xla_flags / host_cpu_devices ignored: JAX's backends are already "
+                    "running (set XLA_FLAGS='%s' before starting instead).", " ".join(missing))
     return
-  os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {flag}".strip()
+  os.environ["XLA_FLAGS"] = " ".join([current] + missing).strip()
 
 
 def make_mesh(config: ml_collections.ConfigDict) -> Mesh:

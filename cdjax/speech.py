@@ -34,6 +34,7 @@ from cdjax import evaluate
 from cdjax import experiment
 from cdjax import metrics
 from cdjax import nets
+from cdjax import parallel
 from cdjax import sampling
 from cdjax import sde as sde_lib
 from cdjax import train
@@ -148,13 +149,10 @@ def enhance_waveforms(enhance: Callable, params, frontend: audio.Frontend, y: np
 # ---- the enhancement experiment -----------------------------------------------------------------
 def condition_config(config: ml_collections.ConfigDict, condition: str, stage: str = "",
                      workdir: str = "") -> ml_collections.ConfigDict:
-  """A copy of `config` for one `evaluation.conditions` entry ({"name", "kwargs"} of the
-  corruption) and training stage ("enhancer", "sgmse", "exdiff"; checkpoints under workdir)."""
-  cfg = copy.deepcopy(config)
-  spec = config.evaluation.conditions[condition]
+  """A copy of `config` for one `evaluation.corruptions` entry (`experiment.with_corruption`)
+  and training stage ("enhancer", "sgmse", "exdiff"; checkpoints under workdir)."""
+  cfg = experiment.with_corruption(config, condition)
   with cfg.unlocked():
-    cfg.corruption.name = spec["name"]
-    cfg.corruption.kwargs = dict(spec["kwargs"])
     base = os.path.join(workdir, condition)
     cfg.checkpoint.enhancer = os.path.join(base, "enhancer") if stage == "exdiff" else ""
     if stage == "sgmse":
@@ -293,8 +291,9 @@ def _write(out_prefix: str, config, rows: list[dict], columns: list[str], note: 
 def run_enhancement(config: ml_collections.ConfigDict, workdir: str, out_prefix: str) -> list[dict]:
   """Trains what `workdir` lacks (per condition: enhancer, sgmse, exdiff), evaluates noisy /
   discriminative / sgmse / exdiff and writes `<out_prefix>.json`, `.md` and `.png`."""
+  parallel.configure_xla(config.mesh)
   rows, figure = [], None
-  for condition in config.evaluation.conditions:
+  for condition in config.evaluation.corruptions:
     _train_enhancement(config, workdir, condition)
     condition_rows, waves = evaluate_enhancement(config, workdir, condition)
     rows += condition_rows
@@ -328,6 +327,7 @@ def run_keywords(config: ml_collections.ConfigDict, workdir: str, out_prefix: st
   """Trains the frozen classifier (clean spoken digits) and, per corruption, the signal / logit
   (/ joint) branches (`experiment.train_all`); evaluates every method of `evaluation.methods` on
   the same degraded test clips; writes `<out_prefix>.json` and `.md` (error rates, 95% CIs)."""
+  parallel.configure_xla(config.mesh)
   experiment.train_all(config, workdir)
   frontend = audio.Frontend.from_config(config)
   analyze = jax.jit(lambda y: frontend.analyze(y)[0])

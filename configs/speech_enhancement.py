@@ -9,16 +9,17 @@ except the sizes and schedule: a tiny NCSN++ (nf 8) and ResUNet, 2400 steps (the
 on 0.25 s crops (lr 1e-3 cosine, EMA 0.99 instead of 1e-4 / 0.999, which need ~100k steps), and
 the central 0.5 s of 40 test clips, so that training and evaluation of both conditions take
 about 80 min on two CPU cores.
-configs/sgmse_full.py is the same pipeline at SGMSE+'s 65.6M size. `evaluation.conditions`
-names the corruptions (one model set each): additive noise, and the reverberant variant (a
-synthetic RIR with RT60 in [0.2, 0.8] s, then noise; the target is the dry clean clip).
+configs/sgmse_full.py is the same pipeline at SGMSE+'s 65.6M size. `evaluation.corruptions`
+names the conditions (one model set each; kwargs of `corruption.name` unless they name another,
+as in the coupled experiments): additive noise, and the reverberant variant (a synthetic RIR
+with RT60 in [0.2, 0.8] s, then noise; the target is the dry clean clip).
 """
 import ml_collections
 
 from configs import default
 
-NOISE = dict(name="add_noise", kwargs=dict(snr_db=(-5.0, 5.0)))
-NOISE_REVERB = dict(name="noise_reverb", kwargs=dict(rt60=(0.2, 0.8), snr_db=(-5.0, 5.0)))
+NOISE = dict(snr_db=(-5.0, 5.0))   # kwargs of corruption.name = add_noise
+NOISE_REVERB = dict(name="noise_reverb", rt60=(0.2, 0.8), snr_db=(-5.0, 5.0))
 
 
 def set_fields(section, **fields):
@@ -32,7 +33,7 @@ def get_config():
   c.data.update(name="spoken_digits", modality="audio", shape=(16000,), num_classes=10,
                 eval_split="test", max_eval_examples=40)
   c.audio.update(train_crop_frames=32, frame_multiple=32)
-  set_fields(c.corruption, name=NOISE["name"], kwargs=dict(NOISE["kwargs"]), noise_dataset="noise_local")
+  set_fields(c.corruption, name="add_noise", kwargs=dict(NOISE), noise_dataset="noise_local")
 
   set_fields(c.enhancer, 
       net="resunet_enhancer",
@@ -52,7 +53,7 @@ def get_config():
                     n_corrector=1)
 
   c.evaluation = ml_collections.ConfigDict(dict(
-      conditions={"noise": NOISE, "noise_reverb": NOISE_REVERB},   # name -> corruption; one model set each
+      corruptions={"noise": NOISE, "noise_reverb": NOISE_REVERB},   # one model set each
       methods=("noisy", "discriminative", "sgmse", "exdiff"),
       crop_samples=8064,               # evaluate the central 63 * 128 samples (0: whole clips)
       batch_size=20,

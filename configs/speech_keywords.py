@@ -59,10 +59,7 @@ def get_config():
       nested_steps=(0.03,),   # logit-step times t where nested re-runs the signal: the last step
       final_signal_run=True, batch_size=20)
   c.evaluation = ml_collections.ConfigDict(dict(
-      corruptions={   # kwargs of `corruption.name` (add_noise) unless they name another
-          "noise": dict(snr_db=(-5.0, 5.0)),
-          "noise_reverb": dict(name="noise_reverb", rt60=(0.2, 0.8), snr_db=(-5.0, 5.0)),
-      },
+      corruptions=se.evaluation.corruptions,   # noise, noise_reverb: each from its SGMSE+
       methods={
           "noisy": dict(strategy="noisy"),
           "enhance_then_classify": dict(strategy="enhance_then_classify"),

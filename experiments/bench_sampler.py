@@ -8,9 +8,12 @@ matmul peak of the machine. Random weights: throughput does not depend on them.
 PYTHONPATH=. .venv/bin/python experiments/bench_sampler.py --config configs/mnist_demo.py
 
 Writes experiments/results/bench.{json,md} (merged with bench_train.py's entries).
-`--xla_variants` re-runs the scan path at one batch size in a subprocess per XLA_FLAGS value;
-`--xla_variants=--xla_force_host_platform_device_count=2` measures the split CPU host
-(`mesh.host_cpu_devices=2`): the scan path shards its batch over every device it sees.
+The JAX paths run with the XLA flags the config asks for (`parallel.configure_xla`: the
+config's `mesh.host_cpu_devices` split and `mesh.xla_flags`; XLA_FLAGS in the environment win).
+`--xla_variants` re-runs the scan path at one batch size in a subprocess per XLA_FLAGS value,
+which replaces the config's flags ("none": no flags), e.g.
+`--xla_variants=none,--xla_force_host_platform_device_count=2`: the scan path shards its batch
+over every device it sees.
 """
 import json
 import os
@@ -261,13 +264,14 @@ def bench_strategies(config, params, classifier, b: int, repeats: int, budget: f
 
 def run_variants(argv0: str, variants, b: int) -> dict:
   out = {}
-  for v in [""] + list(variants):
+  for v in ["default"] + list(variants):   # default: the flags of this run
     cmd = [sys.executable, argv0, f"--config={_CONFIG_PATH}", f"--steps={_STEPS.value}",
            f"--batches={b}", "--paths=scan", f"--repeats={_REPEATS.value}", "--strategy_batch=0",
-           f"--micro_batches={','.join(_MICRO_BATCHES.value)}", "--json_only"]
-    flags_env = " ".join(x for x in (os.environ.get("XLA_FLAGS", ""), v) if x)
+           f"--micro_batches={','.join(_MICRO_BATCHES.value)}", "--json_only",
+           "--config.mesh.host_cpu_devices=0", "--config.mesh.xla_flags="]
+    flags_env = {"default": os.environ.get("XLA_FLAGS", ""), "none": ""}.get(v, v)
     r = bc.run_json_subprocess(cmd, {"XLA_FLAGS": flags_env})
-    out[v or "default"] = r.get("parallel", {}).get(str(b), r)   # {path: result}, or the error
+    out[v] = r.get("parallel", {}).get(str(b), r)   # {path: result}, or the error
   return out
 
 
@@ -279,11 +283,13 @@ def main(argv):
   global _CONFIG_PATH
   _CONFIG_PATH = flags.FLAGS["config"].config_filename
   config = with_steps(_CONFIG.value, _STEPS.value)
+  parallel.configure_xla(config.mesh)
   load_before = bc.load_average()
   t_start = time.perf_counter()
   params, classifier = init_params(config)
   batches = [int(b) for b in _BATCHES.value]
   results = dict(load_before=load_before, xla_flags=os.environ.get("XLA_FLAGS", ""),
+                 devices=jax.device_count(),
                  threads=bc.THREADS, steps=_STEPS.value, parallel={})
 
   if not _JSON_ONLY.value:
@@ -388,7 +394,7 @@ def write(results: dict, config) -> None:
                             res["items_per_s"], "items/s", torch_at_variant_batch["items_per_s"], **S))
   notes = [f"load before: {results['load_before']}; after: {results['load_after']}",
            f"threads: BENCH_THREADS={results['threads']} (torch.set_num_threads, OMP), XLA_FLAGS="
-           f"'{results['xla_flags']}'; {n} DDPM steps; median of {_REPEATS.value} repeats after one "
+           f"'{results['xla_flags']}' ({results['devices']} devices); {n} DDPM steps; median of {_REPEATS.value} repeats after one "
            f"untimed run; total script time {results['total_s']:.0f} s",
            f"FLOPs per item per trajectory: {traj_flops / 1e9:.2f} GFLOP "
            f"(XLA cost analysis per network call x {n} steps); frac_of_peak ratio = achieved GFLOP/s "

@@ -1,5 +1,6 @@
 """Mesh from config, batch-size check, host batch -> global sharded array, multi-host detection,
-splitting a CPU host into devices."""
+splitting a CPU host into devices and the XLA flags set before JAX starts."""
+import json
 import os
 import subprocess
 import sys
@@ -8,6 +9,7 @@ import jax
 import numpy as np
 import pytest
 
+from cdjax import nets
 from cdjax import parallel
 from configs import default
 
@@ -57,21 +59,78 @@ def test_multihost_environment_detection(monkeypatch):
   assert parallel.is_multihost_env()
 
 
-@pytest.mark.parametrize("xla_flags,expected", [
-    ("", 3),                                                     # split as asked
-    ("--xla_force_host_platform_device_count=5", 5),             # the user's own count wins
-])
-def test_split_host_cpu_sets_the_device_count_before_jax_starts(xla_flags, expected):
-  code = ("from cdjax import parallel; parallel.split_host_cpu(3); import jax; "
-          "print(jax.devices('cpu').__len__())")
+def _run_configured(code: str, xla_flags: str, host_cpu_devices: int = 3, mesh_flags=None) -> str:
+  """stdout of `code` run in a fresh process after `configure_xla` of the default mesh config
+  (with `host_cpu_devices` and, if given, `mesh.xla_flags = mesh_flags`)."""
+  setup = (f"from configs import default; from cdjax import parallel; m = default.get_config().mesh; "
+           f"m.host_cpu_devices = {host_cpu_devices}; "
+           + (f"m.xla_flags = {mesh_flags!r}; " if mesh_flags is not None else "")
+           + "parallel.configure_xla(m); import os, jax; ")
   env = dict(os.environ, XLA_FLAGS=xla_flags, JAX_PLATFORMS="cpu")
-  out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
-                       check=True)
-  assert out.stdout.split()[-1] == str(expected)
+  return subprocess.run([sys.executable, "-c", setup + code], env=env, capture_output=True,
+                        text=True, check=True).stdout
 
 
-def test_split_host_cpu_after_start_changes_nothing(monkeypatch):
+@pytest.mark.parametrize("xla_flags,expected", [
+    ("", "3 True"),                                                  # split as asked
+    ("--xla_force_host_platform_device_count=5", "5 True"),          # the user's own count wins
+    ("--xla_cpu_experimental_ynn_fusion_type=", "3 False"),          # so does the user's ynn value
+])
+def test_configure_xla_sets_device_count_and_flags_before_jax_starts(xla_flags, expected):
+  out = _run_configured("print(len(jax.devices('cpu')), 'CONVOLUTION' in os.environ['XLA_FLAGS'])",
+                        xla_flags)
+  assert out.split("\n")[-2] == expected
+
+
+def test_configure_xla_rejects_what_is_not_a_flag():
+  c = default.get_config()
+  c.mesh.xla_flags = "xla_cpu_use_xnnpack=true"
+  with pytest.raises(ValueError, match="mesh.xla_flags.*--name=value"):
+    parallel.configure_xla(c.mesh)
+
+
+def test_configure_xla_after_start_changes_nothing(monkeypatch):
   assert jax.device_count() == 8     # backends are running
   monkeypatch.setenv("XLA_FLAGS", "")
-  parallel.split_host_cpu(3)
+  c = default.get_config()
+  c.mesh.host_cpu_devices = 3
+  parallel.configure_xla(c.mesh)
   assert os.environ["XLA_FLAGS"] == "" and jax.device_count() == 8
+
+
+def network_outputs() -> dict:
+  """{name: [max |out|, sum |out|]} of small versions of the image U-Net, the speech enhancer and
+  NCSN++ (strided, 1x1 and FIR-resampling convolutions), and of a U-Net gradient."""
+  unet = nets.get_network("coupled_unet", width=8, ch_mult=(1, 2), attn_levels=())
+  enh = nets.get_network("resunet_enhancer", widths=(8, 16), strides=((2, 2),), groups=4)
+  ncsn = nets.get_network("ncsnpp", nf=4, ch_mult=(1, 2), attn_resolutions=(), logit_hidden=0)
+
+  rng = np.random.default_rng(0)
+  x, t, l = rng.normal(size=(2, 28, 28, 1)).astype(np.float32), np.full((2,), 0.3), np.ones((2, 10))
+  spec = (rng.normal(size=(2, 32, 16)) + 1j * rng.normal(size=(2, 32, 16))).astype(np.complex64)
+  out = {}
+  for name, net, args in (("unet", unet, (x, t, x, l)), ("enhancer", enh, (spec,)),
+                          ("ncsnpp", ncsn, (spec, t, spec))):
+    # Random parameters of the right shapes: compiling `net.init` takes 15-30 s on this CPU.
+    shapes = jax.eval_shape(net.init, jax.random.PRNGKey(0), *args)
+    params = jax.tree.map(lambda a: (0.2 * rng.normal(size=a.shape)).astype(a.dtype), shapes)
+    out[name] = jax.jit(net.apply)(params, *args)
+    if name == "enhancer":
+      out[name] = out[name][0]
+    if name == "unet":
+      loss = lambda p: (net.apply(p, *args) ** 2).sum()
+      out["grad"] = jax.jit(jax.grad(loss))(params)["params"]["enc_x"]["Conv_0"]["kernel"]
+  return {k: [float(np.abs(v).max()), float(np.abs(v).sum())] for k, v in out.items()}
+
+
+def test_default_ynnpack_convolutions_compute_the_same_networks():
+  """The default mesh.xla_flags (YNNPACK convolutions, in a fresh process) against XLA's own
+  kernels (this process)."""
+  code = ("import json, sys; sys.path.insert(0, 'tests'); import parallel_test; "
+          "print(json.dumps(parallel_test.network_outputs()))")
+  ynn = json.loads(_run_configured(code, "", host_cpu_devices=0).split("\n")[-2])
+  xla = network_outputs()
+  assert "ynn" not in os.environ.get("XLA_FLAGS", "")
+  for name in ("unet", "enhancer", "ncsnpp", "grad"):
+    assert xla[name][0] > 1e-3, name                                  # a non-trivial output
+    np.testing.assert_allclose(ynn[name], xla[name], rtol=1e-4, err_msg=name)

@@ -272,3 +272,23 @@ def test_coupled_speech_parallel_with_exdiff_signal_branch(enhancer_workdir):
   assert out.x0.shape == y.shape and out.logits.shape == out.classifier_logits.shape == (B, 10)
   assert np.all(np.isfinite(np.asarray(out.logits))) and np.all(np.isfinite(np.asarray(out.x0)))
   assert int(out.nfe) == 3 + 3   # one signal and one logit evaluation per step
+
+
+def test_enhancement_conditions_read_evaluation_corruptions_like_the_coupled_experiments():
+  """configs/speech_enhancement.py's conditions: additive noise (corruption.name's kwargs) and the
+  reverberant entry naming its own corruption; SGMSE+ has no latent, Ex-Diff reads the enhancer
+  of its condition; the keyword experiment evaluates the same conditions."""
+  from configs import speech_enhancement, speech_keywords
+  config = speech_enhancement.get_config()
+  noise = speech.condition_config(config, "noise", "sgmse", "runs/se")
+  reverb = speech.condition_config(config, "noise_reverb", "exdiff", "runs/se")
+  assert (noise.corruption.name, noise.corruption.kwargs.to_dict()) == (
+      "add_noise", {"snr_db": (-5.0, 5.0)})
+  assert (reverb.corruption.name, reverb.corruption.kwargs.to_dict()) == (
+      "noise_reverb", {"rt60": (0.2, 0.8), "snr_db": (-5.0, 5.0)})
+  assert noise.signal.net_kwargs.latent_mode == "none" and noise.checkpoint.enhancer == ""
+  assert reverb.signal.net_kwargs.latent_mode == "film"
+  assert reverb.checkpoint.enhancer == os.path.join("runs/se", "noise_reverb", "enhancer")
+  assert config.evaluation.corruptions["noise_reverb"]["name"] == "noise_reverb"   # not consumed
+  assert (speech_keywords.get_config().evaluation.corruptions.to_dict()
+          == config.evaluation.corruptions.to_dict())
