@@ -247,26 +247,31 @@ def evaluate_enhancement(config, workdir: str, condition: str) -> tuple[list[dic
   return rows, waves
 
 
-def plot_spectrograms(waves: dict, path: str, frontend: audio.Frontend, title: str = "",
+def plot_spectrograms(waves_by_condition: dict, path: str, frontend: audio.Frontend,
                       methods=("clean", "noisy", "sgmse", "exdiff"), num_items: int = 2) -> None:
-  """A PNG of log-magnitude spectrograms: one row per item, one column per entry of `methods`."""
+  """A PNG of log-magnitude spectrograms: `num_items` rows per condition of `waves_by_condition`
+  ({condition: {method: waves [N, L]}}), one column per entry of `methods`."""
   import matplotlib   # pylint: disable=g-import-not-at-top
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt   # pylint: disable=g-import-not-at-top
 
-  methods = [m for m in methods if m in waves]
-  fig, axes = plt.subplots(num_items, len(methods), figsize=(2.6 * len(methods), 2.2 * num_items),
+  first = next(iter(waves_by_condition.values()))
+  methods = [m for m in methods if m in first]
+  rows = [(c, i) for c in waves_by_condition for i in range(num_items)]
+  fig, axes = plt.subplots(len(rows), len(methods), figsize=(2.6 * len(methods), 2.0 * len(rows)),
                            squeeze=False)
   for j, m in enumerate(methods):
-    mag = np.abs(np.asarray(audio.stft(waves[m][:num_items], frontend.n_fft, frontend.hop_length)))
-    for i in range(num_items):
-      ax = axes[i, j]
-      ax.imshow(20 * np.log10(mag[i] + 1e-5), origin="lower", aspect="auto", cmap="magma",
+    for r, (condition, i) in enumerate(rows):
+      wave = waves_by_condition[condition][m][i]
+      mag = np.abs(np.asarray(audio.stft(wave, frontend.n_fft, frontend.hop_length)))
+      ax = axes[r, j]
+      ax.imshow(20 * np.log10(mag + 1e-5), origin="lower", aspect="auto", cmap="magma",
                 vmin=-80, vmax=20)
       ax.set_xticks([]), ax.set_yticks([])
-      if i == 0:
+      if r == 0:
         ax.set_title(m, fontsize=9)
-  fig.suptitle(title, fontsize=9)
+      if j == 0:
+        ax.set_ylabel(f"{condition} #{i}", fontsize=8)
   fig.tight_layout()
   fig.savefig(path, dpi=110)
   plt.close(fig)
@@ -292,16 +297,14 @@ def run_enhancement(config: ml_collections.ConfigDict, workdir: str, out_prefix:
   """Trains what `workdir` lacks (per condition: enhancer, sgmse, exdiff), evaluates noisy /
   discriminative / sgmse / exdiff and writes `<out_prefix>.json`, `.md` and `.png`."""
   parallel.configure_xla(config.mesh)
-  rows, figure = [], None
+  rows, waves = [], {}
   for condition in config.evaluation.corruptions:
     _train_enhancement(config, workdir, condition)
-    condition_rows, waves = evaluate_enhancement(config, workdir, condition)
+    condition_rows, waves[condition] = evaluate_enhancement(config, workdir, condition)
     rows += condition_rows
-    figure = figure or (condition, waves)
   note = _relative_note(rows)
   table = _write(out_prefix, config, rows, ENHANCEMENT_COLUMNS, note)
-  plot_spectrograms(figure[1], out_prefix + ".png", audio.Frontend.from_config(config),
-                    title=f"{figure[0]}: clean / noisy / sgmse / exdiff")
+  plot_spectrograms(waves, out_prefix + ".png", audio.Frontend.from_config(config))
   print(table + "\n" + note)
   print(f"Wrote {out_prefix}.json, .md and .png")
   return rows
