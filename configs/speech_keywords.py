@@ -27,7 +27,7 @@ def get_config():
   c = default.get_config()
   se = speech_enhancement.get_config()
   c.data = se.data
-  c.data.max_eval_examples = 40
+  c.data.max_eval_examples = 120   # of the 360 test clips: 95% CIs about +-0.08
   c.audio = se.audio
   c.audio.update(train_crop_frames=64, frame_multiple=32)
   c.corruption = se.corruption
