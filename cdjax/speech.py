@@ -19,7 +19,7 @@ import json
 import os
 import sys
 import time
-from typing import Callable, Optional
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
@@ -340,13 +340,7 @@ def run_keywords(config: ml_collections.ConfigDict, workdir: str, out_prefix: st
     corruption_rows, _ = experiment.evaluate_corruption(
         config, workdir, corruption, dict(config.evaluation.methods),
         to_model=to_model, model=coupled_model)
-    for r in corruption_rows:
-      rows.append(dict(r, condition=r["corruption"], error_rate=1 - r["accuracy"],
-                       error_rate_f_x0=1 - r["accuracy_f_x0"],
-                       ci95_lo=1 - r["ci95_hi"], ci95_hi=1 - r["ci95_lo"],
-                       diff_vs_reference=(None if r.get("diff_vs_reference") is None
-                                          else -r["diff_vs_reference"]),
-                       diff_ci95=_negate_interval(r.get("diff_ci95"))))
+    rows += [error_rate_row(r) for r in corruption_rows]
   note = ("error_rate: 1 - accuracy of argmax of each method's final logits (95% Wilson CI "
           "half-width); error_rate_f_x0: of the frozen classifier on the enhanced signal; "
           "diff_vs_reference: paired error-rate difference to enhance_then_classify (bootstrap "
@@ -357,12 +351,17 @@ def run_keywords(config: ml_collections.ConfigDict, workdir: str, out_prefix: st
   return rows
 
 
-def _negate_interval(text: Optional[str]) -> Optional[str]:
-  """"[lo, hi]" of an accuracy difference -> the interval of the error-rate difference."""
-  if not text:
-    return text
-  lo, hi = (float(v) for v in text.strip("[]").split(","))
-  return f"[{-hi:+.4f}, {-lo:+.4f}]"
+def error_rate_row(row: dict) -> dict:
+  """An accuracy row of `experiment.evaluate_corruption` with its error-rate view added: error
+  rates, their CI, and the paired difference to the reference (and its CI) negated."""
+  diff, interval = row.get("diff_vs_reference"), row.get("diff_ci95")
+  if interval:
+    lo, hi = (float(v) for v in interval.strip("[]").split(","))
+    interval = f"[{-hi:+.4f}, {-lo:+.4f}]"
+  return dict(row, condition=row["corruption"], error_rate=1 - row["accuracy"],
+              error_rate_f_x0=1 - row["accuracy_f_x0"], ci95_lo=1 - row["ci95_hi"],
+              ci95_hi=1 - row["ci95_lo"], diff_vs_reference=None if diff is None else -diff,
+              diff_ci95=interval)
 
 
 # ---- enhancing a user's file --------------------------------------------------------------------

@@ -335,3 +335,15 @@ def test_enhancement_experiment_end_to_end(tmp_path):
   assert "noise_reverb: Ex-Diff vs SGMSE+" in open(out + ".md").read()
   height, width = matplotlib.image.imread(out + ".png").shape[:2]
   assert height > width / 2   # 2 conditions x 2 items in rows, 4 methods in columns
+
+
+def test_error_rate_row_flips_accuracy_and_the_paired_difference():
+  row = dict(corruption="noise", method="parallel", accuracy=0.3, accuracy_f_x0=0.25,
+             ci95_lo=0.22, ci95_hi=0.4, diff_vs_reference=0.05, diff_ci95="[-0.0500, +0.1500]")
+  out = speech.error_rate_row(row)
+  assert out["condition"] == "noise" and out["accuracy"] == 0.3
+  assert out["error_rate"] == pytest.approx(0.7) and out["error_rate_f_x0"] == pytest.approx(0.75)
+  assert (out["ci95_lo"], out["ci95_hi"]) == pytest.approx((0.6, 0.78))
+  assert out["diff_vs_reference"] == -0.05 and out["diff_ci95"] == "[-0.1500, +0.0500]"
+  reference = speech.error_rate_row(dict(row, diff_vs_reference=None, diff_ci95=None))
+  assert reference["diff_vs_reference"] is None and reference["diff_ci95"] is None
