@@ -204,6 +204,23 @@ class Frontend:
     return wave[..., :length] * scale
 
 
+def center_crop(wave: np.ndarray, length: int) -> np.ndarray:
+  """The central `length` samples of wave [..., L] (all of it when length <= 0 or >= L)."""
+  if length <= 0 or length >= wave.shape[-1]:
+    return wave
+  start = (wave.shape[-1] - length) // 2
+  return wave[..., start:start + length]
+
+
+def random_crop(key: jax.Array, wave: jax.Array, length: int) -> jax.Array:
+  """A window of `length` samples at an independent random start in each row of wave [B, L]
+  (all of it when length <= 0 or >= L)."""
+  if length <= 0 or length >= wave.shape[-1]:
+    return wave
+  starts = jax.random.randint(key, (wave.shape[0],), 0, wave.shape[-1] - length + 1)
+  return jax.vmap(lambda w, s: jax.lax.dynamic_slice(w, (s,), (length,)))(wave, starts)
+
+
 def make_observe(corrupt: Callable, frontend: Frontend, crop_frames: int = 0) -> Callable:
   """The speech observation model `observe(key, batch) -> (x0, y)` of the trainers.
 
@@ -216,9 +233,7 @@ def make_observe(corrupt: Callable, frontend: Frontend, crop_frames: int = 0) ->
     k_crop, k_corrupt = jax.random.split(key)
     x = batch["audio"]
     if crop_frames > 0:
-      length = min(frames_to_samples(crop_frames, frontend.hop_length), x.shape[-1])
-      starts = jax.random.randint(k_crop, (x.shape[0],), 0, x.shape[-1] - length + 1)
-      x = jax.vmap(lambda w, s: jax.lax.dynamic_slice(w, (s,), (length,)))(x, starts)
+      x = random_crop(k_crop, x, frames_to_samples(crop_frames, frontend.hop_length))
     y_spec, x_spec, _ = frontend.analyze(corrupt(k_corrupt, x), x)
     return x_spec, y_spec
   return observe

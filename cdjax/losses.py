@@ -18,6 +18,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from cdjax import audio
 from cdjax import sde as sde_lib
 from cdjax.coupled import standardize_logits
 
@@ -49,10 +50,16 @@ def denoise(apply: Callable, params, sde: sde_lib.SDE, parameterization: str, ke
   return loss, x0_hat
 
 
-def classifier_loss(params, frozen, batch, rng, *, apply: Callable, input_key: str = "image"):
-  """Cross-entropy of `apply(params, x, rng) -> logits [B, K]` on clean inputs; + accuracy."""
+def classifier_loss(params, frozen, batch, rng, *, apply: Callable, input_key: str = "image",
+                    crop_samples: int = 0):
+  """Cross-entropy of `apply(params, x, rng) -> logits [B, K]` on clean inputs; + accuracy.
+  Audio with `crop_samples` > 0: on a random window of that many samples of each clip."""
   del frozen
-  logits = apply(params, batch[input_key], rng)
+  x = batch[input_key]
+  if crop_samples > 0:
+    k_crop, rng = jax.random.split(rng)
+    x = audio.random_crop(k_crop, x, crop_samples)
+  logits = apply(params, x, rng)
   loss = optax.softmax_cross_entropy_with_integer_labels(logits, batch["label"]).mean()
   accuracy = (logits.argmax(-1) == batch["label"]).mean()
   return loss, {"loss": loss, "accuracy": accuracy}

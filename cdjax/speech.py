@@ -191,21 +191,13 @@ def _quality(clean: np.ndarray, noisy: np.ndarray, estimate: np.ndarray, sample_
   return dict(si_sdr=si_sdr, si_sir=si_sir, si_sar=si_sar, pesq=safe(metrics.pesq_wb), estoi=estoi)
 
 
-def center_crop(wave: np.ndarray, length: int) -> np.ndarray:
-  """The central `length` samples of wave [..., L] (all of it when length <= 0 or >= L)."""
-  if length <= 0 or length >= wave.shape[-1]:
-    return wave
-  start = (wave.shape[-1] - length) // 2
-  return wave[..., start:start + length]
-
-
 def evaluate_enhancement(config, workdir: str, condition: str) -> tuple[list[dict], dict]:
   """Rows (means over the eval clips) of every method on one condition, and the waveforms."""
   cfg = condition_config(config, condition)
   frontend = audio.Frontend.from_config(cfg)
   split = data.load_split(cfg.data.name, cfg.data.eval_split, cfg.data.data_dir,
                           cfg.data.max_eval_examples, audio_length=data.audio_length(cfg))
-  clean = center_crop(split["audio"], cfg.evaluation.crop_samples)
+  clean = audio.center_crop(split["audio"], cfg.evaluation.crop_samples)
   corrupt = data.corruption_from_config(cfg, cfg.data.eval_split)
   noisy = evaluate.degrade(corrupt, jax.random.PRNGKey(cfg.evaluation.corruption_seed), clean)
   base = os.path.join(workdir, condition)
@@ -334,7 +326,7 @@ def run_keywords(config: ml_collections.ConfigDict, workdir: str, out_prefix: st
   experiment.train_all(config, workdir)
   frontend = audio.Frontend.from_config(config)
   analyze = jax.jit(lambda y: frontend.analyze(y)[0])
-  to_model = lambda y: np.asarray(analyze(center_crop(y, config.evaluation.crop_samples)))
+  to_model = lambda y: np.asarray(analyze(audio.center_crop(y, config.evaluation.crop_samples)))
   rows = []
   for corruption in config.evaluation.corruptions:
     corruption_rows, _ = experiment.evaluate_corruption(

@@ -209,7 +209,8 @@ def _frozen_classifier(config):
 
 
 def _classifier_accuracy(config, net: nn.Module, input_key: str) -> Callable:
-  """(params) -> {"eval_accuracy"} of `net` on the clean `config.data.eval_split`."""
+  """(params) -> {"eval_accuracy"} of `net` on the clean `config.data.eval_split` (audio: the
+  middle `classifier.crop_samples` of each clip when set)."""
   @functools.cache
   def eval_data():
     return data.load_split(config.data.name, config.data.eval_split, config.data.data_dir,
@@ -221,6 +222,8 @@ def _classifier_accuracy(config, net: nn.Module, input_key: str) -> Callable:
   def evaluate(params):
     split, size = eval_data(), config.classifier.batch_size
     x, labels = split[input_key], split["label"]
+    if input_key == "audio":
+      x = audio.center_crop(x, config.classifier.crop_samples)
     preds = np.concatenate([predict(params, x[i:i + size]) for i in range(0, len(x), size)])
     return {"eval_accuracy": float(np.mean(preds == labels))}
   return evaluate
@@ -240,7 +243,8 @@ def classifier_trainer(config) -> Trainer:
     checkpoint.save_classifier(os.path.join(workdir, "classifier"), params, accuracy, config)
 
   return Trainer(
-      loss_fn=functools.partial(losses.classifier_loss, apply=_train_apply(net), input_key=input_key),
+      loss_fn=functools.partial(losses.classifier_loss, apply=_train_apply(net), input_key=input_key,
+                                crop_samples=c.crop_samples),
       init_params=lambda rng, batch: _init(net, rng, batch[input_key]),
       num_steps=c.num_steps, batch_size=c.batch_size, evaluate=evaluate, export=export)
 

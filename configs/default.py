@@ -41,6 +41,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.classifier = ml_collections.ConfigDict(dict(
       net="cnn_classifier", net_kwargs=dict(num_classes=10, width=32, depth=3),
       num_steps=1500, batch_size=128,
+      crop_samples=0,   # audio: train on random windows of this many samples (eval: the middle one)
   ))
 
   c.signal = ml_collections.ConfigDict(dict(

@@ -63,3 +63,17 @@ def test_log_mel_matches_librosa(wave):
 def test_istft_rejects_wrong_bins():
   with pytest.raises(ValueError, match="frequency bins"):
     audio.istft(jnp.zeros((1, 100, 10), jnp.complex64), 1000)
+
+
+def test_center_and_random_crops_are_windows_of_each_row():
+  wave = np.arange(3 * 100, dtype=np.float32).reshape(3, 100)
+  np.testing.assert_array_equal(audio.center_crop(wave, 10), wave[:, 45:55])
+  assert audio.center_crop(wave, 0) is wave and audio.center_crop(wave, 100) is wave
+  crops = np.stack([np.asarray(audio.random_crop(jax.random.PRNGKey(s), jnp.asarray(wave), 10))
+                    for s in range(20)])
+  assert crops.shape == (20, 3, 10)
+  starts = crops[..., 0] - wave[:, 0]   # each crop is a contiguous window of its own row
+  np.testing.assert_array_equal(crops, starts[..., None] + wave[:, :1] + np.arange(10))
+  assert starts.min() >= 0 and starts.max() <= 90 and len(np.unique(starts)) > 10
+  assert len(np.unique(starts[0])) > 1   # rows get independent starts
+  assert audio.random_crop(jax.random.PRNGKey(0), wave, 100) is wave

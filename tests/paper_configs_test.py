@@ -104,7 +104,7 @@ def _one_step(cfg, stage: str, batch: dict, run: bool):
 def _to_model(cfg, y):
   """Waveforms [N, L] -> the networks' compressed spectrograms [N, F, T] (`speech.run_keywords`)."""
   frontend = audio.Frontend.from_config(cfg)
-  return frontend.analyze(speech.center_crop(y, cfg.evaluation.crop_samples))[0]
+  return frontend.analyze(audio.center_crop(y, cfg.evaluation.crop_samples))[0]
 
 
 CASES = {   # config -> (size overrides, train and eval batches, run: compile and run, else

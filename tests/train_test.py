@@ -292,3 +292,21 @@ def test_remat_from_config_reaches_the_networks():
   assert train._network(config, config.signal).remat
   with pytest.raises(TypeError, match="'cnn_classifier' rejected its net_kwargs.*remat=True"):
     train._network(config, config.classifier)
+
+
+def test_classifier_loss_crops_audio_to_random_windows():
+  wave = jnp.tile(jnp.arange(100, dtype=jnp.float32), (4, 1))
+  seen = []
+
+  def apply(params, x, rng):
+    seen.append(x)
+    return jnp.zeros((x.shape[0], 3))
+  batch = {"audio": wave, "label": jnp.zeros((4,), jnp.int32)}
+  loss, _ = losses.classifier_loss({}, None, batch, jax.random.PRNGKey(0), apply=apply,
+                                   input_key="audio", crop_samples=16)
+  np.testing.assert_allclose(loss, np.log(3), rtol=1e-6)
+  x = np.asarray(seen[-1])
+  assert x.shape == (4, 16)
+  np.testing.assert_array_equal(np.diff(x, axis=-1), 1.0)   # contiguous windows
+  losses.classifier_loss({}, None, batch, jax.random.PRNGKey(0), apply=apply, input_key="audio")
+  assert seen[-1] is wave   # crop_samples=0: whole clips
