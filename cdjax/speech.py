@@ -191,6 +191,12 @@ def _quality(clean: np.ndarray, noisy: np.ndarray, estimate: np.ndarray, sample_
   return dict(si_sdr=si_sdr, si_sir=si_sir, si_sar=si_sar, pesq=safe(metrics.pesq_wb), estoi=estoi)
 
 
+def _finite_mean(values: np.ndarray) -> float:
+  """Mean of the finite entries of values [N]; NaN when none is (e.g. ESTOI of clips too short)."""
+  finite = np.asarray(values)[np.isfinite(values)]
+  return float(finite.mean()) if finite.size else float("nan")
+
+
 def evaluate_enhancement(config, workdir: str, condition: str) -> tuple[list[dict], dict]:
   """Rows (means over the eval clips) of every method on one condition, and the waveforms."""
   cfg = condition_config(config, condition)
@@ -221,7 +227,7 @@ def evaluate_enhancement(config, workdir: str, condition: str) -> tuple[list[dic
     waves[method] = estimate
     scores[method] = _quality(clean, noisy, estimate, cfg.audio.sample_rate)
     row = dict(condition=condition, method=method,
-               **{k: float(np.nanmean(v)) for k, v in scores[method].items()},
+               **{k: _finite_mean(v) for k, v in scores[method].items()},
                rtf=seconds / seconds_of_audio, nfe=nfe, items=len(clean),
                pesq_items=int(np.isfinite(scores[method]["pesq"]).sum()),
                estoi_items=int(np.isfinite(scores[method]["estoi"]).sum()))

@@ -7,6 +7,7 @@ Tiny STFTs (n_fft 62, 32 bins) and nets keep compile times to seconds; no datase
 import json
 import os
 import shutil
+import warnings
 
 import flax
 import jax
@@ -347,3 +348,10 @@ def test_error_rate_row_flips_accuracy_and_the_paired_difference():
   assert out["diff_vs_reference"] == -0.05 and out["diff_ci95"] == "[-0.1500, +0.0500]"
   reference = speech.error_rate_row(dict(row, diff_vs_reference=None, diff_ci95=None))
   assert reference["diff_vs_reference"] is None and reference["diff_ci95"] is None
+
+
+def test_finite_mean_skips_unscorable_clips_without_warning():
+  with warnings.catch_warnings():
+    warnings.simplefilter("error")
+    assert speech._finite_mean(np.array([1.0, np.nan, 3.0])) == 2.0
+    assert np.isnan(speech._finite_mean(np.array([np.nan, np.nan])))
