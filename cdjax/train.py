@@ -236,6 +236,9 @@ def classifier_trainer(config) -> Trainer:
   c = config.classifier
   net = _network(config, c)
   input_key = config.data.modality
+  if c.crop_samples > 0 and input_key != "audio":
+    raise ValueError(f"classifier.crop_samples={c.crop_samples} crops audio clips, but "
+                     f"data.modality is {input_key!r}; set classifier.crop_samples=0.")
   evaluate = _classifier_accuracy(config, net, input_key)
 
   def export(workdir, params, metrics):

@@ -310,3 +310,10 @@ def test_classifier_loss_crops_audio_to_random_windows():
   np.testing.assert_array_equal(np.diff(x, axis=-1), 1.0)   # contiguous windows
   losses.classifier_loss({}, None, batch, jax.random.PRNGKey(0), apply=apply, input_key="audio")
   assert seen[-1] is wave   # crop_samples=0: whole clips
+
+
+def test_classifier_crop_on_images_is_a_clear_error():
+  c = default.get_config()
+  c.classifier.crop_samples = 8064
+  with pytest.raises(ValueError, match="crops audio clips.*crop_samples=0"):
+    train.TRAINERS.get("classifier")(c)
