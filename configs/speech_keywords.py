@@ -8,13 +8,13 @@ Frozen classifier: log-mel CNN (`speech_classifier`) on random 0.5 s windows of 
 (trained on whole 1 s clips it scored 98% on them but 51% on the 0.5 s windows every method
 sees). Signal branch: SGMSE+ (tiny NCSN++, OUVE, neg_score) with the logit gate at its
 bottleneck; logit branch: OU SDE (OUVE on the K logits, reverting to f(c)) with
-`speech_logit_net`. Speech sampling settings:
-parallel_order signal_first, initial_logits = f(y), the logits condition on x0_hat in the last
-10% of the steps, alternating skips the last logit run, nested re-runs the signal at the last
-step and once more at the end. Mixtures are of whole 1 s clips; the models see the central
-0.5 s (`evaluation.crop_samples`), trained on random 0.5 s crops. The signal branch of each
-condition starts from the SGMSE+ of experiments/speech_enhancement.py for the same condition
-(`checkpoint.init_signal`; run that first).
+`speech_logit_net`. Speech sampling settings: parallel_order signal_first, initial_logits = f(y),
+the logits condition on x0_hat in the last 10% of the steps, alternating skips the last logit
+run, nested re-runs the signal at the last step and once more at the end. Mixtures are of whole
+1 s clips; the models see the central 0.5 s (`evaluation.crop_samples`), trained on random 0.5 s
+crops. The signal branch of each condition starts from the SGMSE+ of
+experiments/speech_enhancement.py for the same condition (`checkpoint.init_signal`; run that
+first).
 """
 import ml_collections
 
