@@ -49,6 +49,8 @@ _XLA_VARIANTS = flags.DEFINE_list("xla_variants", [], "XLA_FLAGS values to try o
 _VARIANT_BATCH = flags.DEFINE_integer("variant_batch", 16, "Batch of the XLA-flag variants.")
 _MICRO_BATCHES = flags.DEFINE_list("micro_batches", [], "Also time the scan path with "
                                    "sampling.micro_batch = each of these (path scan_micro<m>).")
+_BREAKDOWN_BATCH = flags.DEFINE_integer("breakdown_batch", 1, "Batch of the per-step breakdown "
+                                        "(networks only, U-Net only, XLA profile, one core); 0: skip.")
 _JSON_ONLY = flags.DEFINE_bool("json_only", False, "Print results as one JSON line; write nothing.")
 
 SECTION = "sampler"
@@ -247,6 +249,75 @@ def unet_scan_vs_outside(config, params, b: int, calls: int = 10) -> dict:
   return dict(outside_s=outside, inside_s=inside / calls, batch=b)
 
 
+def _ms_per_step(fn, args, steps: int, repeats: int) -> float:
+  compiled = jax.jit(fn).lower(*args).compile()
+  sec, _ = bc.timeit(lambda: jax.block_until_ready(compiled(*args)), repeats, warmup=1)
+  return sec / steps * 1e3
+
+
+def _profile_ms_per_step(run, steps: int) -> dict:
+  """XLA:CPU profile of one `run()` (a compiled trajectory): ms per step in convolutions
+  (YNNPACK or XLA), dots and every other op (elementwise, normalisation, reductions), and the
+  number of XLA ops (thunks) run per step. Control-flow thunks (while, call) are not counted:
+  they contain the ops."""
+  import glob
+  import gzip
+  import tempfile
+  with tempfile.TemporaryDirectory() as tmp:
+    jax.profiler.start_trace(tmp, create_perfetto_trace=True)
+    run()
+    jax.profiler.stop_trace()
+    with gzip.open(glob.glob(os.path.join(tmp, "**", "perfetto_trace.json.gz"), recursive=True)[0]) as f:
+      events = json.load(f)["traceEvents"]
+  ms = dict(conv=0.0, dot=0.0, other=0.0)
+  ops = 0
+  for e in events:
+    name = e.get("name", "")
+    if e.get("ph") != "X" or "hlo_op" not in e.get("args", {}) or name.startswith(
+        ("while", "call", "conditional", "end: ")):
+      continue
+    kind = "conv" if name.startswith(("ynn_fusion", "conv")) else "dot" if name.startswith("dot") else "other"
+    ms[kind] += e["dur"] / 1e3 / steps
+    ops += 1
+  return dict(ms_per_step=ms, ops_per_step=ops / steps)
+
+
+def step_breakdown(config, params, classifier, b: int, repeats: int) -> dict:
+  """Where the time of one Parallel step goes at batch b (each in a lax.scan over the steps):
+  the whole trajectory, its three networks chained as in a step (no SDE update, no RNG), the
+  U-Net alone, an XLA profile of the trajectory, and the trajectory pinned to one core
+  (`taskset -c 0`, a subprocess: how much of the second core the step uses)."""
+  model = coupled.model_from_config(config)
+  n = model.signal_sde.N
+  y = jax.random.uniform(jax.random.PRNGKey(2), (b,) + tuple(config.data.shape), minval=-1, maxval=1)
+  l0, ts = jnp.zeros((b, config.data.num_classes)), jnp.linspace(1.0, 1.0 / n, n)
+
+  def networks(params, classifier, y):
+    def body(carry, t):
+      x, l = carry
+      t = jnp.full((b,), t)
+      l = model.logits_net(params["logits"], l, t, model.classifier(classifier, x), x)
+      return (model.signal_net(params["signal"], x, t, y, l), l), None
+    return jax.lax.scan(body, (y, l0), ts)[0]
+
+  def unet(params, y):
+    body = lambda x, t: (model.signal_net(params["signal"], x, jnp.full((b,), t), y, l0), None)
+    return jax.lax.scan(body, y, ts)[0]
+
+  compiled, _, _ = compile_coupled(config, "parallel", params, classifier, y)
+  run = lambda: jax.block_until_ready(compiled(params, classifier, jax.random.PRNGKey(1), y))
+  full, _ = bc.timeit(run, repeats, warmup=1)
+  cmd = ["taskset", "-c", "0", sys.executable, os.path.abspath(__file__),
+         f"--config={_CONFIG_PATH}", f"--steps={n}", f"--batches={b}", "--paths=scan",
+         f"--repeats={repeats}", "--strategy_batch=0", "--breakdown_batch=0", "--json_only"]
+  one_core = bc.run_json_subprocess(cmd, {})
+  return dict(batch=b, full_ms=full / n * 1e3,
+              networks_ms=_ms_per_step(networks, (params, classifier, y), n, repeats),
+              unet_ms=_ms_per_step(unet, (params, y), n, repeats),
+              profile=_profile_ms_per_step(run, n),
+              one_core=one_core.get("parallel", {}).get(str(b), {}).get("scan", one_core))
+
+
 def bench_strategies(config, params, classifier, b: int, repeats: int, budget: float) -> dict:
   y = jax.random.uniform(jax.random.PRNGKey(3), (b,) + tuple(config.data.shape), minval=-1, maxval=1)
   out = {}
@@ -304,6 +375,9 @@ def main(argv):
     print(f"batch {b}:", json.dumps({k: round(v["items_per_s"], 3)
                                      for k, v in results["parallel"][str(b)].items()}),
           file=sys.stderr, flush=True)
+  if _BREAKDOWN_BATCH.value > 0:
+    results["breakdown"] = step_breakdown(config, params, classifier, _BREAKDOWN_BATCH.value,
+                                          _REPEATS.value)
   if _STRATEGY_BATCH.value > 0:
     results["strategies"] = bench_strategies(config, params, classifier, _STRATEGY_BATCH.value,
                                              _STRATEGY_REPEATS.value, _BUDGET.value)
@@ -372,6 +446,21 @@ def write(results: dict, config) -> None:
   if so:
     e.append(bc.entry(f"unet_call_in_scan_vs_outside_b{so['batch']}", so["inside_s"] * 1e3, "ms/call",
                       so["outside_s"] * 1e3, **S))
+  bd = results.get("breakdown")
+  if bd:
+    b = bd["batch"]
+    e.append(bc.entry(f"sampler_step_vs_networks_only_b{b}", bd["full_ms"], "ms/step",
+                      bd["networks_ms"], **S))
+    e.append(bc.entry(f"unet_share_of_step_b{b}", bd["unet_ms"], "ms/step", bd["full_ms"], **S))
+    prof = bd["profile"]["ms_per_step"]
+    for kind, ms in prof.items():
+      e.append(bc.entry(f"profile_{kind}_share_of_step_b{b}", ms, "ms/step (profiled)",
+                        sum(prof.values()), **S))
+    e.append(bc.entry(f"profile_xla_ops_per_step_b{b}", bd["profile"]["ops_per_step"], "ops",
+                      "thunks run per step", float("nan"), **S))
+    if "items_per_s" in bd["one_core"]:
+      e.append(bc.entry(f"sampler_jit_scan_two_cores_vs_one_b{b}", b * 1e3 / (bd["full_ms"] * n),
+                        "items/s", bd["one_core"]["items_per_s"], **S))
   st = results.get("strategies")
   if st:
     base = st["enhance"]
@@ -401,6 +490,13 @@ def write(results: dict, config) -> None:
            f"over the best measured 2048^2 matmul",
            "flops_per_call_*: value = XLA cost_analysis (all ops), baseline = torch FlopCounterMode "
            "(conv/matmul/attention only, 2 FLOPs per MAC)"]
+  if bd:
+    notes.append(f"breakdown at batch {bd['batch']}: networks_only = the three networks chained "
+                 "as in a step, no SDE update or RNG; profile_* = XLA:CPU profiler time per step "
+                 "by op kind (conv: YNNPACK or XLA convolutions); two_cores_vs_one: the same "
+                 "trajectory pinned to one core by taskset (subprocess)"
+                 + ("" if "items_per_s" in bd["one_core"] else
+                    f"; the one-core run failed: {str(bd['one_core'])[-300:]!r}"))
   for v, r in results.get("xla_variants", {}).items():
     if "error" in r:
       notes.append(f"XLA variant '{v}' failed: {r['error'][-300:]!r}")
