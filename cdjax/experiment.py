@@ -39,13 +39,13 @@ TABLE_COLUMNS = ["corruption", "method", "accuracy", "ci95", "accuracy_f_x0", "d
 def with_corruption(config: ml_collections.ConfigDict, corruption: str) -> ml_collections.ConfigDict:
   """A copy of `config` for one entry of `config.evaluation.corruptions`: its kwargs (and
   corruption name, when the entry sets "name"), and "{corruption}" in `checkpoint.init_signal` /
-  `init_logits` replaced by the entry's name."""
+  `init_logits` / `enhancer` replaced by the entry's name."""
   cfg = copy.deepcopy(config)
   kwargs = dict(config.evaluation.corruptions[corruption])
   with cfg.unlocked():
     cfg.corruption.name = kwargs.pop("name", config.corruption.name)
     cfg.corruption.kwargs = kwargs
-    for field in ("init_signal", "init_logits"):
+    for field in ("init_signal", "init_logits", "enhancer"):
       cfg.checkpoint[field] = config.checkpoint[field].replace("{corruption}", corruption)
   return cfg
 
@@ -141,13 +141,14 @@ def method_params(params: dict, name: str, overrides: dict) -> tuple[dict, dict]
 
 
 def evaluate_corruption(config, workdir: str, corruption: str, methods: dict, to_model=None,
-                        model=coupled.model_from_config):
+                        model=coupled.model_from_config, load=load_params):
   """Rows and per-method results of `methods` on the eval split degraded by `corruption`.
 
   `to_model` maps the degraded data [N, ...] to the networks' input (speech: waveforms ->
-  compressed spectrograms; default: identity); `model(cfg)` builds the CoupledModel."""
+  compressed spectrograms; default: identity); `model(cfg)` builds the CoupledModel and
+  `load(cfg, branch_dir)` its parameters (as `load_params`)."""
   cfg = corruption_config(config, workdir, corruption)
-  params, classifier_params = load_params(cfg, os.path.join(workdir, corruption))
+  params, classifier_params = load(cfg, os.path.join(workdir, corruption))
   model = model(cfg)
   split = data.load_split(cfg.data.name, cfg.data.eval_split, cfg.data.data_dir,
                           cfg.data.max_eval_examples, cfg.data.label_subset, data.audio_length(cfg))

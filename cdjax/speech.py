@@ -84,6 +84,17 @@ def coupled_model(config: ml_collections.ConfigDict) -> coupled.CoupledModel:
                                                           cond[1]))
 
 
+def load_coupled_params(config: ml_collections.ConfigDict, branch_dir: str):
+  """`experiment.load_params`; for Ex-Diff each signal branch's params become {"score",
+  "enhancer"} (the frozen enhancer of `checkpoint.enhancer`), as `coupled_model` expects."""
+  params, classifier_params = experiment.load_params(config, branch_dir)
+  if uses_latent(config):
+    enhancer = load_enhancer(config)
+    params = {source: dict(p, signal={"score": p["signal"], "enhancer": enhancer})
+              for source, p in params.items()}
+  return params, classifier_params
+
+
 def get_enhance_fn(config: ml_collections.ConfigDict, method: str) -> Callable:
   """`enhance(params, key, y) -> x0` on compressed spectrograms [B, F, T] ("nfe" attribute set).
 
@@ -337,7 +348,7 @@ def run_keywords(config: ml_collections.ConfigDict, workdir: str, out_prefix: st
   for corruption in config.evaluation.corruptions:
     corruption_rows, _ = experiment.evaluate_corruption(
         config, workdir, corruption, dict(config.evaluation.methods),
-        to_model=to_model, model=coupled_model)
+        to_model=to_model, model=coupled_model, load=load_coupled_params)
     rows += [error_rate_row(r) for r in corruption_rows]
   note = ("error_rate: 1 - accuracy of argmax of each method's final logits (95% Wilson CI "
           "half-width); error_rate_f_x0: of the frozen classifier on the enhanced signal; "

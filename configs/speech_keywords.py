@@ -15,6 +15,10 @@ run, nested re-runs the signal at the last step and once more at the end. Mixtur
 crops. The signal branch of each condition starts from the SGMSE+ of
 experiments/speech_enhancement.py for the same condition (`checkpoint.init_signal`; run that
 first).
+
+`--config configs/speech_keywords.py:exdiff` makes the signal branch Ex-Diff instead: the same
+score net reading the frozen enhancer's latent (FiLM), started from the enhancement run's Ex-Diff
+and its enhancer (`checkpoint.enhancer`) of the same condition; use its own workdir.
 """
 import ml_collections
 
@@ -26,7 +30,10 @@ NUM_STEPS = 10   # the paper: 50 (configs/speech_commands.py)
 CROP_SAMPLES = 8064   # the central 63 * 128 samples (64 frames) of each 1 s test clip
 
 
-def get_config():
+def get_config(signal_branch: str = "sgmse"):
+  if signal_branch not in ("sgmse", "exdiff"):
+    raise ValueError(f"configs/speech_keywords.py:{signal_branch}: unknown signal branch; use "
+                     "'sgmse' or 'exdiff'.")
   c = default.get_config()
   se = speech_enhancement.get_config()
   c.data = se.data
@@ -39,12 +46,16 @@ def get_config():
                       num_steps=400, batch_size=32,
                       crop_samples=CROP_SAMPLES)   # f sees 0.5 s windows, as it will in evaluation
   c.signal = se.signal
-  c.signal.net_kwargs.latent_mode = "none"
+  if signal_branch == "exdiff":
+    c.enhancer = se.enhancer
+    c.checkpoint.enhancer = "runs/speech_enhancement/{corruption}/enhancer"
+  else:
+    c.signal.net_kwargs.latent_mode = "none"
   c.signal.sde_kwargs.N = NUM_STEPS
   # DESIGN: the speech signal branch starts from a pre-trained SGMSE+: the enhancement run's
   # (configs/speech_enhancement.py, same net and SDE), fine-tuned here on 0.5 s crops.
   c.signal.update(pretrain_steps=100, batch_size=4)
-  c.checkpoint.init_signal = "runs/speech_enhancement/{corruption}/sgmse"
+  c.checkpoint.init_signal = "runs/speech_enhancement/{corruption}/" + signal_branch
   set_fields(c.logits, 
       net="speech_logit_net",
       # (hidden 64, encoder width 8 / depth 2 on an 8x8-pooled map, 2000 steps: its one-shot

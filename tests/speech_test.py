@@ -279,6 +279,40 @@ def test_coupled_speech_parallel_with_exdiff_signal_branch(enhancer_workdir):
   assert int(out.nfe) == 3 + 3   # one signal and one logit evaluation per step
 
 
+def test_keyword_evaluation_hands_exdiff_its_frozen_enhancer(enhancer_workdir, monkeypatch):
+  """Ex-Diff as the keyword signal branch: the evaluation's signal params become {"score",
+  "enhancer"} (the enhancer of checkpoint.enhancer) for every source; SGMSE+'s stay as stored."""
+  stored = {"pretrained": {"signal": {"w": 1.0}, "logits": {"v": 2.0}},
+            "joint": {"signal": {"w": 3.0}, "logits": {"v": 4.0}}}
+  monkeypatch.setattr(speech.experiment, "load_params", lambda cfg, d: (stored, {"c": 0.0}))
+  config = _config()
+  config.checkpoint.enhancer = enhancer_workdir
+  params, classifier = speech.load_coupled_params(config, "unused")
+  enhancer = speech.load_enhancer(config)
+  for source in stored:
+    assert params[source]["signal"]["score"] == stored[source]["signal"]
+    assert params[source]["logits"] == stored[source]["logits"]
+    jax.tree.map(np.testing.assert_array_equal, params[source]["signal"]["enhancer"], enhancer)
+  assert classifier == {"c": 0.0}
+  config.signal.net_kwargs.latent_mode = "none"
+  assert speech.load_coupled_params(config, "unused")[0] == stored
+
+
+def test_keyword_config_signal_branches():
+  """configs/speech_keywords.py:exdiff reads the enhancement run's Ex-Diff and enhancer of each
+  condition ("{corruption}" filled in per condition); the default is SGMSE+ without a latent."""
+  from configs import speech_keywords
+  sgmse, exdiff = speech_keywords.get_config(), speech_keywords.get_config("exdiff")
+  assert sgmse.signal.net_kwargs.latent_mode == "none" and not speech.uses_latent(sgmse)
+  reverb = speech.experiment.with_corruption(exdiff, "noise_reverb")
+  assert speech.uses_latent(reverb) and reverb.signal.net_kwargs.latent_mode == "film"
+  assert reverb.checkpoint.enhancer == "runs/speech_enhancement/noise_reverb/enhancer"
+  assert reverb.checkpoint.init_signal == "runs/speech_enhancement/noise_reverb/exdiff"
+  assert reverb.enhancer.to_dict() == speech_enhancement.get_config().enhancer.to_dict()
+  with pytest.raises(ValueError, match="unknown signal branch"):
+    speech_keywords.get_config("sgmse+")
+
+
 def test_enhancement_conditions_read_evaluation_corruptions_like_the_coupled_experiments():
   """configs/speech_enhancement.py's conditions: additive noise (corruption.name's kwargs) and the
   reverberant entry naming its own corruption; SGMSE+ has no latent, Ex-Diff reads the enhancer
