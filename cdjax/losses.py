@@ -74,9 +74,15 @@ def signal_loss(params, frozen, batch, rng, *, apply: Callable, sde: sde_lib.SDE
   k_obs, k_noise, k_net = jax.random.split(rng, 3)
   x0, y = observe(k_obs, batch)
   logits = batch.get("logits", jnp.zeros((x0.shape[0], num_classes), jnp.float32))
-  cond = (y, logits) if latent is None else (y, logits, latent(frozen["enhancer"], y))
+  cond = signal_conditioning(y, logits, latent, frozen)
   loss, _ = denoise(apply, params, sde, parameterization, k_noise, k_net, x0, y, cond)
   return loss, {"loss": loss}
+
+
+def signal_conditioning(y, logits, latent: Optional[Callable], frozen) -> tuple:
+  """The signal net's conditioning inputs: (y, logits), plus (Ex-Diff) the frozen enhancer's
+  latent `latent(frozen["enhancer"], y)` when `latent` is given."""
+  return (y, logits) if latent is None else (y, logits, latent(frozen["enhancer"], y))
 
 
 def classifier_targets(classify: Callable, classifier_params, x0, y, std: float):
@@ -153,7 +159,7 @@ def joint_loss(params, frozen, batch, rng, *, signal_apply: Callable, logits_app
                signal_parameterization: str = "eps", logits_parameterization: str = "eps",
                logits_cond: str = "estimate", switch_t: float = 0.5,
                signal_cond: str = "estimate", signal_switch_t: float = 0.5,
-               x0_range: Optional[tuple] = None):
+               x0_range: Optional[tuple] = None, latent: Optional[Callable] = None):
   """Joint training of `params = {"signal", "logits"}`, both branches at one time t [B] (the
   logit SDE's at the matching fraction), as in the Parallel sampler. Returns (loss, metrics).
 
@@ -164,6 +170,7 @@ def joint_loss(params, frozen, batch, rng, *, signal_apply: Callable, logits_app
   in pre-training; or "estimate": below the fraction `signal_switch_t` of the range (the
   sampler's `switch_t`), the signal's stop-gradient x0_hat (clipped to `x0_range`) and
   f(x0_hat), as the sampler's logit branch sees after its switch; above it (f(y), y).
+  Ex-Diff (`latent` given): the signal net also reads `latent(frozen["enhancer"], y)`.
   Loss: weights["signal"] L_x + weights["logits"] L_l."""
   _check_choice(logits_cond, JOINT_LOGITS_CONDS, "joint logits conditioning (train.joint_logits_cond)")
   _check_choice(signal_cond, JOINT_SIGNAL_CONDS, "joint signal conditioning (train.joint_signal_cond)")
@@ -181,7 +188,7 @@ def joint_loss(params, frozen, batch, rng, *, signal_apply: Callable, logits_app
   else:
     logits = noised_clean_logits(k_z, signal_sde, logits_sde, t_x, l0, f_y, switch_t)
   loss_x, x0_hat = denoise(signal_apply, params["signal"], signal_sde, signal_parameterization,
-                           k_x, k_xnet, x0, y, (y, logits), t_x)
+                           k_x, k_xnet, x0, y, signal_conditioning(y, logits, latent, frozen), t_x)
   if signal_cond == "estimate":
     x0_hat = jax.lax.stop_gradient(x0_hat if x0_range is None else jnp.clip(x0_hat, *x0_range))
     below = time_fraction(signal_sde, t_x) < signal_switch_t

@@ -337,13 +337,11 @@ def joint_trainer(config) -> Trainer:
   """Both branches together (`losses.joint_loss`), each started from its pre-trained workdir
   (`config.checkpoint.init_signal` / `init_logits`) when set; `config.train.joint_steps` steps.
   The signal net's logits: `config.train.joint_logits_cond` (and `joint_switch_t`); the logit
-  net's signal: `config.train.joint_signal_cond` (switching at `config.sampling.switch_t`)."""
+  net's signal: `config.train.joint_signal_cond` (switching at `config.sampling.switch_t`).
+  Ex-Diff: the frozen enhancer rides in `frozen` next to the classifier."""
   observe = _observe(config)
   classify, classifier_params, sha = _frozen_classifier(config)
-  s_net, s_sde, s_param, s_init, latent, _ = _signal_branch(config, observe)
-  if latent is not None:
-    raise NotImplementedError("Joint training with an Ex-Diff enhancer latent is not supported; "
-                              "set checkpoint.enhancer='' or signal.net_kwargs.latent_mode='none'.")
+  s_net, s_sde, s_param, s_init, latent, frozen = _signal_branch(config, observe)
   l_net, l_sde, l_param, l_init = _logits_branch(config, observe)
   s_init = _init_or_restore(s_init, config.checkpoint.init_signal, None)
   l_init = _init_or_restore(l_init, config.checkpoint.init_logits, sha)
@@ -354,13 +352,14 @@ def joint_trainer(config) -> Trainer:
       signal_parameterization=s_param, logits_parameterization=l_param,
       logits_cond=config.train.joint_logits_cond, switch_t=config.train.joint_switch_t,
       signal_cond=config.train.joint_signal_cond, signal_switch_t=config.sampling.switch_t,
-      x0_range=None if config.signal.x0_clip is None else tuple(config.signal.x0_clip))
+      x0_range=None if config.signal.x0_clip is None else tuple(config.signal.x0_clip),
+      latent=latent)
 
   def init(rng, batch):
     k_s, k_l = jax.random.split(rng)
     return {"signal": s_init(k_s, batch), "logits": l_init(k_l, batch)}
   return Trainer(loss_fn, init, config.train.joint_steps, config.signal.batch_size,
-                 frozen={"classifier": classifier_params}, classifier_sha256=sha)
+                 frozen=dict(frozen, classifier=classifier_params), classifier_sha256=sha)
 
 
 # ---- the loop -----------------------------------------------------------------------------------

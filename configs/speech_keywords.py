@@ -18,7 +18,10 @@ first).
 
 `--config configs/speech_keywords.py:exdiff` makes the signal branch Ex-Diff instead: the same
 score net reading the frozen enhancer's latent (FiLM), started from the enhancement run's Ex-Diff
-and its enhancer (`checkpoint.enhancer`) of the same condition; use its own workdir.
+and its enhancer (`checkpoint.enhancer`) of the same condition; use its own workdir. It adds the
+speech recipe's joint stage (DESIGN.md, training step 4): the signal net learns from noised clean
+logits (t < T/2, else f(y)), the logit net from the signal's x0_hat after the switch; the
+strategies sample with the joint parameters, the baselines with the pre-trained branches.
 """
 import ml_collections
 
@@ -27,6 +30,7 @@ from configs import speech_enhancement
 from configs.speech_enhancement import set_fields
 
 NUM_STEPS = 10   # the paper: 50 (configs/speech_commands.py)
+JOINT_STEPS = 1200   # Ex-Diff variant
 CROP_SAMPLES = 8064   # the central 63 * 128 samples (64 frames) of each 1 s test clip
 
 
@@ -49,6 +53,7 @@ def get_config(signal_branch: str = "sgmse"):
   if signal_branch == "exdiff":
     c.enhancer = se.enhancer
     c.checkpoint.enhancer = "runs/speech_enhancement/{corruption}/enhancer"
+    c.train.joint_steps = JOINT_STEPS
   else:
     c.signal.net_kwargs.latent_mode = "none"
   c.signal.sde_kwargs.N = NUM_STEPS
@@ -65,9 +70,9 @@ def get_config(signal_branch: str = "sgmse"):
       sde="ouve", sde_kwargs=dict(theta=1.5, sigma_min=0.05, sigma_max=0.5, N=NUM_STEPS, t_eps=0.03),
       parameterization="eps", standardize_std=0.8, pretrain_steps=4000, batch_size=16)
   c.optim = se.optim
-  # Joint training (off here; configs/speech_commands.py): the speech recipe's conditioning.
-  c.train.update(ema_decay=0.99, log_every=50, ckpt_every=300, joint_steps=0,
-                 joint_logits_cond="noised_clean")
+  # Joint training (Ex-Diff only; configs/speech_commands.py): the speech recipe's conditioning.
+  c.train.update(ema_decay=0.99, log_every=50, ckpt_every=300,
+                 joint_logits_cond="noised_clean", loss_weights=dict(signal=1.0, logits=1.0))
   c.sampling.update(
       signal_predictor="reverse_diffusion", logits_predictor="reverse_diffusion",
       corrector="annealed_langevin", snr=0.5, n_corrector=1,
@@ -79,8 +84,10 @@ def get_config(signal_branch: str = "sgmse"):
       corruptions=se.evaluation.corruptions,   # noise, noise_reverb: each from its SGMSE+
       methods={
           "noisy": dict(strategy="noisy"),
-          "enhance_then_classify": dict(strategy="enhance_then_classify"),
-          "card": dict(strategy="card"),   # the logit branch alone, conditioned on y throughout
+          # the baselines sample with the pre-trained branches; the strategies with the joint
+          # stage's when it was trained
+          "enhance_then_classify": dict(strategy="enhance_then_classify", params="pretrained"),
+          "card": dict(strategy="card", params="pretrained"),   # the logit branch alone, on y
           "parallel": dict(strategy="parallel"),
           "alternating": dict(strategy="alternating"),
           "nested": dict(strategy="nested"),

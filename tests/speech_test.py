@@ -246,9 +246,9 @@ def test_sgmse_full_shapes():
   assert out.shape == y.shape and "latent" in params["params"]
 
 
-def test_coupled_speech_parallel_with_exdiff_signal_branch(enhancer_workdir):
-  """The speech settings of the coupled sampler (signal-first Parallel, f(y) as round-one logits,
-  OU logit SDE) with the Ex-Diff signal branch (score net + frozen enhancer latent)."""
+def _coupled_config(enhancer_workdir):
+  """`_config()` with Ex-Diff reading the enhancer in `enhancer_workdir`, a tiny speech
+  classifier and an OU logit branch."""
   config = _config()
   config.checkpoint.enhancer = enhancer_workdir
   set_fields(config.classifier, net="speech_classifier",
@@ -258,6 +258,33 @@ def test_coupled_speech_parallel_with_exdiff_signal_branch(enhancer_workdir):
              net_kwargs=dict(num_classes=10, hidden=16, depth=1, enc_width=8, enc_depth=1,
                              pool=(4, 4)),
              sde="ouve", sde_kwargs=dict(N=3), parameterization="eps")
+  return config
+
+
+def test_joint_training_with_exdiff_signal_branch(enhancer_workdir, tmp_path):
+  """The joint stage with the Ex-Diff signal branch: the frozen enhancer and classifier ride in
+  `frozen`, and the signal term reads the enhancer's latent (its zero-initialised integration
+  layer gets gradients and moves); the logit net is trained too."""
+  config = _coupled_config(enhancer_workdir)
+  config.train.update(joint_steps=2, joint_logits_cond="noised_clean")
+  config.sampling.switch_t = 1.0   # every example's logit term reads the signal's x0_hat
+  classifier = get_network(config.classifier.net, **config.classifier.net_kwargs)
+  y_spec = jnp.zeros((1, F, 32), jnp.complex64)
+  config.checkpoint.classifier = str(tmp_path / "classifier")
+  checkpoint.save_classifier(config.checkpoint.classifier,
+                             classifier.init(KEY, y_spec)["params"], 0.1, config)
+  state, trainer, losses = _train_two_steps(config, "joint")
+  assert np.all(np.isfinite(losses))
+  assert set(trainer.frozen) == {"enhancer", "classifier"} and set(state.params) == {"signal", "logits"}
+  jax.tree.map(np.testing.assert_array_equal, trainer.frozen["enhancer"],
+               speech.load_enhancer(config))
+  assert any(float(jnp.abs(v).max()) > 0 for v in jax.tree.leaves(state.params["signal"]["latent"]))
+
+
+def test_coupled_speech_parallel_with_exdiff_signal_branch(enhancer_workdir):
+  """The speech settings of the coupled sampler (signal-first Parallel, f(y) as round-one logits,
+  OU logit SDE) with the Ex-Diff signal branch (score net + frozen enhancer latent)."""
+  config = _coupled_config(enhancer_workdir)
   config.sampling.update(parallel_order="signal_first", initial_logits="classifier",
                          logits_predictor="reverse_diffusion", switch_t=0.34, corrector="none")
   model = speech.coupled_model(config)
@@ -300,7 +327,8 @@ def test_keyword_evaluation_hands_exdiff_its_frozen_enhancer(enhancer_workdir, m
 
 def test_keyword_config_signal_branches():
   """configs/speech_keywords.py:exdiff reads the enhancement run's Ex-Diff and enhancer of each
-  condition ("{corruption}" filled in per condition); the default is SGMSE+ without a latent."""
+  condition ("{corruption}" filled in per condition) and adds the joint stage; the default is
+  SGMSE+ without a latent or joint stage."""
   from configs import speech_keywords
   sgmse, exdiff = speech_keywords.get_config(), speech_keywords.get_config("exdiff")
   assert sgmse.signal.net_kwargs.latent_mode == "none" and not speech.uses_latent(sgmse)
@@ -309,6 +337,15 @@ def test_keyword_config_signal_branches():
   assert reverb.checkpoint.enhancer == "runs/speech_enhancement/noise_reverb/enhancer"
   assert reverb.checkpoint.init_signal == "runs/speech_enhancement/noise_reverb/exdiff"
   assert reverb.enhancer.to_dict() == speech_enhancement.get_config().enhancer.to_dict()
+  # Ex-Diff trains the joint stage; the baselines sample with the pre-trained branches.
+  assert sgmse.train.joint_steps == 0 < exdiff.train.joint_steps
+  params = speech.experiment.method_params
+  joint = {"pretrained": "p", "joint": "j"}
+  methods = exdiff.evaluation.methods
+  for names, expected in ((("enhance_then_classify", "card"), "p"),
+                          (("parallel", "alternating", "nested"), "j")):
+    for name in names:
+      assert params(joint, name, methods[name].to_dict())[0] == expected, name
   with pytest.raises(ValueError, match="unknown signal branch"):
     speech_keywords.get_config("sgmse+")
 
