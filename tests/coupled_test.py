@@ -118,6 +118,20 @@ def test_alternating_k1_equals_enhance_then_classify():
   assert int(alt.nfe) == 40 and int(ref.nfe) == 20
 
 
+def test_parallel_without_switch_runs_cards_logit_steps(monkeypatch):
+  """With switch_t = 0 Parallel's logit branch sees y throughout, as `card`'s does: with every
+  Gaussian draw zeroed (so the two strategies' different keys cannot matter) the final logits are
+  equal; with a switch they differ (the logits then see f(x0_hat))."""
+  monkeypatch.setattr(sde_lib, "normal", lambda key, shape, dtype=jnp.float32: jnp.zeros(shape, dtype))
+  _, y = toy_data(32, jax.random.PRNGKey(4))
+  model = make_model(20)
+  card = run(model, sampling_config(strategy="card"), y)
+  no_switch = run(model, sampling_config(strategy="parallel", switch_t=0.0), y, key=1)
+  np.testing.assert_array_equal(no_switch.logits, card.logits)
+  switched = run(model, sampling_config(strategy="parallel", switch_t=0.5), y, key=1)
+  assert np.abs(np.asarray(switched.logits - card.logits)).max() > 1e-3
+
+
 @pytest.mark.parametrize("strategy", ["parallel", "alternating", "nested", "card", "enhance_then_classify"])
 def test_strategies_are_deterministic_and_trace_networks_a_bounded_number_of_times(strategy):
   _, y = toy_data(16, jax.random.PRNGKey(2))
