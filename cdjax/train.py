@@ -263,7 +263,7 @@ def _signal_branch(config, observe):
   def init(rng, batch):
     x0, y = observe(rng, batch)
     b = x0.shape[0]
-    cond = (y, jnp.zeros((b, k))) + (() if latent is None else (latent(frozen["enhancer"], y),))
+    cond = losses.signal_conditioning(y, jnp.zeros((b, k)), latent, frozen)
     return _init(net, rng, x0, jnp.zeros((b,)), *cond)
   return net, sde, c.parameterization, init, latent, frozen
 
