@@ -22,7 +22,7 @@ NUM_CLASSES = 12
 
 
 def get_config():
-  c = speech_keywords.get_config()
+  c = speech_keywords.get_config("sgmse")
   c.data.update(name="speech_commands", num_classes=NUM_CLASSES, eval_split="test",
                 max_eval_examples=-1)
   c.audio.update(train_crop_frames=0, frame_multiple=64)

@@ -6,22 +6,22 @@ python experiments/speech_keywords.py --config configs/speech_keywords.py \
     --workdir runs/speech_keywords --out experiments/results/speech_keywords
 Frozen classifier: log-mel CNN (`speech_classifier`) on random 0.5 s windows of clean clips
 (trained on whole 1 s clips it scored 98% on them but 51% on the 0.5 s windows every method
-sees). Signal branch: SGMSE+ (tiny NCSN++, OUVE, neg_score) with the logit gate at its
-bottleneck; logit branch: OU SDE (OUVE on the K logits, reverting to f(c)) with
-`speech_logit_net`. Speech sampling settings: parallel_order signal_first, initial_logits = f(y),
-the logits condition on x0_hat in the last 10% of the steps, alternating skips the last logit
-run, nested re-runs the signal at the last step and once more at the end. Mixtures are of whole
-1 s clips; the models see the central 0.5 s (`evaluation.crop_samples`), trained on random 0.5 s
-crops. The signal branch of each condition starts from the SGMSE+ of
-experiments/speech_enhancement.py for the same condition (`checkpoint.init_signal`; run that
-first).
+sees). Signal branch: the tiny NCSN++ score net (OUVE, neg_score) with the logit gate at its
+bottleneck, Ex-Diff by default (below); logit branch: OU SDE (OUVE on the K logits, reverting to
+f(c)) with `speech_logit_net`. Speech sampling settings: parallel_order signal_first,
+initial_logits = f(y), the logits condition on x0_hat in the last 10% of the steps, alternating
+skips the last logit run, nested re-runs the signal at the last step and once more at the end.
+Mixtures are of whole 1 s clips; the models see the central 0.5 s (`evaluation.crop_samples`),
+trained on random 0.5 s crops. Evaluated on all 360 test clips.
 
-`--config configs/speech_keywords.py:exdiff` makes the signal branch Ex-Diff instead: the same
-score net reading the frozen enhancer's latent (FiLM), started from the enhancement run's Ex-Diff
-and its enhancer (`checkpoint.enhancer`) of the same condition; use its own workdir. It adds the
-speech recipe's joint stage (DESIGN.md, training step 4): the signal net learns from noised clean
-logits (t < T/2, else f(y)), the logit net from the signal's x0_hat after the switch; the
+The signal branch (default `:exdiff`) is Ex-Diff: the score net reads the frozen enhancer's latent
+(FiLM), started from experiments/speech_enhancement.py's Ex-Diff and its enhancer
+(`checkpoint.enhancer`) of the same condition (run that first), and trains the speech recipe's
+joint stage (DESIGN.md, training step 4): the signal net learns from noised clean logits
+(t < T/2, else f(y)), the logit net from the signal's x0_hat after the switch; the
 strategies sample with the joint parameters, the baselines with the pre-trained branches.
+`--config configs/speech_keywords.py:sgmse` is the plain SGMSE+ branch (the enhancement run's
+SGMSE+, no latent, no joint stage); use its own workdir.
 """
 import ml_collections
 
@@ -34,14 +34,14 @@ JOINT_STEPS = 1200   # Ex-Diff variant
 CROP_SAMPLES = 8064   # the central 63 * 128 samples (64 frames) of each 1 s test clip
 
 
-def get_config(signal_branch: str = "sgmse"):
+def get_config(signal_branch: str = "exdiff"):
   if signal_branch not in ("sgmse", "exdiff"):
     raise ValueError(f"configs/speech_keywords.py:{signal_branch}: unknown signal branch; use "
                      "'sgmse' or 'exdiff'.")
   c = default.get_config()
   se = speech_enhancement.get_config()
   c.data = se.data
-  c.data.max_eval_examples = 120   # of the 360 test clips: 95% CIs about +-0.08
+  c.data.max_eval_examples = -1   # all 360 test clips: 95% CIs about +-0.05
   c.audio = se.audio
   c.audio.update(train_crop_frames=64, frame_multiple=32)
   c.corruption = se.corruption

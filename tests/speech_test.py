@@ -326,11 +326,11 @@ def test_keyword_evaluation_hands_exdiff_its_frozen_enhancer(enhancer_workdir, m
 
 
 def test_keyword_config_signal_branches():
-  """configs/speech_keywords.py:exdiff reads the enhancement run's Ex-Diff and enhancer of each
-  condition ("{corruption}" filled in per condition) and adds the joint stage; the default is
+  """configs/speech_keywords.py (default :exdiff) reads the enhancement run's Ex-Diff and enhancer
+  of each condition ("{corruption}" filled in per condition) and adds the joint stage; :sgmse is
   SGMSE+ without a latent or joint stage."""
   from configs import speech_keywords
-  sgmse, exdiff = speech_keywords.get_config(), speech_keywords.get_config("exdiff")
+  sgmse, exdiff = speech_keywords.get_config("sgmse"), speech_keywords.get_config()
   assert sgmse.signal.net_kwargs.latent_mode == "none" and not speech.uses_latent(sgmse)
   reverb = speech.experiment.with_corruption(exdiff, "noise_reverb")
   assert speech.uses_latent(reverb) and reverb.signal.net_kwargs.latent_mode == "film"
