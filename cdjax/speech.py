@@ -71,6 +71,19 @@ def load_enhancer(config: ml_collections.ConfigDict):
   return checkpoint.restore_params(os.path.join(config.checkpoint.enhancer, "checkpoints"))
 
 
+def trained_params(workdir: str, method: str):
+  """EMA parameters of enhancement `method` trained in a condition's workdir, as
+  `get_enhance_fn(config, method)` takes them: the enhancer's ("discriminative"), {"score"}
+  ("sgmse"), {"score", "enhancer"} ("exdiff")."""
+  restore = lambda stage: checkpoint.restore_params(os.path.join(workdir, stage, "checkpoints"))
+  if method == "discriminative":
+    return restore("enhancer")
+  params = {"score": restore(method)}
+  if method == "exdiff":
+    params["enhancer"] = restore("enhancer")
+  return params
+
+
 def coupled_model(config: ml_collections.ConfigDict) -> coupled.CoupledModel:
   """`coupled.model_from_config`; for Ex-Diff the signal params are {"score", "enhancer"} and the
   enhancer's latent of y, computed once per sampler call, enters the score net."""
@@ -217,12 +230,6 @@ def evaluate_enhancement(config, workdir: str, condition: str) -> tuple[list[dic
   clean = audio.center_crop(split["audio"], cfg.evaluation.crop_samples)
   corrupt = data.corruption_from_config(cfg, cfg.data.eval_split)
   noisy = evaluate.degrade(corrupt, jax.random.PRNGKey(cfg.evaluation.corruption_seed), clean)
-  base = os.path.join(workdir, condition)
-  enhancer = checkpoint.restore_params(os.path.join(base, "enhancer", "checkpoints"))
-  params = {"discriminative": enhancer,
-            "sgmse": {"score": checkpoint.restore_params(os.path.join(base, "sgmse", "checkpoints"))},
-            "exdiff": {"score": checkpoint.restore_params(os.path.join(base, "exdiff", "checkpoints")),
-                       "enhancer": enhancer}}
   seconds_of_audio = clean.size / cfg.audio.sample_rate
   waves, scores, rows = {"clean": clean, "noisy": noisy}, {}, []
   for method in cfg.evaluation.methods:
@@ -231,8 +238,9 @@ def evaluate_enhancement(config, workdir: str, condition: str) -> tuple[list[dic
     else:
       method_cfg = condition_config(config, condition, method, workdir)
       enhance = get_enhance_fn(method_cfg, method)
+      params = trained_params(os.path.join(workdir, condition), method)
       estimate, seconds, compile_seconds = enhance_waveforms(
-          enhance, params[method], frontend, noisy, jax.random.PRNGKey(cfg.evaluation.sampling_seed),
+          enhance, params, frontend, noisy, jax.random.PRNGKey(cfg.evaluation.sampling_seed),
           cfg.evaluation.batch_size)
       nfe = enhance.nfe
     waves[method] = estimate
@@ -413,11 +421,8 @@ def enhance_file(config: ml_collections.ConfigDict, workdir: str, input_path: st
   cfg = copy.deepcopy(config)
   with cfg.unlocked():
     cfg.checkpoint.enhancer = os.path.join(workdir, "enhancer") if method == "exdiff" else ""
-  restore = lambda d: checkpoint.restore_params(os.path.join(workdir, d, "checkpoints"))
-  params = ({"discriminative": lambda: restore("enhancer"),
-             "sgmse": lambda: {"score": restore("sgmse")},
-             "exdiff": lambda: {"score": restore("exdiff"), "enhancer": restore("enhancer")}}[method])()
-  enhanced, seconds, _ = enhance_waveforms(get_enhance_fn(cfg, method), params,
+  enhanced, seconds, _ = enhance_waveforms(get_enhance_fn(cfg, method),
+                                           trained_params(workdir, method),
                                            audio.Frontend.from_config(cfg), wave[None],
                                            jax.random.PRNGKey(seed), 1)
   out = np.clip(enhanced[0], -1.0, 1.0)
