@@ -30,7 +30,7 @@ from configs import speech_enhancement
 from configs.speech_enhancement import set_fields
 
 NUM_STEPS = 10   # the paper: 50 (configs/speech_commands.py)
-JOINT_STEPS = 1200   # Ex-Diff variant
+JOINT_STEPS = 1200   # the Ex-Diff branch's joint stage (none for :sgmse)
 CROP_SAMPLES = 8064   # the central 63 * 128 samples (64 frames) of each 1 s test clip
 
 
