@@ -64,15 +64,28 @@ def make_schedule(optim: ml_collections.ConfigDict, num_steps: int) -> optax.Sch
   raise ValueError(f"Unknown optim.schedule {optim.schedule!r}; use 'constant' or 'cosine'.")
 
 
-def make_optimizer(optim: ml_collections.ConfigDict, num_steps: int) -> optax.GradientTransformation:
-  """Global-norm clipping (`optim.grad_clip` > 0), then adam or adamw on the schedule."""
-  lr = make_schedule(optim, num_steps)
-  if optim.name == "adam":
-    opt = optax.adam(lr, b1=optim.b1, b2=optim.b2, eps=optim.eps)
-  elif optim.name == "adamw":
-    opt = optax.adamw(lr, b1=optim.b1, b2=optim.b2, eps=optim.eps, weight_decay=optim.weight_decay)
-  else:
+def make_optimizer(optim: ml_collections.ConfigDict, num_steps: int,
+                   lr_scales: Optional[dict] = None) -> optax.GradientTransformation:
+  """Global-norm clipping (`optim.grad_clip` > 0), then adam or adamw on the schedule.
+
+  With `lr_scales` {key: s} the parameters are a dict with those keys, and subtree `key` learns
+  at s times the schedule (the joint stage's per-branch rates); s = 1 everywhere is the plain
+  optimizer, bit for bit."""
+  schedule = make_schedule(optim, num_steps)
+
+  def adam(scale: float = 1.0):
+    lr = lambda count: scale * schedule(count)
+    if optim.name == "adam":
+      return optax.adam(lr, b1=optim.b1, b2=optim.b2, eps=optim.eps)
+    if optim.name == "adamw":
+      return optax.adamw(lr, b1=optim.b1, b2=optim.b2, eps=optim.eps,
+                         weight_decay=optim.weight_decay)
     raise ValueError(f"Unknown optim.name {optim.name!r}; use 'adam' or 'adamw'.")
+  if lr_scales is None:
+    opt = adam()
+  else:
+    opt = optax.multi_transform({k: adam(s) for k, s in lr_scales.items()},
+                                {k: k for k in lr_scales})
   return optax.chain(optax.clip_by_global_norm(optim.grad_clip), opt) if optim.grad_clip > 0 else opt
 
 
@@ -136,6 +149,7 @@ class Trainer:
   classifier_sha256: Optional[str] = None   # the frozen classifier trained against, recorded
   evaluate: Optional[Callable] = None       # (ema_params) -> {name: float}, at checkpoints
   export: Optional[Callable] = None         # (workdir, ema_params, last metrics) after training
+  lr_scales: Optional[dict] = None          # {params key: learning-rate factor} (make_optimizer)
 
 
 def _network(config, section) -> nn.Module:
@@ -332,13 +346,23 @@ def enhancer_trainer(config) -> Trainer:
                  c.num_steps, c.batch_size)
 
 
+def _joint_lr_scales(config) -> dict:
+  """`config.train.joint_lr_scales` {"signal": s, "logits": s}, checked."""
+  scales = dict(config.train.joint_lr_scales)
+  if sorted(scales) != ["logits", "signal"] or min(scales.values()) < 0:
+    raise ValueError(f"train.joint_lr_scales={scales}: give non-negative factors for exactly "
+                     "'signal' and 'logits', e.g. dict(signal=1.0, logits=0.1).")
+  return scales
+
+
 @TRAINERS.register("joint")
 def joint_trainer(config) -> Trainer:
   """Both branches together (`losses.joint_loss`), each started from its pre-trained workdir
   (`config.checkpoint.init_signal` / `init_logits`) when set; `config.train.joint_steps` steps.
   The signal net's logits: `config.train.joint_logits_cond` (and `joint_switch_t`); the logit
   net's signal: `config.train.joint_signal_cond` (switching at `config.sampling.switch_t`).
-  Ex-Diff: the frozen enhancer rides in `frozen` next to the classifier."""
+  Each branch learns at `config.train.joint_lr_scales` times the schedule. Ex-Diff: the frozen
+  enhancer rides in `frozen` next to the classifier."""
   observe = _observe(config)
   classify, classifier_params, sha = _frozen_classifier(config)
   s_net, s_sde, s_param, s_init, latent, frozen = _signal_branch(config, observe)
@@ -359,7 +383,8 @@ def joint_trainer(config) -> Trainer:
     k_s, k_l = jax.random.split(rng)
     return {"signal": s_init(k_s, batch), "logits": l_init(k_l, batch)}
   return Trainer(loss_fn, init, config.train.joint_steps, config.signal.batch_size,
-                 frozen=dict(frozen, classifier=classifier_params), classifier_sha256=sha)
+                 frozen=dict(frozen, classifier=classifier_params), classifier_sha256=sha,
+                 lr_scales=_joint_lr_scales(config))
 
 
 # ---- the loop -----------------------------------------------------------------------------------
@@ -431,7 +456,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, trainer_name: str) ->
   audio_length = data.audio_length(config)
   batches = iter(data.make_loader(source, trainer.batch_size, seed=config.data.shuffle_seed,
                                   worker_count=config.data.worker_count, audio_length=audio_length))
-  optimizer = make_optimizer(config.optim, trainer.num_steps)
+  optimizer = make_optimizer(config.optim, trainer.num_steps, trainer.lr_scales)
   # Initial params from the "rbg" generator: XLA:CPU compiles threefry initializers ~7x slower.
   k_init = jax.random.key(config.seed, impl="rbg")
   example = jax.tree.map(lambda v: v[None],

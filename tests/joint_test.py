@@ -165,11 +165,14 @@ class TinyNet(nn.Module):
         (b, self.num_outputs) if self.num_outputs else first.shape)
 
 
-def test_joint_trainer_steps_update_both_branches(tmp_path, monkeypatch):
+def _joint_steps(tmp_path, monkeypatch, lr_scales=None, plain_optimizer=False):
   """Three steps of `TRAINERS["joint"]` (noised_clean; one-layer networks, so that compiling
-  takes seconds): finite losses, and both branches' parameters move."""
+  takes seconds), `train.joint_lr_scales` = lr_scales when given: (initial params, final
+  params), asserting finite losses. plain_optimizer: `make_optimizer` without per-branch rates."""
   config = tiny_config()
   config.update_from_flattened_dict({"mesh.data": 1, "train.joint_logits_cond": "noised_clean"})
+  if lr_scales is not None:
+    config.train.joint_lr_scales = lr_scales
   k = config.data.num_classes
   monkeypatch.setattr(train.nets, "get_network", lambda name, **kwargs: TinyNet(
       k if name == config.classifier.net else 0))
@@ -181,7 +184,8 @@ def test_joint_trainer_steps_update_both_branches(tmp_path, monkeypatch):
 
   trainer = train.TRAINERS.get("joint")(config)
   params = jax.device_get(trainer.init_params(key, {"image": images[0, :1]}))
-  optimizer = train.make_optimizer(config.optim, trainer.num_steps)
+  optimizer = train.make_optimizer(config.optim, trainer.num_steps,
+                                   None if plain_optimizer else trainer.lr_scales)
   mesh = parallel.make_mesh(config)
   state = parallel.replicate(train.TrainState.create(params, optimizer, key), mesh)
   step = train.make_train_step(trainer.loss_fn, optimizer, config, mesh)
@@ -189,6 +193,30 @@ def test_joint_trainer_steps_update_both_branches(tmp_path, monkeypatch):
   for batch in images:
     state, metrics = step(state, parallel.global_batch({"image": batch}, mesh), frozen)
     assert all(np.isfinite(float(metrics[m])) for m in ("loss", "signal_loss", "logits_loss"))
+  return params, jax.device_get(state.params)
+
+
+def test_joint_trainer_steps_update_both_branches(tmp_path, monkeypatch):
+  """Both branches' parameters move; with the default per-branch rates (1, 1) the optimizer is
+  the plain one, bit for bit."""
+  params, new = _joint_steps(tmp_path, monkeypatch)
   for branch in ("signal", "logits"):
-    new = jax.tree.leaves(jax.device_get(state.params[branch]))
-    assert all(not np.allclose(a, b) for a, b in zip(jax.tree.leaves(params[branch]), new)), branch
+    assert all(not np.allclose(a, b) for a, b in zip(jax.tree.leaves(params[branch]),
+                                                     jax.tree.leaves(new[branch]))), branch
+  _, plain = _joint_steps(tmp_path, monkeypatch, plain_optimizer=True)
+  for a, b in zip(jax.tree.leaves(new), jax.tree.leaves(plain)):
+    np.testing.assert_array_equal(a, b)
+
+
+def test_joint_lr_scales_per_branch(tmp_path, monkeypatch):
+  """A branch at rate factor 0 stays exactly as it started while the other learns; factors for
+  other keys, or negative ones, are a clear error."""
+  params, new = _joint_steps(tmp_path, monkeypatch, dict(signal=1.0, logits=0.0))
+  for a, b in zip(jax.tree.leaves(params["logits"]), jax.tree.leaves(new["logits"])):
+    np.testing.assert_array_equal(a, b)
+  assert not np.allclose(params["signal"]["Dense_0"]["kernel"], new["signal"]["Dense_0"]["kernel"])
+  for bad in (dict(signal=1.0), dict(signal=1.0, logit=0.1), dict(signal=1.0, logits=-0.1)):
+    config = tiny_config()
+    config.train.joint_lr_scales = bad
+    with pytest.raises(ValueError, match="train.joint_lr_scales"):
+      train._joint_lr_scales(config)
