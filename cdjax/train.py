@@ -73,7 +73,7 @@ def make_optimizer(optim: ml_collections.ConfigDict, num_steps: int,
   optimizer, bit for bit."""
   schedule = make_schedule(optim, num_steps)
 
-  def adam(scale: float = 1.0):
+  def scaled(scale: float = 1.0):   # adam or adamw at scale x the schedule
     lr = lambda count: scale * schedule(count)
     if optim.name == "adam":
       return optax.adam(lr, b1=optim.b1, b2=optim.b2, eps=optim.eps)
@@ -82,9 +82,9 @@ def make_optimizer(optim: ml_collections.ConfigDict, num_steps: int,
                          weight_decay=optim.weight_decay)
     raise ValueError(f"Unknown optim.name {optim.name!r}; use 'adam' or 'adamw'.")
   if lr_scales is None:
-    opt = adam()
+    opt = scaled()
   else:
-    opt = optax.multi_transform({k: adam(s) for k, s in lr_scales.items()},
+    opt = optax.multi_transform({k: scaled(s) for k, s in lr_scales.items()},
                                 {k: k for k in lr_scales})
   return optax.chain(optax.clip_by_global_norm(optim.grad_clip), opt) if optim.grad_clip > 0 else opt
 
