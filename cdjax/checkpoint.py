@@ -4,8 +4,9 @@ with a provenance record.
 A training checkpoint `<dir>/<step>/` holds three items: `state` (params, opt_state, ema_params,
 step, rng), `data` (the grain iterator state, JSON) and `meta` (JSON, e.g. the sha256 of the
 frozen classifier the model was trained against). Saves are atomic (orbax writes a temporary
-directory and renames it). An unreadable checkpoint raises `CheckpointError` naming its path and
-is never deleted.
+directory and renames it). An unreadable checkpoint, or one of another train state (other
+parameter names or shapes, another optimizer), raises `CheckpointError` naming its path and the
+difference; it is never deleted.
 
 A frozen classifier `<dir>/` holds `params/` (orbax) and `provenance.json`: the path, the sha256
 of its parameters' bytes, its clean test accuracy and the config that trained it.
@@ -15,6 +16,7 @@ import json
 import os
 from typing import Any, Optional
 
+from etils import epath
 import jax
 import ml_collections
 import numpy as np
@@ -30,6 +32,35 @@ class CheckpointError(RuntimeError):
 def _abstract(tree):
   """Shapes, dtypes and shardings of a pytree of arrays (the restore target)."""
   return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), tree)
+
+
+def _key_name(key) -> str:
+  """A pytree key as saved by orbax: dict keys, attribute names and indices alike."""
+  for attr in ("key", "name", "idx"):
+    if hasattr(key, attr):
+      return str(getattr(key, attr))
+  return str(key)
+
+
+def _leaf_shapes(tree) -> dict[str, tuple]:
+  """{dotted path: shape} of every array leaf of `tree` (arrays or orbax array metadata)."""
+  return {".".join(map(_key_name, path)): tuple(leaf.shape)
+          for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+
+def tree_difference(saved, target, most: int = 4) -> str:
+  """What differs between the arrays of `saved` and of `target` (paths and shapes), in words;
+  "" when both hold the same paths with the same shapes."""
+  a, b = _leaf_shapes(saved), _leaf_shapes(target)
+  parts = []
+  for what, paths in (("only in the checkpoint", sorted(a.keys() - b.keys())),
+                      ("only in this config's state", sorted(b.keys() - a.keys())),
+                      ("other shapes", [f"{p} {a[p]} vs {b[p]}" for p in sorted(a.keys() & b.keys())
+                                        if a[p] != b[p]])):
+    if paths:
+      more = f" and {len(paths) - most} more" if len(paths) > most else ""
+      parts.append(f"{len(paths)} {what} ({', '.join(paths[:most])}{more})")
+  return "; ".join(parts)
 
 
 class Checkpointer:
@@ -73,6 +104,16 @@ class Checkpointer:
     `state_like`. Returns (state, data_state bytes or None, meta)."""
     step = self.latest_step() if step is None else step
     path = self.path(step)
+    try:
+      saved = ocp.StandardCheckpointHandler().metadata(epath.Path(path) / "state")
+    except Exception:   # unreadable metadata: the restore below names the problem
+      saved = None
+    difference = tree_difference(saved, state_like) if saved is not None else ""
+    if difference:
+      raise CheckpointError(
+          f"Checkpoint {path} holds a different train state than this config builds: "
+          f"{difference}. It was left in place. Resume with the config it was trained with "
+          "(config.json beside its checkpoints/), or train in a new workdir.")
     try:
       out = self.manager.restore(step, args=ocp.args.Composite(
           state=ocp.args.StandardRestore(_abstract(state_like)), data=ocp.args.JsonRestore(),

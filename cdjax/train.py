@@ -447,9 +447,6 @@ def train(config: ml_collections.ConfigDict, workdir: str, trainer_name: str) ->
   parallel.check_batch_size(trainer.batch_size, mesh, config.train.grad_accum_steps)
   os.makedirs(workdir, exist_ok=True)
   is_main = jax.process_index() == 0
-  if is_main:
-    with open(os.path.join(workdir, "config.json"), "w") as f:
-      f.write(config.to_json_best_effort(indent=2, sort_keys=True))
 
   source = data.get_source(config.data.name, config.data.train_split, config.data.data_dir,
                            config.data.label_subset)
@@ -474,6 +471,9 @@ def train(config: ml_collections.ConfigDict, workdir: str, trainer_name: str) ->
                                 f"Checkpoint {last_good}")
     if data_state is not None:
       batches.set_state(data_state)
+  if is_main:   # after the restore: a config that cannot resume leaves the old record in place
+    with open(os.path.join(workdir, "config.json"), "w") as f:
+      f.write(config.to_json_best_effort(indent=2, sort_keys=True))
   frozen = parallel.replicate(trainer.frozen, mesh)
   train_step = make_train_step(trainer.loss_fn, optimizer, config, mesh)
 

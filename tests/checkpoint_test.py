@@ -96,3 +96,36 @@ def test_restore_params_checks_classifier_hash(tmp_path):
   np.testing.assert_array_equal(ema["w"], [2.0, 2.0])
   with pytest.raises(checkpoint.CheckpointError, match="b" * 64):
     checkpoint.restore_params(str(tmp_path), classifier_sha256="b" * 64)
+
+
+def test_restore_into_another_train_state_names_the_difference(tmp_path):
+  ckpt = checkpoint.Checkpointer(str(tmp_path), _ckpt_config())
+  ckpt.save(2, _state(2.0), None, {})
+  ckpt.wait()
+  other = _state(0.0)
+  other["params"] = {"w": jnp.zeros((3, 4)), "b": jnp.zeros(4)}   # a wider layer, a new bias
+  with pytest.raises(checkpoint.CheckpointError) as e:
+    ckpt.restore(other)
+  ckpt.close()
+  message = str(e.value)
+  assert str(tmp_path / "2") in message and "left in place" in message
+  assert "1 only in this config's state (params.b)" in message
+  assert "1 other shapes (params.w (3, 2) vs (3, 4))" in message
+  assert "only in the checkpoint" not in message
+  assert (tmp_path / "2" / "state").is_dir()
+
+
+def test_tree_difference_reads_optax_states_as_orbax_saves_them(tmp_path):
+  """Named tuples (optax states) and dicts name their leaves alike; another optimizer differs."""
+  import optax
+  params = {"w": jnp.ones((3, 2))}
+  state = dict(params=params, opt_state=optax.adam(1e-3).init(params))
+  ckpt = checkpoint.Checkpointer(str(tmp_path), _ckpt_config())
+  ckpt.save(1, state, None, {})
+  ckpt.wait()
+  restored, _, _ = ckpt.restore(state)
+  np.testing.assert_array_equal(restored["opt_state"][0].mu["w"], np.zeros((3, 2)))
+  sgd = dict(params=params, opt_state=optax.sgd(1e-3, momentum=0.9).init(params))
+  with pytest.raises(checkpoint.CheckpointError, match="only in the checkpoint .*mu.w"):
+    ckpt.restore(sgd)
+  ckpt.close()

@@ -260,6 +260,21 @@ def test_batch_not_divisible_fails_at_start_up(tmp_path):
   assert not os.listdir(tmp_path)
 
 
+def test_resume_with_another_network_names_the_difference_and_keeps_the_run(tmp_path):
+  config = main.apply_overrides(mnist_classifier.get_config(), dict(
+      TINY, **{"classifier.num_steps": 3, "mesh.data": 1}))
+  workdir = str(tmp_path)
+  train.train(config, workdir, "classifier")
+  wider = main.apply_overrides(config, {"classifier.net_kwargs.width": 8,
+                                        "classifier.num_steps": 6})
+  with pytest.raises(checkpoint.CheckpointError,
+                     match=r"checkpoints/3 holds a different train state.*other shapes"):
+    train.train(wider, workdir, "classifier")
+  with open(os.path.join(workdir, "config.json")) as f:   # the record of the run is kept
+    assert json.load(f)["classifier"]["net_kwargs"]["width"] == 4
+  assert checkpoint.restore_params(os.path.join(workdir, "checkpoints"))   # and its checkpoint
+
+
 @pytest.mark.slow
 def test_logits_trainer_records_and_checks_classifier(classifier_dir, tmp_path):
   """A logit branch trained against classifier A refuses to resume or load with classifier B."""
