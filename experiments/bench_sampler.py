@@ -166,16 +166,16 @@ def make_step_loop(config, params, classifier, y):
   return run
 
 
-def timed_runs(run, repeats: int, budget: float):
-  """(output of the first run, median seconds, all run times, peak RSS delta MiB of the first
-  run): the first run is timed under PeakRSS, then up to `repeats - 1` more within `budget`."""
+def timed_runs(run, repeats: int, budget: float) -> dict:
+  """Every path alike: a first, untimed call under PeakRSS (one-time costs: buffer allocation,
+  oneDNN primitive creation, ...), then up to `repeats` timed calls within `budget`.
+  Returns dict(out=first output, sec=median, times, first_s, rss_delta_mib=peak of the first)."""
   with bc.PeakRSS() as rss:
     tic = time.perf_counter()
     out = run()
     first = time.perf_counter() - tic
-  _, times = bc.timeit(run, repeats - 1, warmup=0, budget_s=budget - first)
-  times = [first] + times
-  return out, float(np.median(times)), times, rss.delta_mib
+  sec, times = bc.timeit(run, repeats, warmup=0, budget_s=budget)
+  return dict(out=out, sec=sec, times=times, first_s=first, rss_delta_mib=rss.delta_mib)
 
 
 def bench_parallel(config, params, classifier, b: int, paths, repeats: int, budget: float) -> dict:
@@ -195,11 +195,11 @@ def bench_parallel(config, params, classifier, b: int, paths, repeats: int, budg
       c = config.copy_and_resolve_references()
       c.sampling.micro_batch = m
       compiled, compile_s, mem = compile_coupled(c, "parallel", *sharded, sharded_y)
-      run = lambda: jax.block_until_ready(compiled(*sharded, key, sharded_y))
-      # Compiled ahead of time: the first run is a timed one.
-      out, sec, times, rss_mib = timed_runs(run, repeats, budget)
+      r = timed_runs(lambda: jax.block_until_ready(compiled(*sharded, key, sharded_y)),
+                     repeats, budget)
+      out = r.pop("out")
       res[f"scan_micro{m}" if m else "scan"] = dict(
-          sec=sec, times=times, items_per_s=b / sec, compile_s=compile_s, rss_delta_mib=rss_mib,
+          r, items_per_s=b / r["sec"], compile_s=compile_s,
           xla_temp_mib=mem.temp_size_in_bytes / 2**20 if mem else None, nfe=int(out.nfe))
       if not m:
         scan_out = out
@@ -211,10 +211,9 @@ def bench_parallel(config, params, classifier, b: int, paths, repeats: int, budg
     tic = time.perf_counter()
     jax.block_until_ready(run_loop(key, 1))
     compile_s = warm - (time.perf_counter() - tic)
-    run = lambda: jax.block_until_ready(run_loop(key))
-    loop_out, sec, times, rss_mib = timed_runs(run, repeats, budget)
-    res["loop"] = dict(sec=sec, times=times, items_per_s=b / sec, compile_s=compile_s,
-                       rss_delta_mib=rss_mib)
+    r = timed_runs(lambda: jax.block_until_ready(run_loop(key)), repeats, budget)
+    loop_out = r.pop("out")
+    res["loop"] = dict(r, items_per_s=b / r["sec"], compile_s=compile_s)
     if scan_out is not None:   # same keys, same step: the two must agree (up to fusion rounding)
       res["loop"]["max_abs_diff_vs_scan"] = float(jnp.max(jnp.abs(loop_out.x0 - scan_out.x0)))
   if "torch" in paths:
@@ -226,12 +225,9 @@ def bench_parallel(config, params, classifier, b: int, paths, repeats: int, budg
                                  switch_t=config.sampling.switch_t,
                                  logits_std=config.logits.standardize_std)
     yt = torch.from_numpy(np.array(y)).permute(0, 3, 1, 2).contiguous()
-    n = sampler.n
-    sampler.n = 2   # warm-up (oneDNN primitive creation) on two steps
-    sampler(yt)
-    sampler.n = n
-    _, sec, times, rss_mib = timed_runs(lambda: sampler(yt), repeats, budget)
-    res["torch"] = dict(sec=sec, times=times, items_per_s=b / sec, rss_delta_mib=rss_mib)
+    r = timed_runs(lambda: sampler(yt), repeats, budget)
+    del r["out"]
+    res["torch"] = dict(r, items_per_s=b / r["sec"])
   return res
 
 
