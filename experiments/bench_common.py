@@ -1,6 +1,6 @@
 """Shared helpers of the issue-8 benchmarks: thread pinning (import this before jax and torch),
-timing, peak-RSS sampling, the machine's matmul peak, and merging entries into
-experiments/results/bench.{json,md}.
+timing (alone, or side by side in rounds), peak-RSS sampling, the machine's matmul peak, and
+merging entries into experiments/results/bench.{json,md}.
 
 Threads: BENCH_THREADS (default 2) sets OMP_NUM_THREADS / MKL_NUM_THREADS and torch's intra-op
 threads; XLA:CPU keeps its default Eigen pool (`--xla_cpu_multi_thread_eigen` on), which is one
@@ -56,6 +56,32 @@ def timeit(fn, repeats: int, warmup: int = 1, budget_s: float = float("inf")):
     if sum(times) > budget_s:
       break
   return statistics.median(times), times
+
+
+def interleaved_runs(runs: dict, repeats: int, budget_s: float = float("inf")) -> dict:
+  """Times the callables `runs` ({name: fn() blocking until its result is ready}) alike and side
+  by side: one untimed first call each under PeakRSS (one-time costs: buffer allocation, oneDNN
+  primitive creation, ...), then up to `repeats` rounds calling each once in turn, so that every
+  one sees the same machine state (this VM's speed drifts by 10-30% within minutes), stopping
+  after the first round whose timed calls brought the total past `budget_s` per callable.
+  Returns {name: dict(out=first output, sec=median, times, first_s, rss_delta_mib)}."""
+  res = {}
+  for name, fn in runs.items():
+    with PeakRSS() as rss:
+      tic = time.perf_counter()
+      out = fn()
+      res[name] = dict(out=out, first_s=time.perf_counter() - tic, times=[])
+    res[name]["rss_delta_mib"] = rss.delta_mib
+  for _ in range(repeats):
+    for name, fn in runs.items():
+      tic = time.perf_counter()
+      fn()
+      res[name]["times"].append(time.perf_counter() - tic)
+    if sum(sum(r["times"]) for r in res.values()) > budget_s * len(runs):
+      break
+  for r in res.values():
+    r["sec"] = statistics.median(r["times"]) if r["times"] else float("nan")
+  return res
 
 
 class PeakRSS:

@@ -1,8 +1,10 @@
 """Sampler benchmark (issue 8): the coupled Parallel trajectory at 28x28, compared in one process
 as (a) cdjax's whole trajectory = one jit + lax.scan call, (b) the same JAX step (the `parallel`
 scan body, built from `_Branches.logits_update` / `signal_update`) jitted once and called from a
-Python loop, (c) the PyTorch eager reference (`torch_reference.py`, official-code-style loop);
-plus the strategy cost ratios (NFE and wall time relative to enhancement alone) and the
+Python loop, (c) the PyTorch eager reference (`torch_reference.py`, official-code-style loop),
+(d) path (a) with XLA's logistic in place of `layers.sigmoid` in every SiLU (before / after that
+change), all timed side by side in rounds (`bench_common.interleaved_runs`); plus the strategy
+cost ratios (NFE and wall time relative to enhancement alone) and the
 matmul peak of the machine. Random weights: throughput does not depend on them.
 
 PYTHONPATH=. .venv/bin/python experiments/bench_sampler.py --config configs/mnist_demo.py
@@ -19,6 +21,7 @@ import json
 import os
 import sys
 import time
+from unittest import mock
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -34,11 +37,14 @@ import numpy as np  # noqa: E402
 from cdjax import coupled  # noqa: E402
 from cdjax import nets  # noqa: E402
 from cdjax import parallel  # noqa: E402
+from cdjax.nets import layers  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/mnist_demo.py", "Experiment config.")
 _STEPS = flags.DEFINE_integer("steps", 50, "DDPM steps (NFE per branch) of every trajectory.")
 _BATCHES = flags.DEFINE_list("batches", ["1", "16", "64"], "Batch sizes of the Parallel benchmark.")
-_PATHS = flags.DEFINE_list("paths", ["scan", "loop", "torch"], "Which of scan, loop, torch to run.")
+_PATHS = flags.DEFINE_list("paths", ["scan", "xla_sigmoid", "loop", "torch"],
+                           "Which of scan, xla_sigmoid (scan with XLA's logistic in the SiLUs), "
+                           "loop, torch to run.")
 _REPEATS = flags.DEFINE_integer("repeats", 3, "Timed repeats (median) of each case.")
 _BUDGET = flags.DEFINE_float("budget_s", 20.0, "Stop repeating a case once its timed runs used "
                              "this many seconds (at least one timed run).")
@@ -122,6 +128,11 @@ def compile_coupled(config, strategy, params, classifier, y):
   return compiled, time.perf_counter() - tic, compiled.memory_analysis()
 
 
+def _runner(compiled, *args):
+  """fn() calling `compiled(*args)` and blocking until its result is ready."""
+  return lambda: jax.block_until_ready(compiled(*args))
+
+
 # ---- (b) the same step, jitted once, from a Python loop -----------------------------------------
 def make_step_loop(config, params, classifier, y):
   """`run(key) -> CoupledOutput` running the `parallel` strategy's body once per Python iteration
@@ -166,43 +177,35 @@ def make_step_loop(config, params, classifier, y):
   return run
 
 
-def timed_runs(run, repeats: int, budget: float) -> dict:
-  """Every path alike: a first, untimed call under PeakRSS (one-time costs: buffer allocation,
-  oneDNN primitive creation, ...), then up to `repeats` timed calls within `budget`.
-  Returns dict(out=first output, sec=median, times, first_s, rss_delta_mib=peak of the first)."""
-  with bc.PeakRSS() as rss:
-    tic = time.perf_counter()
-    out = run()
-    first = time.perf_counter() - tic
-  sec, times = bc.timeit(run, repeats, warmup=0, budget_s=budget)
-  return dict(out=out, sec=sec, times=times, first_s=first, rss_delta_mib=rss.delta_mib)
-
-
 def bench_parallel(config, params, classifier, b: int, paths, repeats: int, budget: float) -> dict:
-  """Items/s, compile time and peak memory of each path at batch b."""
-  res = {}
+  """Items/s, compile time and peak memory of each path at batch b, all timed side by side
+  (`bc.interleaved_runs`). Path `xla_sigmoid`: the scan path with XLA's logistic in place of
+  `layers.sigmoid` (the before of that change)."""
+  runs, info = {}, {}
   y = jax.random.uniform(jax.random.PRNGKey(2), (b,) + tuple(config.data.shape), minval=-1, maxval=1)
   key = jax.random.PRNGKey(1)
-  scan_out = None
+  sharded_y, sharded = y, (params, classifier)
+  if b % jax.device_count() == 0:   # a split host (XLA variant): data parallel as in evaluation
+    mesh = parallel.make_mesh(config)
+    sharded_y = jax.device_put(y, parallel.data_sharded(mesh))
+    sharded = parallel.replicate((params, classifier), mesh)
+
+  def add_scan(name, micro_batch=0):
+    c = config.copy_and_resolve_references()
+    c.sampling.micro_batch = micro_batch
+    compiled, compile_s, mem = compile_coupled(c, "parallel", *sharded, sharded_y)
+    runs[name] = _runner(compiled, *sharded, key, sharded_y)
+    info[name] = dict(compile_s=compile_s,
+                      xla_temp_mib=mem.temp_size_in_bytes / 2**20 if mem else None)
+
   if "scan" in paths:
-    sharded_y, sharded = y, (params, classifier)
-    if b % jax.device_count() == 0:   # a split host (XLA variant): data parallel as in evaluation
-      mesh = parallel.make_mesh(config)
-      sharded_y = jax.device_put(y, parallel.data_sharded(mesh))
-      sharded = parallel.replicate((params, classifier), mesh)
-    micro = [m for m in map(int, _MICRO_BATCHES.value) if 0 < m < b and b % m == 0]
-    for m in [0] + micro:
-      c = config.copy_and_resolve_references()
-      c.sampling.micro_batch = m
-      compiled, compile_s, mem = compile_coupled(c, "parallel", *sharded, sharded_y)
-      r = timed_runs(lambda: jax.block_until_ready(compiled(*sharded, key, sharded_y)),
-                     repeats, budget)
-      out = r.pop("out")
-      res[f"scan_micro{m}" if m else "scan"] = dict(
-          r, items_per_s=b / r["sec"], compile_s=compile_s,
-          xla_temp_mib=mem.temp_size_in_bytes / 2**20 if mem else None, nfe=int(out.nfe))
-      if not m:
-        scan_out = out
+    add_scan("scan")
+    for m in map(int, _MICRO_BATCHES.value):
+      if 0 < m < b and b % m == 0:
+        add_scan(f"scan_micro{m}", m)
+  if "xla_sigmoid" in paths:
+    with mock.patch.object(layers, "sigmoid", jax.nn.sigmoid):
+      add_scan("xla_sigmoid")
   if "loop" in paths:
     run_loop = make_step_loop(config, params, classifier, y)
     tic = time.perf_counter()
@@ -210,12 +213,8 @@ def bench_parallel(config, params, classifier, b: int, paths, repeats: int, budg
     warm = time.perf_counter() - tic
     tic = time.perf_counter()
     jax.block_until_ready(run_loop(key, 1))
-    compile_s = warm - (time.perf_counter() - tic)
-    r = timed_runs(lambda: jax.block_until_ready(run_loop(key)), repeats, budget)
-    loop_out = r.pop("out")
-    res["loop"] = dict(r, items_per_s=b / r["sec"], compile_s=compile_s)
-    if scan_out is not None:   # same keys, same step: the two must agree (up to fusion rounding)
-      res["loop"]["max_abs_diff_vs_scan"] = float(jnp.max(jnp.abs(loop_out.x0 - scan_out.x0)))
+    info["loop"] = dict(compile_s=warm - (time.perf_counter() - tic))
+    runs["loop"] = lambda: jax.block_until_ready(run_loop(key))
   if "torch" in paths:
     import torch
     import torch_reference as tr
@@ -225,9 +224,18 @@ def bench_parallel(config, params, classifier, b: int, paths, repeats: int, budg
                                  switch_t=config.sampling.switch_t,
                                  logits_std=config.logits.standardize_std)
     yt = torch.from_numpy(np.array(y)).permute(0, 3, 1, 2).contiguous()
-    r = timed_runs(lambda: sampler(yt), repeats, budget)
-    del r["out"]
-    res["torch"] = dict(r, items_per_s=b / r["sec"])
+    runs["torch"] = lambda: sampler(yt)
+
+  timed = bc.interleaved_runs(runs, repeats, budget)
+  scan_x0 = timed["scan"]["out"].x0 if "scan" in timed else None
+  res = {}
+  for name, r in timed.items():
+    out = r.pop("out")
+    res[name] = dict(r, items_per_s=b / r["sec"], **info.get(name, {}))
+    if name != "torch":
+      res[name]["nfe"] = int(out.nfe)
+      if scan_x0 is not None and name in ("xla_sigmoid", "loop"):   # same keys: equal up to rounding
+        res[name]["max_abs_diff_vs_scan"] = float(jnp.max(jnp.abs(out.x0 - scan_x0)))
   return res
 
 
@@ -301,7 +309,7 @@ def step_breakdown(config, params, classifier, b: int, repeats: int) -> dict:
     return jax.lax.scan(body, y, ts)[0]
 
   compiled, _, _ = compile_coupled(config, "parallel", params, classifier, y)
-  run = lambda: jax.block_until_ready(compiled(params, classifier, jax.random.PRNGKey(1), y))
+  run = _runner(compiled, params, classifier, jax.random.PRNGKey(1), y)
   full, _ = bc.timeit(run, repeats, warmup=1)
   cmd = ["taskset", "-c", "0", sys.executable, os.path.abspath(__file__),
          f"--config={_CONFIG_PATH}", f"--steps={n}", f"--batches={b}", "--paths=scan",
@@ -315,18 +323,17 @@ def step_breakdown(config, params, classifier, b: int, repeats: int) -> dict:
 
 
 def bench_strategies(config, params, classifier, b: int, repeats: int, budget: float) -> dict:
+  """Wall time (side by side) and NFE of each strategy's compiled trajectory at batch b."""
   y = jax.random.uniform(jax.random.PRNGKey(3), (b,) + tuple(config.data.shape), minval=-1, maxval=1)
-  out = {}
+  runs, compile_s = {}, {}
   for name, strategy, rounds in (("enhance", "enhance_then_classify", 1), ("parallel", "parallel", 1),
                                  ("alternating5", "alternating", 5), ("nested", "nested", 1)):
     c = config.copy_and_resolve_references()
     c.sampling.rounds = rounds
-    compiled, compile_s, _ = compile_coupled(c, strategy, params, classifier, y)
-    run = lambda: jax.block_until_ready(compiled(params, classifier, jax.random.PRNGKey(1), y))
-    sec, times = bc.timeit(run, repeats, warmup=0, budget_s=budget)   # compiled ahead of time
-    nfe = int(compiled(params, classifier, jax.random.PRNGKey(1), y).nfe)
-    out[name] = dict(sec=sec, times=times, nfe=nfe, compile_s=compile_s)
-  return out
+    compiled, compile_s[name], _ = compile_coupled(c, strategy, params, classifier, y)
+    runs[name] = _runner(compiled, params, classifier, jax.random.PRNGKey(1), y)
+  return {name: dict(sec=r["sec"], times=r["times"], nfe=int(r["out"].nfe), compile_s=compile_s[name])
+          for name, r in bc.interleaved_runs(runs, repeats, budget).items()}
 
 
 def run_variants(argv0: str, variants, b: int) -> dict:
@@ -430,6 +437,12 @@ def write(results: dict, config) -> None:
                         r["torch"]["items_per_s"], **S))
       e.append(bc.entry(f"sampler_torch_eager_rss_delta_mib_b{b}", r["torch"]["rss_delta_mib"], "MiB",
                         "peak RSS minus RSS before the first run", float("nan"), **S))
+    if "scan" in r and "xla_sigmoid" in r:
+      e.append(bc.entry(f"sampler_jit_scan_vs_xla_sigmoid_b{b}", r["scan"]["items_per_s"], "items/s",
+                        r["xla_sigmoid"]["items_per_s"], **S))
+      e.append(bc.entry(f"sampler_xla_sigmoid_max_abs_diff_vs_scan_b{b}",
+                        r["xla_sigmoid"]["max_abs_diff_vs_scan"], "abs", "x0 of the scan, same keys",
+                        float("nan"), **S))
     if "scan" in r and "loop" in r:
       e.append(bc.entry(f"sampler_jit_scan_vs_step_loop_b{b}", r["scan"]["items_per_s"], "items/s",
                         r["loop"]["items_per_s"], **S))
@@ -479,8 +492,9 @@ def write(results: dict, config) -> None:
                             res["items_per_s"], "items/s", torch_at_variant_batch["items_per_s"], **S))
   notes = [f"load before: {results['load_before']}; after: {results['load_after']}",
            f"threads: BENCH_THREADS={results['threads']} (torch.set_num_threads, OMP), XLA_FLAGS="
-           f"'{results['xla_flags']}' ({results['devices']} devices); {n} DDPM steps; median of {_REPEATS.value} repeats after one "
-           f"untimed run; total script time {results['total_s']:.0f} s",
+           f"'{results['xla_flags']}' ({results['devices']} devices); {n} DDPM steps; every path of a batch size timed side "
+           f"by side: one untimed call each, then the median of up to {_REPEATS.value} rounds "
+           f"calling each in turn; total script time {results['total_s']:.0f} s",
            f"FLOPs per item per trajectory: {traj_flops / 1e9:.2f} GFLOP "
            f"(XLA cost analysis per network call x {n} steps); frac_of_peak ratio = achieved GFLOP/s "
            f"over the best measured 2048^2 matmul",

@@ -42,6 +42,44 @@ def maybe_remat(cls, remat: bool, static_argnums: tuple[int, ...] = ()):
   return nn.remat(cls, static_argnums=static_argnums) if remat else cls
 
 
+_LOG2_E = 1.4426950408889634
+_LN_2_HI, _LN_2_LO = 0.693359375, -2.12194440e-4   # ln 2 = hi + lo, hi exact in 9 bits
+
+
+def _exp_f32(x: jax.Array) -> jax.Array:
+  """exp(x) for float32 to within 3e-7 relative on [-87, 88]; e^-87 below, inf above 88.03:
+  2^n * p(f) with n = round(x log2 e), f = x - n ln 2 (Cody-Waite, ln 2 in two parts),
+  p a degree-6 Taylor polynomial of e^f on |f| <= ln(2) / 2, and 2^n built in the exponent bits
+  (n = 128 gives inf). Only mul / add / round / shift, which XLA:CPU vectorises inside a fusion;
+  its own exp makes a GroupNorm-SiLU fusion about 3x slower (experiments/results/bench_notes.md)."""
+  x = jnp.clip(x, -87.0, 89.0)
+  n = jnp.round(x * _LOG2_E)
+  f = x - n * _LN_2_HI - n * _LN_2_LO
+  p = 1 + f * (1 + f * (1 / 2 + f * (1 / 6 + f * (1 / 24 + f * (1 / 120 + f / 720)))))
+  return p * jax.lax.bitcast_convert_type((n.astype(jnp.int32) + 127) << 23, jnp.float32)
+
+
+@jax.custom_jvp
+def sigmoid(x: jax.Array) -> jax.Array:
+  """jax.nn.sigmoid, elementwise; float32 on CPU as 1 / (1 + `_exp_f32`(-x)) (within 3e-7
+  relative for x >= -87, exactly 0 below -88.03; faster there), XLA's logistic on every other
+  backend and dtype."""
+  if x.dtype != jnp.float32:
+    return jax.nn.sigmoid(x)
+  return jax.lax.platform_dependent(x, cpu=lambda x: 1 / (1 + _exp_f32(-x)), default=jax.nn.sigmoid)
+
+
+@sigmoid.defjvp
+def _sigmoid_jvp(primals, tangents):
+  s = sigmoid(primals[0])
+  return s, tangents[0] * s * (1 - s)
+
+
+def silu(x: jax.Array) -> jax.Array:
+  """SiLU x * sigmoid(x) with the `sigmoid` above: every cdjax network's activation."""
+  return x * sigmoid(x)
+
+
 def group_norm(x: jax.Array, groups: int) -> jax.Array:
   """GroupNorm over the last axis with gcd(groups, channels) groups (works for any width)."""
   return nn.GroupNorm(num_groups=math.gcd(groups, x.shape[-1]))(x)
@@ -69,7 +107,7 @@ class TimeEmbedding(nn.Module):
       h = nn.Embed(self.num_steps, self.dim)(idx)
     else:
       h = sinusoidal_embedding(self.scale * t, self.dim)
-    return nn.Dense(self.dim)(nn.silu(nn.Dense(self.dim)(h)))
+    return nn.Dense(self.dim)(silu(nn.Dense(self.dim)(h)))
 
 
 class FiLM(nn.Module):
@@ -77,7 +115,7 @@ class FiLM(nn.Module):
 
   @nn.compact
   def __call__(self, h: jax.Array, cond: jax.Array) -> jax.Array:
-    scale, shift = jnp.split(nn.Dense(2 * h.shape[-1])(nn.silu(cond)), 2, axis=-1)
+    scale, shift = jnp.split(nn.Dense(2 * h.shape[-1])(silu(cond)), 2, axis=-1)
     expand = (slice(None),) + (None,) * (h.ndim - 2)
     return h * (1.0 + scale[expand]) + shift[expand]
 
@@ -91,7 +129,7 @@ class ConvBlock(nn.Module):
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
     x = nn.Conv(self.features, (3, 3), strides=self.stride)(x)
-    return nn.silu(group_norm(x, self.groups))
+    return silu(group_norm(x, self.groups))
 
 
 class ConvEncoder(nn.Module):
@@ -128,10 +166,10 @@ class ResBlock(nn.Module):
   @nn.compact
   def __call__(self, x: jax.Array, emb: Optional[jax.Array] = None,
                train: bool = False) -> jax.Array:
-    h = nn.Conv(self.features, (3, 3), strides=self.stride)(nn.silu(group_norm(x, self.groups)))
+    h = nn.Conv(self.features, (3, 3), strides=self.stride)(silu(group_norm(x, self.groups)))
     if emb is not None:
       h = FiLM()(h, emb)
-    h = nn.silu(group_norm(h, self.groups))
+    h = silu(group_norm(h, self.groups))
     h = nn.Dropout(self.dropout, deterministic=not train)(h)
     h = nn.Conv(self.features, (3, 3))(h)
     if x.shape[-1] != self.features or self.stride != 1:
