@@ -84,6 +84,12 @@ def interleaved_runs(runs: dict, repeats: int, budget_s: float = float("inf")) -
   return res
 
 
+def paired_ratio(a: dict, b: dict) -> float:
+  """Median over the rounds of `interleaved_runs` of b's time / a's time: how many times faster
+  a ran than b, each round compared with the one run beside it (robust to the machine's drift)."""
+  return statistics.median(tb / ta for ta, tb in zip(a["times"], b["times"]))
+
+
 class PeakRSS:
   """Context manager sampling this process's RSS every `interval` s; `.delta_mib` is the peak
   minus the RSS on entry (after a gc)."""

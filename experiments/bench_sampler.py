@@ -412,6 +412,10 @@ def write(results: dict, config) -> None:
     torch_flops = results.get("flops_torch", {}).get(name)
     e.append(bc.entry(f"flops_per_call_{name}_b1", results["flops_jax"][name] / 1e6, "MFLOP",
                       "torch FlopCounterMode" if torch_flops is None else torch_flops / 1e6, **S))
+  def versus(name, path, baseline):   # items/s of two paths timed side by side
+    e.append(bc.entry(name, path["items_per_s"], "items/s", baseline["items_per_s"],
+                      bc.paired_ratio(path, baseline), **S))
+
   for b, r in results["parallel"].items():
     if "scan" in r:
       s = r["scan"]
@@ -427,25 +431,20 @@ def write(results: dict, config) -> None:
                         "peak RSS minus RSS before the first run", float("nan"), **S))
     for path in (p for p in r if p.startswith("scan_micro")):
       m = path[len("scan_micro"):]
-      e.append(bc.entry(f"sampler_jit_scan_micro{m}_vs_whole_batch_b{b}", r[path]["items_per_s"],
-                        "items/s", r["scan"]["items_per_s"], **S))
+      versus(f"sampler_jit_scan_micro{m}_vs_whole_batch_b{b}", r[path], r["scan"])
       if "torch" in r:
-        e.append(bc.entry(f"sampler_jit_scan_micro{m}_vs_torch_eager_b{b}", r[path]["items_per_s"],
-                          "items/s", r["torch"]["items_per_s"], **S))
+        versus(f"sampler_jit_scan_micro{m}_vs_torch_eager_b{b}", r[path], r["torch"])
     if "scan" in r and "torch" in r:
-      e.append(bc.entry(f"sampler_jit_scan_vs_torch_eager_b{b}", r["scan"]["items_per_s"], "items/s",
-                        r["torch"]["items_per_s"], **S))
+      versus(f"sampler_jit_scan_vs_torch_eager_b{b}", r["scan"], r["torch"])
       e.append(bc.entry(f"sampler_torch_eager_rss_delta_mib_b{b}", r["torch"]["rss_delta_mib"], "MiB",
                         "peak RSS minus RSS before the first run", float("nan"), **S))
     if "scan" in r and "xla_sigmoid" in r:
-      e.append(bc.entry(f"sampler_jit_scan_vs_xla_sigmoid_b{b}", r["scan"]["items_per_s"], "items/s",
-                        r["xla_sigmoid"]["items_per_s"], **S))
+      versus(f"sampler_jit_scan_vs_xla_sigmoid_b{b}", r["scan"], r["xla_sigmoid"])
       e.append(bc.entry(f"sampler_xla_sigmoid_max_abs_diff_vs_scan_b{b}",
                         r["xla_sigmoid"]["max_abs_diff_vs_scan"], "abs", "x0 of the scan, same keys",
                         float("nan"), **S))
     if "scan" in r and "loop" in r:
-      e.append(bc.entry(f"sampler_jit_scan_vs_step_loop_b{b}", r["scan"]["items_per_s"], "items/s",
-                        r["loop"]["items_per_s"], **S))
+      versus(f"sampler_jit_scan_vs_step_loop_b{b}", r["scan"], r["loop"])
       e.append(bc.entry(f"sampler_step_loop_compile_s_b{b}", r["loop"]["compile_s"], "s",
                         "first call minus steady call", float("nan"), **S))
       e.append(bc.entry(f"sampler_step_loop_max_abs_diff_vs_scan_b{b}",
@@ -476,7 +475,8 @@ def write(results: dict, config) -> None:
     for name, key in (("parallel_vs_enhance_cost", "parallel"),
                       ("alternating5_vs_enhance_cost", "alternating5"),
                       ("nested_vs_enhance_cost", "nested")):
-      e.append(bc.entry(name, st[key]["sec"], "s (wall, whole batch)", base["sec"], **S))
+      e.append(bc.entry(name, st[key]["sec"], "s (wall, whole batch)", base["sec"],
+                        bc.paired_ratio(base, st[key]), **S))
       e.append(bc.entry(name.replace("_cost", "_nfe"), st[key]["nfe"], "NFE/item", base["nfe"], **S))
   variants = results.get("xla_variants", {})
   torch_at_variant_batch = results["parallel"].get(str(_VARIANT_BATCH.value), {}).get("torch")
@@ -492,9 +492,11 @@ def write(results: dict, config) -> None:
                             res["items_per_s"], "items/s", torch_at_variant_batch["items_per_s"], **S))
   notes = [f"load before: {results['load_before']}; after: {results['load_after']}",
            f"threads: BENCH_THREADS={results['threads']} (torch.set_num_threads, OMP), XLA_FLAGS="
-           f"'{results['xla_flags']}' ({results['devices']} devices); {n} DDPM steps; every path of a batch size timed side "
-           f"by side: one untimed call each, then the median of up to {_REPEATS.value} rounds "
-           f"calling each in turn; total script time {results['total_s']:.0f} s",
+           f"'{results['xla_flags']}' ({results['devices']} devices); {n} DDPM steps; every path "
+           f"of a batch size timed side by side: one untimed call each, then up to "
+           f"{_REPEATS.value} rounds calling each in turn; value and baseline: each path's "
+           f"median; the ratio of two paths: the median over rounds of their per-round ratio; "
+           f"total script time {results['total_s']:.0f} s",
            f"FLOPs per item per trajectory: {traj_flops / 1e9:.2f} GFLOP "
            f"(XLA cost analysis per network call x {n} steps); frac_of_peak ratio = achieved GFLOP/s "
            f"over the best measured 2048^2 matmul",

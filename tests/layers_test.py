@@ -5,7 +5,8 @@ import numpy as np
 
 from cdjax.nets.layers import sigmoid, silu
 
-X = jnp.concatenate([jnp.linspace(-100.0, 100.0, 200_001), jnp.array([-1e30, -88.0, 0.0, 88.0, 1e30])])
+X = jnp.concatenate([jnp.linspace(-100.0, 100.0, 200_001),
+                     jnp.array([-1e30, -88.0, 0.0, 88.0, 1e30])])
 
 
 def test_sigmoid_matches_jax_nn_to_float32_rounding():
