@@ -45,9 +45,9 @@ _BATCHES = flags.DEFINE_list("batches", ["1", "16", "64"], "Batch sizes of the P
 _PATHS = flags.DEFINE_list("paths", ["scan", "xla_sigmoid", "loop", "torch"],
                            "Which of scan, xla_sigmoid (scan with XLA's logistic in the SiLUs), "
                            "loop, torch to run.")
-_REPEATS = flags.DEFINE_integer("repeats", 3, "Timed repeats (median) of each case.")
-_BUDGET = flags.DEFINE_float("budget_s", 20.0, "Stop repeating a case once its timed runs used "
-                             "this many seconds (at least one timed run).")
+_REPEATS = flags.DEFINE_integer("repeats", 3, "Timed rounds (each path once per round; median).")
+_BUDGET = flags.DEFINE_float("budget_s", 20.0, "Stop after the round whose timed calls passed "
+                             "this many seconds per path (at least one round).")
 _STRATEGY_BATCH = flags.DEFINE_integer("strategy_batch", 4, "Batch of the strategy-cost runs; 0: skip.")
 _STRATEGY_REPEATS = flags.DEFINE_integer("strategy_repeats", 2, "Timed repeats of each strategy.")
 _XLA_VARIANTS = flags.DEFINE_list("xla_variants", [], "XLA_FLAGS values to try on the scan path "
@@ -412,6 +412,7 @@ def write(results: dict, config) -> None:
     torch_flops = results.get("flops_torch", {}).get(name)
     e.append(bc.entry(f"flops_per_call_{name}_b1", results["flops_jax"][name] / 1e6, "MFLOP",
                       "torch FlopCounterMode" if torch_flops is None else torch_flops / 1e6, **S))
+
   def versus(name, path, baseline):   # items/s of two paths timed side by side
     e.append(bc.entry(name, path["items_per_s"], "items/s", baseline["items_per_s"],
                       bc.paired_ratio(path, baseline), **S))
