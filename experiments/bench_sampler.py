@@ -128,9 +128,9 @@ def compile_coupled(config, strategy, params, classifier, y):
   return compiled, time.perf_counter() - tic, compiled.memory_analysis()
 
 
-def _runner(compiled, *args):
-  """fn() calling `compiled(*args)` and blocking until its result is ready."""
-  return lambda: jax.block_until_ready(compiled(*args))
+def _runner(fn, *args):
+  """A callable running `fn(*args)` and blocking until its result is ready."""
+  return lambda: jax.block_until_ready(fn(*args))
 
 
 # ---- (b) the same step, jitted once, from a Python loop -----------------------------------------
@@ -214,7 +214,7 @@ def bench_parallel(config, params, classifier, b: int, paths, repeats: int, budg
     tic = time.perf_counter()
     jax.block_until_ready(run_loop(key, 1))
     info["loop"] = dict(compile_s=warm - (time.perf_counter() - tic))
-    runs["loop"] = lambda: jax.block_until_ready(run_loop(key))
+    runs["loop"] = _runner(run_loop, key)
   if "torch" in paths:
     import torch
     import torch_reference as tr
