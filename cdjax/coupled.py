@@ -198,56 +198,70 @@ def _initial_logits(b: _Branches):
 
 
 # ---- strategies ---------------------------------------------------------------------------------
+def parallel_schedule(model: CoupledModel, cfg):
+  """Checks the Parallel settings; returns (switch, steps): the index of the first step after the
+  switch and the per-step inputs (i, tx, tx_next, tl, tl_next) as numpy [N] arrays."""
+  if model.signal_sde.N != model.logits_sde.N:
+    raise ValueError(f"Parallel needs equal step counts; signal N={model.signal_sde.N}, logits "
+                     f"N={model.logits_sde.N}. Set signal.sde_kwargs.N = logits.sde_kwargs.N.")
+  if cfg.cond_source not in ("clean", "noisy"):
+    raise ValueError(f"Unknown sampling.cond_source {cfg.cond_source!r}; use 'clean' or 'noisy'.")
+  if cfg.parallel_order not in ("logits_first", "signal_first"):
+    raise ValueError(f"Unknown sampling.parallel_order {cfg.parallel_order!r}; "
+                     "use 'logits_first' or 'signal_first'.")
+  ts_x, ts_l = model.signal_sde.timesteps(), model.logits_sde.timesteps()
+  n = model.signal_sde.N
+  return int(round(n * (1.0 - cfg.switch_t))), (np.arange(n), ts_x[:-1], ts_x[1:], ts_l[:-1], ts_l[1:])
+
+
+def parallel_start(b: _Branches, key):
+  """(carry, k_steps, f_y): the Parallel carry before the first step, the key of the steps and
+  f(y) on the logit scale (the logit branch's conditioning before the switch, computed once)."""
+  k_x, k_l, k_steps = jax.random.split(key, 3)
+  x, l = b.signal_init(k_x), b.logits_init(k_l, b.y)
+  return (x, l, b.y, _initial_logits(b), x, l), k_steps, b.class_logits(b.y)
+
+
+def parallel_step(b: _Branches, k_steps, f_y, before_switch: bool, carry, inputs):
+  """One Parallel step (both branches at the same step) -> (carry, trajectory item or None).
+  carry = (x, l, x0_hat, l0_hat, x_mean, l_mean); inputs = (i, tx, tx_next, tl, tl_next)."""
+  cfg = b.cfg
+  noisy = cfg.cond_source == "noisy"
+  x, l, x0_hat, l0_hat, _, _ = carry
+  i, tx, tx_next, tl, tl_next = inputs
+  k_sig, k_log = jax.random.split(jax.random.fold_in(k_steps, i))
+
+  def logits_half(x, x0_hat):
+    if before_switch:
+      return b.logits_update(k_log, l, tl, tl_next, b.y, x0_hat, cond_logits=f_y)
+    return b.logits_update(k_log, l, tl, tl_next, x if noisy else x0_hat, x0_hat)
+
+  if cfg.parallel_order == "logits_first":
+    out_l = logits_half(x, x0_hat)
+    out_x = b.signal_update(k_sig, x, tx, tx_next, l if noisy else out_l.x0_hat, out_l.x0_hat)
+  else:
+    out_x = b.signal_update(k_sig, x, tx, tx_next, l if noisy else l0_hat, l0_hat)
+    out_l = logits_half(out_x.x, out_x.x0_hat)
+  carry = (out_x.x, out_l.x, out_x.x0_hat, out_l.x0_hat, out_x.x_mean, out_l.x_mean)
+  return carry, ((out_x.x0_hat, out_l.x0_hat) if cfg.return_trajectory else None)
+
+
 @STRATEGIES.register("parallel")
 def parallel(b: _Branches, key):
   """One joint loop: both branches at the same step. `cfg.parallel_order` 'logits_first'
   (images: logit step, then the signal step on the l0_hat just computed) or 'signal_first'
   (speech). The logit branch sees y until the switch step, then the signal's x0_hat (or its
   noisy state x_t with `cond_source='noisy'`; the signal branch then sees l_t, not l0_hat)."""
-  cfg, m = b.cfg, b.model
-  if m.signal_sde.N != m.logits_sde.N:
-    raise ValueError(f"Parallel needs equal step counts; signal N={m.signal_sde.N}, "
-                     f"logits N={m.logits_sde.N}. Set signal.sde_kwargs.N = logits.sde_kwargs.N.")
-  if cfg.cond_source not in ("clean", "noisy"):
-    raise ValueError(f"Unknown sampling.cond_source {cfg.cond_source!r}; use 'clean' or 'noisy'.")
-  noisy = cfg.cond_source == "noisy"
-  ts_x, ts_l = m.signal_sde.timesteps(), m.logits_sde.timesteps()
-  n = m.signal_sde.N
-  switch = int(round(n * (1.0 - cfg.switch_t)))
-  k_x, k_l, k_steps = jax.random.split(key, 3)
-  x, l = b.signal_init(k_x), b.logits_init(k_l, b.y)
-  f_y = b.class_logits(b.y)   # the logit branch's conditioning before the switch, computed once
-
-  def logits_half(k, before_switch, x, l, x0_hat, tl, tl_next):
-    if before_switch:
-      return b.logits_update(k, l, tl, tl_next, b.y, x0_hat, cond_logits=f_y)
-    return b.logits_update(k, l, tl, tl_next, x if noisy else x0_hat, x0_hat)
-
-  def body(before_switch, carry, inputs):
-    x, l, x0_hat, l0_hat, _, _ = carry
-    i, tx, tx_next, tl, tl_next = inputs
-    k_sig, k_log = jax.random.split(jax.random.fold_in(k_steps, i))
-    if cfg.parallel_order == "logits_first":
-      out_l = logits_half(k_log, before_switch, x, l, x0_hat, tl, tl_next)
-      out_x = b.signal_update(k_sig, x, tx, tx_next, l if noisy else out_l.x0_hat, out_l.x0_hat)
-    else:
-      out_x = b.signal_update(k_sig, x, tx, tx_next, l if noisy else l0_hat, l0_hat)
-      out_l = logits_half(k_log, before_switch, out_x.x if noisy else x, l, out_x.x0_hat, tl, tl_next)
-    carry = (out_x.x, out_l.x, out_x.x0_hat, out_l.x0_hat, out_x.x_mean, out_l.x_mean)
-    return carry, ((out_x.x0_hat, out_l.x0_hat) if cfg.return_trajectory else None)
-
-  if cfg.parallel_order not in ("logits_first", "signal_first"):
-    raise ValueError(f"Unknown sampling.parallel_order {cfg.parallel_order!r}; "
-                     "use 'logits_first' or 'signal_first'.")
-  carry = (x, l, b.y, _initial_logits(b), x, l)
-  steps = (np.arange(n), ts_x[:-1], ts_x[1:], ts_l[:-1], ts_l[1:])
+  switch, steps = parallel_schedule(b.model, b.cfg)
+  carry, k_steps, f_y = parallel_start(b, key)
+  n = len(steps[0])
   trajs = []
   for before_switch, part in ((True, slice(0, switch)), (False, slice(switch, n))):
     if part.stop > part.start:   # two scans: before the switch f(y) is a constant
-      carry, traj = jax.lax.scan(functools.partial(body, before_switch), carry,
-                                 tuple(a[part] for a in steps))
+      body = functools.partial(parallel_step, b, k_steps, f_y, before_switch)
+      carry, traj = jax.lax.scan(body, carry, tuple(a[part] for a in steps))
       trajs.append(traj)
-  traj = jax.tree.map(lambda *t: jnp.concatenate(t), *trajs) if cfg.return_trajectory else None
+  traj = jax.tree.map(lambda *t: jnp.concatenate(t), *trajs) if b.cfg.return_trajectory else None
   return b.output(carry[4], carry[5], b.signal_nfe + b.logits_nfe, traj)
 
 

@@ -224,6 +224,27 @@ def test_parallel_trajectory_spans_both_sides_of_the_switch():
   np.testing.assert_allclose(x0_traj[-1], out.x0, rtol=1e-5, atol=1e-6)   # last step lands on x0_hat
 
 
+@pytest.mark.parametrize("order", ["logits_first", "signal_first"])
+def test_parallel_steps_from_a_python_loop_equal_the_scan(order):
+  """`parallel_schedule` / `parallel_start` / `parallel_step` called step by step (the benchmark's
+  per-step loop) give the scan's trajectory, on both sides of the switch."""
+  _, y = toy_data(8, jax.random.PRNGKey(7))
+  model = make_model(10)
+  cfg = sampling_config(strategy="parallel", switch_t=0.3, parallel_order=order,
+                        initial_logits="classifier")
+  key = jax.random.PRNGKey(2)
+  ref = run(model, cfg, y, key=2)
+  b = coupled._Branches(model, cfg, {"signal": {}, "logits": {}}, {}, y)
+  switch, steps = coupled.parallel_schedule(model, cfg)
+  assert switch == 7 and len(steps[0]) == 10
+  carry, k_steps, f_y = coupled.parallel_start(b, key)
+  for i in range(10):
+    carry, _ = coupled.parallel_step(b, k_steps, f_y, i < switch, carry, tuple(a[i] for a in steps))
+  np.testing.assert_allclose(carry[4], ref.x0, atol=1e-5)
+  np.testing.assert_allclose(carry[5], ref.logits, atol=1e-5)
+  assert np.abs(np.asarray(carry[5] - f_y)).max() > 1e-3   # the logits did move away from f(y)
+
+
 def test_run_method_resumes_an_interrupted_evaluation(tmp_path, monkeypatch):
   """With a cache dir, a rerun after batch 1 of 3 computes only batches 2 and 3 and returns what
   an uninterrupted run does; a finished run is read back without compiling."""
