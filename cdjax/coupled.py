@@ -89,7 +89,9 @@ class CoupledOutput(NamedTuple):
 class _Branches:
   """One signal step and one logit step with their conditioning; shared by every strategy."""
 
-  def __init__(self, model: CoupledModel, cfg, params, classifier_params, y):
+  def __init__(self, model: CoupledModel, cfg, params, classifier_params, y, signal_cond=None):
+    """signal_cond: `model.signal_context(params["signal"], y)` where already computed (a
+    per-step loop computes it once)."""
     self.model, self.cfg, self.params, self.y = model, cfg, params, y
     self.classify = functools.partial(model.classifier, classifier_params)
     g = cfg.guidance
@@ -103,7 +105,8 @@ class _Branches:
     self.logits_step = sampling.get_step_fn(
         model.logits_sde, cfg.logits_predictor, "none", x0_transform=self.standardize)
     self.zero_logits = jnp.zeros((y.shape[0], model.num_classes), jnp.float32)
-    self.signal_cond = model.signal_context(params["signal"], y)
+    self.signal_cond = (model.signal_context(params["signal"], y) if signal_cond is None
+                        else signal_cond)
 
   def standardize(self, logits):
     return standardize_logits(logits, self.model.logits_std)

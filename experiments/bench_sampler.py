@@ -1,13 +1,18 @@
-"""Sampler benchmark (issue 8): the coupled Parallel trajectory at 28x28, compared in one process
-as (a) cdjax's whole trajectory = one jit + lax.scan call, (b) the same JAX step (the `parallel`
-scan body, built from `_Branches.logits_update` / `signal_update`) jitted once and called from a
-Python loop, (c) the PyTorch eager reference (`torch_reference.py`, official-code-style loop),
-(d) path (a) with XLA's logistic in place of `layers.sigmoid` in every SiLU (before / after that
-change), all timed side by side in rounds (`bench_common.interleaved_runs`); plus the strategy
-cost ratios (NFE and wall time relative to enhancement alone) and the
-matmul peak of the machine. Random weights: throughput does not depend on them.
+"""Sampler benchmark (issue 8): the coupled Parallel trajectory, compared in one process as
+(a) cdjax's whole trajectory = one jit + lax.scan call, (b) the same step (`coupled.parallel_step`,
+the scan body) jitted once and called from a Python loop, (c) the PyTorch eager reference
+(official-code-style loop), (d) path (a) with XLA's logistic in place of `layers.sigmoid` in every
+SiLU (before / after that change), all timed side by side in rounds
+(`bench_common.interleaved_runs`); plus the matmul peak of the machine. Random weights:
+throughput does not depend on them. Two setups, chosen by the config:
 
-PYTHONPATH=. .venv/bin/python experiments/bench_sampler.py --config configs/mnist_demo.py
+- images (28x28, `torch_reference.py`), section `sampler`; also the batch-1 step breakdown, the
+  strategy cost ratios (NFE and wall time relative to enhancement alone) and `--xla_variants`:
+  PYTHONPATH=. .venv/bin/python experiments/bench_sampler.py --config configs/mnist_demo.py
+- speech (`--frames` spectrogram frames; NCSN++ with the enhancer's latent, OUVE predictor +
+  corrector, `torch_reference_speech.py`), section `sampler_speech`, entries named `speech_*`:
+  PYTHONPATH=. .venv/bin/python experiments/bench_sampler.py --config configs/speech_keywords.py \
+      --paths=scan,loop,torch
 
 Writes experiments/results/bench.{json,md} (merged with bench_train.py's entries).
 The JAX paths run with the XLA flags the config asks for (`parallel.configure_xla`: the
@@ -17,6 +22,7 @@ which replaces the config's flags ("none": no flags), e.g.
 `--xla_variants=none,--xla_force_host_platform_device_count=2`: the scan path shards its batch
 over every device it sees.
 """
+import functools
 import json
 import os
 import sys
@@ -34,13 +40,17 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
+from cdjax import audio  # noqa: E402
 from cdjax import coupled  # noqa: E402
 from cdjax import nets  # noqa: E402
 from cdjax import parallel  # noqa: E402
+from cdjax import speech  # noqa: E402
 from cdjax.nets import layers  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/mnist_demo.py", "Experiment config.")
-_STEPS = flags.DEFINE_integer("steps", 50, "DDPM steps (NFE per branch) of every trajectory.")
+_STEPS = flags.DEFINE_integer("steps", 0, "Steps of every trajectory (both branches); 0: the config's.")
+_FRAMES = flags.DEFINE_integer("frames", 256, "Spectrogram frames of the speech setup (16 kHz, hop "
+                               "128: 256 frames = 2 s).")
 _BATCHES = flags.DEFINE_list("batches", ["1", "16", "64"], "Batch sizes of the Parallel benchmark.")
 _PATHS = flags.DEFINE_list("paths", ["scan", "xla_sigmoid", "loop", "torch"],
                            "Which of scan, xla_sigmoid (scan with XLA's logistic in the SiLUs), "
@@ -59,50 +69,104 @@ _BREAKDOWN_BATCH = flags.DEFINE_integer("breakdown_batch", 1, "Batch of the per-
                                         "(networks only, U-Net only, XLA profile, one core); 0: skip.")
 _JSON_ONLY = flags.DEFINE_bool("json_only", False, "Print results as one JSON line; write nothing.")
 
-SECTION = "sampler"
+
+def is_speech(config) -> bool:
+  """The speech setup (complex spectrograms, NCSN++ signal branch), not the image one."""
+  return config.signal.net == "ncsnpp"
 
 
-def _network_inputs(model_cfg, b: int):
-  shape = (b,) + tuple(model_cfg.data.shape)
-  x, k = jnp.zeros(shape), model_cfg.data.num_classes
-  l, t = jnp.zeros((b, k)), jnp.zeros((b,))
-  return {"signal": (x, t, x, l), "logits": (l, t, l, x), "classifier": (x,)}
+def section(config) -> str:
+  """The bench.json section of the config's setup."""
+  return "sampler_speech" if is_speech(config) else "sampler"
+
+
+def signal_shape(config) -> tuple:
+  """One item of y: [H, W, C] (images) or [F, frames] (speech)."""
+  if is_speech(config):
+    return (audio.N_FFT // 2 + 1, _FRAMES.value)
+  return tuple(config.data.shape)
+
+
+def make_y(config, key, b: int) -> jax.Array:
+  """A random observation batch: images uniform in [-1, 1]; complex spectrograms N(0, 0.2^2)."""
+  shape = (b,) + signal_shape(config)
+  if is_speech(config):
+    re, im = 0.2 * jax.random.normal(key, (2,) + shape)
+    return jax.lax.complex(re, im)
+  return jax.random.uniform(key, shape, minval=-1, maxval=1)
+
+
+def _net(config, name: str):
+  return nets.get_network(config[name].net, **config[name].net_kwargs)
+
+
+def _network_inputs(config, b: int) -> dict:
+  """{network: its inputs at batch b}; speech adds the enhancer, whose latent the score net reads."""
+  x = jnp.zeros((b,) + signal_shape(config), jnp.complex64 if is_speech(config) else jnp.float32)
+  l, t = jnp.zeros((b, config.data.num_classes)), jnp.full((b,), 0.5)
+  inputs = {"signal": (x, t, x, l), "logits": (l, t, l, x), "classifier": (x,)}
+  if is_speech(config):
+    latent = jax.eval_shape(
+        lambda y: _net(config, "enhancer").init_with_output(jax.random.PRNGKey(0), y)[0][1], x)
+    inputs["signal"] += (jnp.zeros(latent.shape, latent.dtype),)
+    inputs["enhancer"] = (x,)
+  return inputs
 
 
 def init_params(config):
-  """Random params of the three networks, {"signal", "logits"} and the classifier's."""
-  inputs = _network_inputs(config, 1)
+  """Random params ({"signal", "logits"}, classifier's) as the sampler takes them; Ex-Diff's
+  signal params are {"score", "enhancer"}."""
   key = jax.random.PRNGKey(0)
-  params = {}
-  for i, name in enumerate(("signal", "logits", "classifier")):
-    section = config[name]
-    net = nets.get_network(section.net, **section.net_kwargs)
-    params[name] = net.init(jax.random.fold_in(key, i), *inputs[name])["params"]
+  params = {name: _net(config, name).init(jax.random.fold_in(key, i), *inputs)["params"]
+            for i, (name, inputs) in enumerate(_network_inputs(config, 1).items())}
+  # Zero-initialised layers (NCSN++'s output convs) get small random weights: otherwise the
+  # score net's output is exactly 0 and the paths' agreement checks nothing.
+  leaves, tree = jax.tree.flatten(params)
+  leaves = [0.02 * jax.random.normal(jax.random.fold_in(key, 100 + i), p.shape, p.dtype)
+            if not p.any() else p for i, p in enumerate(leaves)]
+  params = jax.tree.unflatten(tree, leaves)
+  if is_speech(config):
+    params["signal"] = {"score": params.pop("signal"), "enhancer": params.pop("enhancer")}
   classifier = params.pop("classifier")
   return params, classifier
 
 
 def jax_flops_per_call(config, params, classifier, b: int) -> dict:
   """XLA cost-analysis FLOPs of one call of each network at batch b."""
-  model = coupled.model_from_config(config)
-  fns = {"signal": (model.signal_net, params["signal"]), "logits": (model.logits_net, params["logits"]),
-         "classifier": (model.classifier, classifier)}
+  own = dict(params, classifier=classifier)
+  if is_speech(config):
+    own.update(signal=params["signal"]["score"], enhancer=params["signal"]["enhancer"])
   out = {}
   for name, args in _network_inputs(config, b).items():
-    fn, p = fns[name]
-    out[name] = float(jax.jit(fn).lower(p, *args).compile().cost_analysis()["flops"])
+    apply = functools.partial(lambda net, p, *a: net.apply({"params": p}, *a), _net(config, name))
+    out[name] = float(jax.jit(apply).lower(own[name], *args).compile().cost_analysis()["flops"])
   return out
 
 
 def torch_flops_per_call(config, b: int) -> dict:
   import torch
   import torch_reference as tr
+  if is_speech(config):
+    import torch_reference_speech as trs
+    score, enhancer, logit_net, classifier = trs.build(config)
+    x = torch.zeros((b,) + signal_shape(config), dtype=torch.complex64)
+    l, t = torch.zeros(b, config.data.num_classes), torch.full((b,), 0.5)
+    latent = enhancer(x)[1]
+    return {"signal": float(tr.count_flops(score, x, t, x, l, latent)),
+            "logits": float(tr.count_flops(logit_net, l, t, l, x)),
+            "classifier": float(tr.count_flops(classifier, x)),
+            "enhancer": float(tr.count_flops(enhancer, x))}
   unet, logit_net, classifier = tr.build(config)
   x = torch.zeros((b, config.data.shape[-1]) + tuple(config.data.shape[:2]))
   l, t = torch.zeros(b, config.data.num_classes), torch.zeros(b)
   return {"signal": float(tr.count_flops(unet, x, t, x, l)),
           "logits": float(tr.count_flops(logit_net, l, t, l, x)),
           "classifier": float(tr.count_flops(classifier, x))}
+
+
+def signal_calls_per_step(config) -> int:
+  """Signal-network calls per step: the predictor's, plus the corrector's."""
+  return 1 + (config.sampling.n_corrector if config.sampling.corrector != "none" else 0)
 
 
 def sampling_config(config, strategy: str):
@@ -112,16 +176,18 @@ def sampling_config(config, strategy: str):
 
 
 def with_steps(config, n: int):
+  """The config with n steps in both branches (n = 0: unchanged)."""
   config = config.copy_and_resolve_references()
-  config.signal.sde_kwargs.N = n
-  config.logits.sde_kwargs.N = n
+  if n:
+    config.signal.sde_kwargs.N = n
+    config.logits.sde_kwargs.N = n
   return config
 
 
 # ---- (a) the compiled trajectory ----------------------------------------------------------------
 def compile_coupled(config, strategy, params, classifier, y):
   """(compiled fn(params, classifier, key, y), compile seconds, memory analysis)."""
-  model = coupled.model_from_config(config)
+  model = speech.coupled_model(config)
   fn = jax.jit(coupled.get_coupled_fn(model, sampling_config(config, strategy)))
   tic = time.perf_counter()
   compiled = fn.lower(params, classifier, jax.random.PRNGKey(1), y).compile()
@@ -135,46 +201,55 @@ def _runner(fn, *args):
 
 # ---- (b) the same step, jitted once, from a Python loop -----------------------------------------
 def make_step_loop(config, params, classifier, y):
-  """`run(key) -> CoupledOutput` running the `parallel` strategy's body once per Python iteration
-  (one jitted call per DDPM step, same keys as the scan), plus a compile function."""
-  model = coupled.model_from_config(config)
+  """(run, first): `run(key, indices=all) -> CoupledOutput` calls the `parallel` strategy's step
+  (`coupled.parallel_step`, the scan body) jitted, once per Python iteration, with the same keys
+  as the scan; `run(key, first)` compiles every jitted function (one step each side of the switch)."""
+  model = speech.coupled_model(config)
   cfg = sampling_config(config, "parallel")
-  n = model.signal_sde.N
-  switch = int(round(n * (1.0 - cfg.switch_t)))
-  ts_x, ts_l = model.signal_sde.timesteps(), model.logits_sde.timesteps()
+  switch, steps = coupled.parallel_schedule(model, cfg)
+  steps = [tuple(a[i] for a in steps) for i in range(len(steps[0]))]
+  branches = functools.partial(coupled._Branches, model, cfg)
 
   @jax.jit
-  def init(params, classifier, key, y):
-    b = coupled._Branches(model, cfg, params, classifier, y)
-    k_x, k_l, k_steps = jax.random.split(key, 3)
-    x, l = b.signal_init(k_x), b.logits_init(k_l, b.y)
-    return (x, l, b.y, coupled._initial_logits(b), x, l), k_steps
+  def start(params, classifier, y, key):   # + the signal's conditioning (Ex-Diff: the latent), once
+    b = branches(params, classifier, y)
+    return coupled.parallel_start(b, key), b.signal_cond
+
+  @functools.partial(jax.jit, static_argnums=0)
+  def step(before_switch, params, classifier, y, cond, k_steps, f_y, carry, inputs):
+    return coupled.parallel_step(branches(params, classifier, y, cond), k_steps, f_y,
+                                 before_switch, carry, inputs)[0]
 
   @jax.jit
-  def step(params, classifier, y, carry, k_steps, i, tx, tx_next, tl, tl_next):
-    # The body of coupled.parallel (logits_first, cond_source='clean').
-    b = coupled._Branches(model, cfg, params, classifier, y)
-    x, l, x0_hat, _, _, _ = carry
-    k_sig, k_log = jax.random.split(jax.random.fold_in(k_steps, i))
-    c = jnp.where(i >= switch, x0_hat, b.y)
-    out_l = b.logits_update(k_log, l, tl, tl_next, c, x0_hat)
-    out_x = b.signal_update(k_sig, x, tx, tx_next, out_l.x0_hat, out_l.x0_hat)
-    return (out_x.x, out_l.x, out_x.x0_hat, out_l.x0_hat, out_x.x_mean, out_l.x_mean)
-
-  @jax.jit
-  def final(params, classifier, y, carry):
-    b = coupled._Branches(model, cfg, params, classifier, y)
+  def final(params, classifier, y, cond, carry):
+    b = branches(params, classifier, y, cond)
     return b.output(carry[4], carry[5], b.signal_nfe + b.logits_nfe)
 
-  steps = [(np.int32(i), ts_x[i], ts_x[i + 1], ts_l[i], ts_l[i + 1]) for i in range(n)]
+  def run(key, indices=range(len(steps))):
+    (carry, k_steps, f_y), cond = start(params, classifier, y, key)
+    for i in indices:
+      carry = step(bool(i < switch), params, classifier, y, cond, k_steps, f_y, carry, steps[i])
+    return final(params, classifier, y, cond, carry)
 
-  def run(key, num_steps=n):
-    carry, k_steps = init(params, classifier, key, y)
-    for args in steps[:num_steps]:
-      carry = step(params, classifier, y, carry, k_steps, *args)
-    return final(params, classifier, y, carry)
+  return run, sorted({0, min(switch, len(steps) - 1)})   # the steps that compile every version
 
-  return run
+
+def torch_sampler(config, y):
+  """fn() running the PyTorch eager reference's Parallel trajectory on y (in its layout)."""
+  import torch
+  torch.set_num_threads(bc.THREADS)
+  torch.manual_seed(0)
+  yt = torch.from_numpy(np.array(y))
+  if is_speech(config):
+    import torch_reference_speech as trs
+    sampler = trs.ParallelSampler(*trs.build(config), config)
+  else:
+    import torch_reference as tr
+    sampler = tr.ParallelSampler(*tr.build(config), n=config.signal.sde_kwargs.N,
+                                 switch_t=config.sampling.switch_t,
+                                 logits_std=config.logits.standardize_std)
+    yt = yt.permute(0, 3, 1, 2).contiguous()
+  return lambda: sampler(yt)
 
 
 def bench_parallel(config, params, classifier, b: int, paths, repeats: int, budget: float) -> dict:
@@ -182,7 +257,7 @@ def bench_parallel(config, params, classifier, b: int, paths, repeats: int, budg
   (`bc.interleaved_runs`). Path `xla_sigmoid`: the scan path with XLA's logistic in place of
   `layers.sigmoid` (the before of that change)."""
   runs, info = {}, {}
-  y = jax.random.uniform(jax.random.PRNGKey(2), (b,) + tuple(config.data.shape), minval=-1, maxval=1)
+  y = make_y(config, jax.random.PRNGKey(2), b)
   key = jax.random.PRNGKey(1)
   sharded_y, sharded = y, (params, classifier)
   if b % jax.device_count() == 0:   # a split host (XLA variant): data parallel as in evaluation
@@ -207,24 +282,16 @@ def bench_parallel(config, params, classifier, b: int, paths, repeats: int, budg
     with mock.patch.object(layers, "sigmoid", jax.nn.sigmoid):
       add_scan("xla_sigmoid")
   if "loop" in paths:
-    run_loop = make_step_loop(config, params, classifier, y)
+    run_loop, first = make_step_loop(config, *sharded, sharded_y)   # on the scan's devices
     tic = time.perf_counter()
-    jax.block_until_ready(run_loop(key, 1))   # compiles init / step / final on one step
+    jax.block_until_ready(run_loop(key, first))   # compiles start / step / final
     warm = time.perf_counter() - tic
     tic = time.perf_counter()
-    jax.block_until_ready(run_loop(key, 1))
+    jax.block_until_ready(run_loop(key, first))
     info["loop"] = dict(compile_s=warm - (time.perf_counter() - tic))
     runs["loop"] = _runner(run_loop, key)
   if "torch" in paths:
-    import torch
-    import torch_reference as tr
-    torch.set_num_threads(bc.THREADS)
-    torch.manual_seed(0)
-    sampler = tr.ParallelSampler(*tr.build(config), n=config.signal.sde_kwargs.N,
-                                 switch_t=config.sampling.switch_t,
-                                 logits_std=config.logits.standardize_std)
-    yt = torch.from_numpy(np.array(y)).permute(0, 3, 1, 2).contiguous()
-    runs["torch"] = lambda: sampler(yt)
+    runs["torch"] = torch_sampler(config, y)
 
   timed = bc.interleaved_runs(runs, repeats, budget)
   scan_x0 = timed["scan"]["out"].x0 if "scan" in timed else None
@@ -364,27 +431,29 @@ def main(argv):
   batches = [int(b) for b in _BATCHES.value]
   results = dict(load_before=load_before, xla_flags=os.environ.get("XLA_FLAGS", ""),
                  devices=jax.device_count(),
-                 threads=bc.THREADS, steps=_STEPS.value, parallel={})
+                 threads=bc.THREADS, steps=config.signal.sde_kwargs.N, parallel={})
+  image = not is_speech(config)   # the breakdown, strategy costs and XLA variants: images only
 
   if not _JSON_ONLY.value:
     results["matmul_gflops"] = bc.matmul_peak()
     results["flops_jax"] = jax_flops_per_call(config, params, classifier, 1)
     if "torch" in _PATHS.value:
       results["flops_torch"] = torch_flops_per_call(config, 1)
-    results["scan_vs_outside"] = unet_scan_vs_outside(config, params, 16)
+    if image:
+      results["scan_vs_outside"] = unet_scan_vs_outside(config, params, 16)
   for b in batches:
     results["parallel"][str(b)] = bench_parallel(config, params, classifier, b, _PATHS.value,
                                                  _REPEATS.value, _BUDGET.value)
     print(f"batch {b}:", json.dumps({k: round(v["items_per_s"], 3)
                                      for k, v in results["parallel"][str(b)].items()}),
           file=sys.stderr, flush=True)
-  if _BREAKDOWN_BATCH.value > 0:
+  if image and _BREAKDOWN_BATCH.value > 0:
     results["breakdown"] = step_breakdown(config, params, classifier, _BREAKDOWN_BATCH.value,
                                           _REPEATS.value)
-  if _STRATEGY_BATCH.value > 0:
+  if image and _STRATEGY_BATCH.value > 0:
     results["strategies"] = bench_strategies(config, params, classifier, _STRATEGY_BATCH.value,
                                              _STRATEGY_REPEATS.value, _BUDGET.value)
-  if _XLA_VARIANTS.value:
+  if image and _XLA_VARIANTS.value:
     results["xla_variants"] = run_variants(os.path.abspath(__file__), _XLA_VARIANTS.value,
                                            _VARIANT_BATCH.value)
   results["load_after"] = bc.load_average()
@@ -392,23 +461,27 @@ def main(argv):
   if _JSON_ONLY.value:
     print(json.dumps(results))
     return
-  with open(os.path.join(bc.RESULTS_DIR, "bench_sampler_raw.json"), "w") as f:
+  with open(os.path.join(bc.RESULTS_DIR, f"bench_{section(config)}_raw.json"), "w") as f:
     json.dump(results, f, indent=2)
   write(results, config)
 
 
 def write(results: dict, config) -> None:
-  e, S = [], dict(section=SECTION)
+  e, S = [], dict(section=section(config))
   n = results["steps"]
-  per_step = {k: v for k, v in results["flops_jax"].items()}
-  traj_flops = n * sum(per_step.values())   # per item: classifier + logit net + U-Net per step
+  fl = results["flops_jax"]
+  # per item: the networks of each step (the signal net once per predictor / corrector call),
+  # plus the enhancer once (speech)
+  traj_flops = n * (signal_calls_per_step(config) * fl["signal"] + fl["logits"] + fl["classifier"]) \
+      + fl.get("enhancer", 0.0)
+  prefix = "speech_" if is_speech(config) else ""
   peak = max(results["matmul_gflops"].values())
   e.append(bc.entry("matmul_peak_jax", results["matmul_gflops"]["jax"], "GFLOP/s",
                     "2048^2 f32 jnp.dot", float("nan"), **S))
   if "torch" in results["matmul_gflops"]:
     e.append(bc.entry("matmul_peak_torch", results["matmul_gflops"]["torch"], "GFLOP/s",
                       "2048^2 f32 torch.mm", float("nan"), **S))
-  for name in ("signal", "logits", "classifier"):
+  for name in results["flops_jax"]:
     torch_flops = results.get("flops_torch", {}).get(name)
     e.append(bc.entry(f"flops_per_call_{name}_b1", results["flops_jax"][name] / 1e6, "MFLOP",
                       "torch FlopCounterMode" if torch_flops is None else torch_flops / 1e6, **S))
@@ -422,7 +495,8 @@ def write(results: dict, config) -> None:
       s = r["scan"]
       gflops = s["items_per_s"] * traj_flops / 1e9
       e.append(bc.entry(f"sampler_jit_scan_items_per_s_b{b}", s["items_per_s"], "items/s",
-                        f"{n} steps x (U-Net + logit net + classifier)", float("nan"), **S))
+                        f"{n} steps x (signal net x {signal_calls_per_step(config)} + logit net + "
+                        "classifier)", float("nan"), **S))
       e.append(bc.entry(f"sampler_jit_scan_frac_of_peak_b{b}", gflops, "GFLOP/s", peak, **S))
       e.append(bc.entry(f"sampler_jit_scan_compile_s_b{b}", s["compile_s"], "s", "lower+compile",
                         float("nan"), **S))
@@ -498,11 +572,17 @@ def write(results: dict, config) -> None:
            f"{_REPEATS.value} rounds calling each in turn; value and baseline: each path's "
            f"median; the ratio of two paths: the median over rounds of their per-round ratio; "
            f"total script time {results['total_s']:.0f} s",
-           f"FLOPs per item per trajectory: {traj_flops / 1e9:.2f} GFLOP "
-           f"(XLA cost analysis per network call x {n} steps); frac_of_peak ratio = achieved GFLOP/s "
-           f"over the best measured 2048^2 matmul",
+           f"FLOPs per item per trajectory: {traj_flops / 1e9:.2f} GFLOP (XLA cost analysis per "
+           f"network call; {n} steps x (signal net x {signal_calls_per_step(config)} + logit net + "
+           f"classifier){' + the enhancer once' if 'enhancer' in fl else ''}); frac_of_peak ratio "
+           f"= achieved GFLOP/s over the best measured 2048^2 matmul",
            "flops_per_call_*: value = XLA cost_analysis (all ops), baseline = torch FlopCounterMode "
            "(conv/matmul/attention only, 2 FLOPs per MAC)"]
+  if is_speech(config):
+    notes.append(f"speech setup: y = complex compressed spectrograms [B, {signal_shape(config)[0]}, "
+                 f"{_FRAMES.value}] (random), the config's networks with random weights (the "
+                 "enhancer's latent computed once per trajectory), PyTorch reference "
+                 "torch_reference_speech.py")
   if bd:
     notes.append(f"breakdown at batch {bd['batch']}: networks_only = the three networks chained "
                  "as in a step, no SDE update or RNG; profile_* = XLA:CPU profiler time per step "
@@ -515,7 +595,8 @@ def write(results: dict, config) -> None:
       notes.append(f"XLA variant '{v}' failed: {r['error'][-300:]!r}")
   command = "PYTHONPATH=. .venv/bin/python " + " ".join(
       [os.path.relpath(sys.argv[0])] + sys.argv[1:])
-  print(bc.write_results(e, command, notes, SECTION))
+  e = [dict(entry, name=prefix + entry["name"]) for entry in e]
+  print(bc.write_results(e, command, notes, section(config)))
 
 
 if __name__ == "__main__":
