@@ -12,7 +12,7 @@ throughput does not depend on them. Two setups, chosen by the config:
 - speech (`--frames` spectrogram frames; NCSN++ with the enhancer's latent, OUVE predictor +
   corrector, `torch_reference_speech.py`), section `sampler_speech`, entries named `speech_*`:
   PYTHONPATH=. .venv/bin/python experiments/bench_sampler.py --config configs/speech_keywords.py \
-      --paths=scan,loop,torch
+      --config.mesh.host_cpu_devices=2 --paths=scan,loop,torch --repeats=3 --budget_s=60
 
 Writes experiments/results/bench.{json,md} (merged with bench_train.py's entries).
 The JAX paths run with the XLA flags the config asks for (`parallel.configure_xla`: the
