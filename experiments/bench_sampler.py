@@ -12,7 +12,9 @@ throughput does not depend on them. Two setups, chosen by the config:
 - speech (`--frames` spectrogram frames; NCSN++ with the enhancer's latent, OUVE predictor +
   corrector, `torch_reference_speech.py`), section `sampler_speech`, entries named `speech_*`:
   PYTHONPATH=. .venv/bin/python experiments/bench_sampler.py --config configs/speech_keywords.py \
-      --config.mesh.host_cpu_devices=2 --paths=scan,loop,torch --repeats=3 --budget_s=60
+      --config.mesh.host_cpu_devices=2 --paths=scan,loop,torch,torch_fir_sums --batches=1,16 \
+      --repeats=3 --budget_s=60
+  (path torch_fir_sums: the reference with NCSN++'s FIR as shifted sums, as cdjax writes it)
 
 Writes experiments/results/bench.{json,md} (merged with bench_train.py's entries).
 The JAX paths run with the XLA flags the config asks for (`parallel.configure_xla`: the
@@ -54,7 +56,8 @@ _FRAMES = flags.DEFINE_integer("frames", 256, "Spectrogram frames of the speech 
 _BATCHES = flags.DEFINE_list("batches", ["1", "16", "64"], "Batch sizes of the Parallel benchmark.")
 _PATHS = flags.DEFINE_list("paths", ["scan", "xla_sigmoid", "loop", "torch"],
                            "Which of scan, xla_sigmoid (scan with XLA's logistic in the SiLUs), "
-                           "loop, torch to run.")
+                           "loop, torch, torch_fir_sums (speech: the reference with NCSN++'s FIR "
+                           "as shifted sums) to run.")
 _REPEATS = flags.DEFINE_integer("repeats", 3, "Timed rounds (each path once per round; median).")
 _BUDGET = flags.DEFINE_float("budget_s", 20.0, "Stop after the round whose timed calls passed "
                              "this many seconds per path (at least one round).")
@@ -234,15 +237,16 @@ def make_step_loop(config, params, classifier, y):
   return run, sorted({0, min(switch, len(steps) - 1)})   # the steps that compile every version
 
 
-def torch_sampler(config, y):
-  """fn() running the PyTorch eager reference's Parallel trajectory on y (in its layout)."""
+def torch_sampler(config, y, fir_sums: bool = False):
+  """fn() running the PyTorch eager reference's Parallel trajectory on y (in its layout);
+  `fir_sums` (speech): NCSN++'s FIR as shifted sums instead of SGMSE+'s `upfirdn2d_native`."""
   import torch
   torch.set_num_threads(bc.THREADS)
   torch.manual_seed(0)
   yt = torch.from_numpy(np.array(y))
   if is_speech(config):
     import torch_reference_speech as trs
-    sampler = trs.ParallelSampler(*trs.build(config), config)
+    sampler = trs.ParallelSampler(*trs.build(config, fir_sums), config)
   else:
     import torch_reference as tr
     sampler = tr.ParallelSampler(*tr.build(config), n=config.signal.sde_kwargs.N,
@@ -292,6 +296,10 @@ def bench_parallel(config, params, classifier, b: int, paths, repeats: int, budg
     runs["loop"] = _runner(run_loop, key)
   if "torch" in paths:
     runs["torch"] = torch_sampler(config, y)
+  if "torch_fir_sums" in paths:
+    if not is_speech(config):
+      raise ValueError("path torch_fir_sums is the speech setup's (NCSN++'s FIR); drop it for images.")
+    runs["torch_fir_sums"] = torch_sampler(config, y, fir_sums=True)
 
   timed = bc.interleaved_runs(runs, repeats, budget)
   scan_x0 = timed["scan"]["out"].x0 if "scan" in timed else None
@@ -299,7 +307,7 @@ def bench_parallel(config, params, classifier, b: int, paths, repeats: int, budg
   for name, r in timed.items():
     out = r.pop("out")
     res[name] = dict(r, items_per_s=b / r["sec"], **info.get(name, {}))
-    if name != "torch":
+    if not name.startswith("torch"):
       res[name]["nfe"] = int(out.nfe)
       if scan_x0 is not None and name in ("xla_sigmoid", "loop"):   # same keys: equal up to rounding
         res[name]["max_abs_diff_vs_scan"] = float(jnp.max(jnp.abs(out.x0 - scan_x0)))
@@ -513,6 +521,8 @@ def write(results: dict, config) -> None:
       versus(f"sampler_jit_scan_vs_torch_eager_b{b}", r["scan"], r["torch"])
       e.append(bc.entry(f"sampler_torch_eager_rss_delta_mib_b{b}", r["torch"]["rss_delta_mib"], "MiB",
                         "peak RSS minus RSS before the first run", float("nan"), **S))
+    if "scan" in r and "torch_fir_sums" in r:
+      versus(f"sampler_jit_scan_vs_torch_fir_sums_b{b}", r["scan"], r["torch_fir_sums"])
     if "scan" in r and "xla_sigmoid" in r:
       versus(f"sampler_jit_scan_vs_xla_sigmoid_b{b}", r["scan"], r["xla_sigmoid"])
       e.append(bc.entry(f"sampler_xla_sigmoid_max_abs_diff_vs_scan_b{b}",

@@ -48,17 +48,36 @@ class FIR(nn.Module):
   """FIR-filtered 2x resampling of x [B, C, H, W] -> [B, C, 2H, 2W] (up) or [B, C, H/2, W/2]
   (down), filter outer(k, k) / sum(k)^2 (times 4 up), as SGMSE+'s `upsample_2d` /
   `downsample_2d` over `upfirdn2d_native`: zero insertion, padding, one depthwise 4x4 conv2d at
-  the upsampled resolution, then subsampling."""
+  the upsampled resolution, then subsampling. With `shifted_sums` the same filter is applied per
+  axis as len(k) shifted, scaled slices of the (zero-inserted, padded) map, as cdjax's `_fir` does
+  (same output; `build(config, fir_sums=True)`)."""
 
-  def __init__(self, kernel: Sequence[int], up: bool):
+  def __init__(self, kernel: Sequence[int], up: bool, shifted_sums: bool = False):
     super().__init__()
     k = np.asarray(kernel, np.float32)
+    self.k1 = (k / k.sum() * (2.0 if up else 1.0)).tolist()
     k = np.outer(k, k) / k.sum() ** 2 * (4.0 if up else 1.0)
     self.register_buffer("kernel", torch.from_numpy(np.flip(k).copy())[None, None])
     p = len(kernel) - 2
     self.up, self.pad = up, ((p + 1) // 2 + 1, p // 2) if up else ((p + 1) // 2, p // 2)
+    self.shifted_sums = shifted_sums
+
+  def _shifted_sums(self, x):
+    for dim in (2, 3):
+      if self.up:   # zero insertion along dim
+        x = torch.stack([x, torch.zeros_like(x)], dim + 1).flatten(dim, dim + 1)
+      pad = [0, 0, 0, 0]
+      pad[2 * (3 - dim):2 * (3 - dim) + 2] = self.pad
+      xp = F.pad(x, pad)
+      m = xp.shape[dim] - len(self.k1) + 1
+      x = sum(k * xp.narrow(dim, i, m) for i, k in enumerate(self.k1))
+      if not self.up:
+        x = x[(slice(None),) * dim + (slice(0, None, 2),)]
+    return x
 
   def forward(self, x):
+    if self.shifted_sums:
+      return self._shifted_sums(x)
     b, c, h, w = x.shape
     x = x.reshape(b * c, 1, h, w)
     if self.up:
@@ -343,9 +362,9 @@ class SpeechLogitNet(LogitNet):
     return super().forward(l_t, self.time_scale * t, cond_logits, signal)
 
 
-def build(config):
+def build(config, fir_sums: bool = False):
   """(NCSNpp, ResUNetEnhancer, SpeechLogitNet, SpeechClassifier) at the sizes of a speech config
-  (`configs/speech_keywords.py`), in eval mode."""
+  (`configs/speech_keywords.py`), in eval mode; `fir_sums`: NCSN++'s FIR as shifted sums."""
   enhancer = ResUNetEnhancer(**dict(config.enhancer.net_kwargs)).eval()
   score_net = NCSNpp(config.data.num_classes, config.audio.n_fft // 2 + 1,
                      latent_channels=enhancer.widths[-1],
@@ -353,6 +372,9 @@ def build(config):
                      **dict(config.signal.net_kwargs)).eval()
   logit_net = SpeechLogitNet(**dict(config.logits.net_kwargs)).eval()
   classifier = SpeechClassifier(**dict(config.classifier.net_kwargs)).eval()
+  for m in score_net.modules():
+    if isinstance(m, FIR):
+      m.shifted_sums = fir_sums
   return score_net, enhancer, logit_net, classifier
 
 
