@@ -46,6 +46,8 @@ from cdjax import audio  # noqa: E402
 from cdjax import coupled  # noqa: E402
 from cdjax import nets  # noqa: E402
 from cdjax import parallel  # noqa: E402
+from cdjax import sampling  # noqa: E402
+from cdjax import sde as sde_lib  # noqa: E402
 from cdjax import speech  # noqa: E402
 from cdjax.nets import layers  # noqa: E402
 
@@ -168,8 +170,10 @@ def torch_flops_per_call(config, b: int) -> dict:
 
 
 def signal_calls_per_step(config) -> int:
-  """Signal-network calls per step: the predictor's, plus the corrector's."""
-  return 1 + (config.sampling.n_corrector if config.sampling.corrector != "none" else 0)
+  """Signal-network calls per step (the predictor's plus the corrector's): the step's NFE."""
+  s = config.sampling
+  sde = sde_lib.get_sde(config.signal.sde, **config.signal.sde_kwargs)
+  return sampling.get_step_fn(sde, s.signal_predictor, s.corrector, s.snr, s.n_corrector).nfe
 
 
 def sampling_config(config, strategy: str):
