@@ -31,9 +31,11 @@ _CONFIG = config_flags.DEFINE_config_file("config", "configs/mnist_demo.py", "Ex
 _BATCH = flags.DEFINE_integer("batch", 0, "Global batch; 0: config.signal.batch_size.")
 _STEPS = flags.DEFINE_integer("steps", 10, "Timed train steps per measurement (after 2 warm-up).")
 _MEMORY_VARIANTS = flags.DEFINE_list(
-    "memory_variants", ["net_remat", "accum2", "train_remat"],
-    "Compiled-memory variants of the JAX step: net_remat (signal.net_kwargs.remat), accumK "
-    "(train.grad_accum_steps=K), train_remat (config.train.remat).")
+    "memory_variants", ["net_remat", "accum2", "accum4", "train_remat"],
+    "Variants of the JAX step, compiled and timed side by side with the baseline on 1 device: "
+    "net_remat (signal.net_kwargs.remat), accumK (train.grad_accum_steps=K), train_remat "
+    "(config.train.remat).")
+_ROUNDS = flags.DEFINE_integer("rounds", 4, "Timed rounds of the memory variants.")
 _HOST_DEVICES = flags.DEFINE_list(
     "host_devices", ["2", "8"], "Also run the data-parallel path with the CPU host split into "
     "each of these device counts (mesh.host_cpu_devices; a subprocess each).")
@@ -114,6 +116,27 @@ def _mem(mem) -> dict:
               output_mib=mem.output_size_in_bytes / 2**20)
 
 
+def time_variants(config, b: int, names, steps: int, rounds: int) -> dict:
+  """The baseline step and each variant's, compiled on 1 device and timed side by side
+  (`bc.interleaved_runs`: `steps` steps of each in turn per round).
+  Returns {name: dict(compile_s, temp_mib, ..., examples_per_s, speed_vs_baseline)}."""
+  runs, out = {}, {}
+  for name in ["baseline"] + list(names):
+    compiled, state, gb, compile_s, mem = compile_step(_variant(config, name), b)
+    out[name] = dict(compile_s=compile_s, **_mem(mem))
+
+    def run(compiled=compiled, holder=[state], gb=gb):
+      for _ in range(steps):
+        holder[0], _ = compiled(holder[0], gb, None)
+      return jax.block_until_ready(holder[0].step)
+    runs[name] = run
+  timed = bc.interleaved_runs(runs, rounds)
+  for name, r in timed.items():
+    out[name].update(examples_per_s=steps * b / r["sec"],
+                     speed_vs_baseline=bc.paired_ratio(r, timed["baseline"]))
+  return out
+
+
 def time_torch(config, b: int, steps: int) -> dict:
   """The same signal-branch step in PyTorch eager: gn_replace corruption, DDPM eps loss with zero
   logits, global-norm clip, adam, EMA."""
@@ -189,12 +212,10 @@ def main(argv):
     results[f"jax_{n}dev"] = bc.run_json_subprocess(cmd, {"XLA_FLAGS": xla_flags})
     print(f"jax {n} devices:", results[f"jax_{n}dev"], file=sys.stderr, flush=True)
     _save(results)
-  results.setdefault("memory", {})
-  for name in _MEMORY_VARIANTS.value:
-    if name not in results["memory"]:
-      _, _, _, compile_s, mem = compile_step(_variant(config, name), b)
-      results["memory"][name] = dict(compile_s=compile_s, **_mem(mem))
-      _save(results)
+  if "memory" not in results:
+    results["memory"] = time_variants(config, b, _MEMORY_VARIANTS.value, _STEPS.value,
+                                      _ROUNDS.value)
+    _save(results)
   results["load_after"] = bc.load_average()
   results["total_s"] = results.get("total_s", 0.0) + time.perf_counter() - t_start
   _save(results)
@@ -216,12 +237,15 @@ def write(results: dict) -> None:
     if "steps_per_s" in r:
       e.append(bc.entry(f"train_{key[4:]}_vs_1dev", r["examples_per_s"], "examples/s",
                         j["examples_per_s"], **S))
-  base_temp = j.get("temp_mib")
-  e.append(bc.entry("train_step_temp_mib_baseline", base_temp or float("nan"), "MiB",
+  mem = results["memory"]
+  base = mem["baseline"]
+  e.append(bc.entry("train_step_temp_mib_baseline", base["temp_mib"], "MiB",
                     "compiled.memory_analysis() temp buffers", float("nan"), **S))
-  for name, m in results["memory"].items():
-    e.append(bc.entry(f"train_step_temp_mib_{name}", m.get("temp_mib", float("nan")), "MiB",
-                      base_temp, **S))
+  for name, m in mem.items():
+    if name != "baseline":
+      e.append(bc.entry(f"train_step_temp_mib_{name}", m["temp_mib"], "MiB", base["temp_mib"], **S))
+      e.append(bc.entry(f"train_{name}_vs_baseline", m["examples_per_s"], "examples/s",
+                        base["examples_per_s"], m["speed_vs_baseline"], **S))
   notes = [f"load before: {results['load_before']}; after: {results['load_after']}",
            f"signal branch (configs' coupled_unet), global batch {b}, {results['steps']} timed steps "
            f"after 2 warm-up steps; threads: BENCH_THREADS={bc.THREADS}; total script time "
@@ -230,14 +254,12 @@ def write(results: dict) -> None:
            "--xla_force_host_platform_device_count=N on the same cores (batch split N ways; "
            "N=2 on 2 cores is what mesh.host_cpu_devices=2 gives the demo)",
            "memory: XLA's compiled temp-buffer size of one train step (arguments/outputs = state "
-           "and batch are the same in every variant)"]
+           "and batch are the same in every variant); train_<variant>_vs_baseline: examples/s of the "
+           f"variant's step and the baseline's, {results['steps']} steps of each in turn per round, "
+           "ratio = median over rounds"]
   for key, r in host_runs.items():
     if "error" in r:
       notes.append(f"{key[4:]} run failed: {r['error'][-300:]!r}")
-  mem = results["memory"]
-  if "train_remat" in mem and base_temp is not None and mem["train_remat"].get("temp_mib") == base_temp:
-    notes.append("config.train.remat is NOT wired: setting it leaves the compiled step unchanged "
-                 "(remat is only reachable through the networks' net_kwargs.remat)")
   command = "PYTHONPATH=. .venv/bin/python " + " ".join([os.path.relpath(sys.argv[0])] + sys.argv[1:])
   print(bc.write_results(e, command, notes, SECTION))
 
