@@ -1,9 +1,10 @@
 """Training benchmark (issue 8): steps/s and examples/s of the image signal branch through
 `cdjax.train.make_train_step` (the `signal` trainer's loss, adam + clipping + EMA, donated
 state) vs the PyTorch eager equivalent (`torch_reference.CoupledUNet`, the same loss, clipping,
-adam and EMA in a plain loop); the data-parallel path on the CPU host split into 2 and 8
-devices (a subprocess each, XLA_FLAGS=--xla_force_host_platform_device_count=N) vs 1 device; and the compiled peak memory
-of a step with and without rematerialisation and gradient accumulation.
+adam and EMA in a plain loop), timed side by side with the step's memory variants (the compiled
+peak memory of a step with and without rematerialisation and gradient accumulation); and the
+data-parallel path on the CPU host split into 2 and 8 devices (a subprocess each,
+XLA_FLAGS=--xla_force_host_platform_device_count=N) vs 1 device.
 
 PYTHONPATH=. .venv/bin/python experiments/bench_train.py --config configs/mnist_demo.py
 
@@ -35,7 +36,8 @@ _MEMORY_VARIANTS = flags.DEFINE_list(
     "Variants of the JAX step, compiled and timed side by side with the baseline on 1 device: "
     "net_remat (signal.net_kwargs.remat), accumK (train.grad_accum_steps=K), train_remat "
     "(config.train.remat).")
-_ROUNDS = flags.DEFINE_integer("rounds", 4, "Timed rounds of the memory variants.")
+_ROUNDS = flags.DEFINE_integer("rounds", 4, "Timed rounds of the side-by-side timing (1-device "
+                                "step, its memory variants, PyTorch eager).")
 _HOST_DEVICES = flags.DEFINE_list(
     "host_devices", ["2", "8"], "Also run the data-parallel path with the CPU host split into "
     "each of these device counts (mesh.host_cpu_devices; a subprocess each).")
@@ -116,10 +118,11 @@ def _mem(mem) -> dict:
               output_mib=mem.output_size_in_bytes / 2**20)
 
 
-def time_variants(config, b: int, names, steps: int, rounds: int) -> dict:
-  """The baseline step and each variant's, compiled on 1 device and timed side by side
-  (`bc.interleaved_runs`: `steps` steps of each in turn per round).
-  Returns {name: dict(compile_s, temp_mib, ..., examples_per_s, speed_vs_baseline)}."""
+def time_variants(config, b: int, names, steps: int, rounds: int, with_torch: bool) -> dict:
+  """The baseline step, each variant's (compiled on 1 device) and, with `with_torch`, the PyTorch
+  eager step ("torch") timed side by side (`bc.interleaved_runs`: `steps` steps of each in turn
+  per round). Returns {name: dict(examples_per_s, speed_vs_baseline, [compile_s, temp_mib, ...])},
+  the baseline's also with speed_vs_torch."""
   runs, out = {}, {}
   for name in ["baseline"] + list(names):
     compiled, state, gb, compile_s, mem = compile_step(_variant(config, name), b)
@@ -130,16 +133,21 @@ def time_variants(config, b: int, names, steps: int, rounds: int) -> dict:
         holder[0], _ = compiled(holder[0], gb, None)
       return jax.block_until_ready(holder[0].step)
     runs[name] = run
+  if with_torch:
+    runs["torch"], out["torch"] = torch_runner(config, b, steps), {}
   timed = bc.interleaved_runs(runs, rounds)
   for name, r in timed.items():
-    out[name].update(examples_per_s=steps * b / r["sec"],
+    out[name].update(examples_per_s=steps * b / r["sec"], rss_delta_mib=r["rss_delta_mib"],
                      speed_vs_baseline=bc.paired_ratio(r, timed["baseline"]))
+  if with_torch:
+    out["baseline"]["speed_vs_torch"] = bc.paired_ratio(timed["baseline"], timed["torch"])
   return out
 
 
-def time_torch(config, b: int, steps: int) -> dict:
-  """The same signal-branch step in PyTorch eager: gn_replace corruption, DDPM eps loss with zero
-  logits, global-norm clip, adam, EMA."""
+def torch_runner(config, b: int, steps: int):
+  """fn() running `steps` steps of the same signal-branch step in PyTorch eager (gn_replace
+  corruption, DDPM eps loss with zero logits, global-norm clip, adam, EMA) and returning the
+  last loss; two warm-up steps are run here."""
   import torch
   import torch_reference as tr
   torch.set_num_threads(bc.THREADS)
@@ -172,13 +180,14 @@ def time_torch(config, b: int, steps: int) -> dict:
 
   for i in range(2):
     step(i)
-  with bc.PeakRSS() as rss:
-    tic = time.perf_counter()
-    for i in range(steps):
-      loss = step(i + 2)
-    sec = time.perf_counter() - tic
-  return dict(steps_per_s=steps / sec, examples_per_s=steps * b / sec, loss=float(loss),
-              rss_delta_mib=rss.delta_mib)
+  done = [2]
+
+  def run():
+    for _ in range(steps):
+      loss = step(done[0])
+      done[0] += 1
+    return float(loss)
+  return run
 
 
 def main(argv):
@@ -197,10 +206,6 @@ def main(argv):
     results["jax_1dev"] = time_jax(config, b, _STEPS.value)
     _save(results)
   print("jax 1 device:", results["jax_1dev"], file=sys.stderr, flush=True)
-  if _TORCH.value and "torch" not in results:
-    results["torch"] = time_torch(config, b, _STEPS.value)
-    _save(results)
-    print("torch:", results["torch"], file=sys.stderr, flush=True)
   for n in map(int, _HOST_DEVICES.value):
     if f"jax_{n}dev" in results:
       continue
@@ -212,9 +217,9 @@ def main(argv):
     results[f"jax_{n}dev"] = bc.run_json_subprocess(cmd, {"XLA_FLAGS": xla_flags})
     print(f"jax {n} devices:", results[f"jax_{n}dev"], file=sys.stderr, flush=True)
     _save(results)
-  if "memory" not in results:
-    results["memory"] = time_variants(config, b, _MEMORY_VARIANTS.value, _STEPS.value,
-                                      _ROUNDS.value)
+  if "side_by_side" not in results:
+    results["side_by_side"] = time_variants(config, b, _MEMORY_VARIANTS.value, _STEPS.value,
+                                            _ROUNDS.value, _TORCH.value)
     _save(results)
   results["load_after"] = bc.load_average()
   results["total_s"] = results.get("total_s", 0.0) + time.perf_counter() - t_start
@@ -228,21 +233,20 @@ def write(results: dict) -> None:
   e.append(bc.entry("train_jax_steps_per_s", j["steps_per_s"], "steps/s", f"batch {b}, 1 device",
                     float("nan"), **S))
   e.append(bc.entry("train_jax_compile_s", j["compile_s"], "s", "lower+compile", float("nan"), **S))
-  if "torch" in results:
-    t = results["torch"]
-    e.append(bc.entry("train_jax_vs_torch_eager", j["examples_per_s"], "examples/s",
-                      t["examples_per_s"], **S))
+  sbs = results["side_by_side"]
+  base = sbs["baseline"]
+  if "torch" in sbs:
+    e.append(bc.entry("train_jax_vs_torch_eager", base["examples_per_s"], "examples/s",
+                      sbs["torch"]["examples_per_s"], base["speed_vs_torch"], **S))
   host_runs = {k: v for k, v in results.items() if k.endswith("dev") and k != "jax_1dev"}
   for key, r in host_runs.items():
     if "steps_per_s" in r:
       e.append(bc.entry(f"train_{key[4:]}_vs_1dev", r["examples_per_s"], "examples/s",
                         j["examples_per_s"], **S))
-  mem = results["memory"]
-  base = mem["baseline"]
   e.append(bc.entry("train_step_temp_mib_baseline", base["temp_mib"], "MiB",
                     "compiled.memory_analysis() temp buffers", float("nan"), **S))
-  for name, m in mem.items():
-    if name != "baseline":
+  for name, m in sbs.items():
+    if name not in ("baseline", "torch"):
       e.append(bc.entry(f"train_step_temp_mib_{name}", m["temp_mib"], "MiB", base["temp_mib"], **S))
       e.append(bc.entry(f"train_{name}_vs_baseline", m["examples_per_s"], "examples/s",
                         base["examples_per_s"], m["speed_vs_baseline"], **S))
@@ -254,9 +258,11 @@ def write(results: dict) -> None:
            "--xla_force_host_platform_device_count=N on the same cores (batch split N ways; "
            "N=2 on 2 cores is what mesh.host_cpu_devices=2 gives the demo)",
            "memory: XLA's compiled temp-buffer size of one train step (arguments/outputs = state "
-           "and batch are the same in every variant); train_<variant>_vs_baseline: examples/s of the "
-           f"variant's step and the baseline's, {results['steps']} steps of each in turn per round, "
-           "ratio = median over rounds"]
+           "and batch are the same in every variant)",
+           "train_jax_vs_torch_eager and train_<variant>_vs_baseline: the 1-device step, its "
+           f"variants and PyTorch eager timed side by side ({results['steps']} steps of each in "
+           "turn per round); value / baseline: medians, ratio: median over rounds of the paired "
+           "ratio"]
   for key, r in host_runs.items():
     if "error" in r:
       notes.append(f"{key[4:]} run failed: {r['error'][-300:]!r}")
