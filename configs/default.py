@@ -71,8 +71,8 @@ def get_config() -> ml_collections.ConfigDict:
   c.train = ml_collections.ConfigDict(dict(
       trainer="classifier",      # cdjax.train.TRAINERS: classifier | signal | logits | enhancer | joint
       ema_decay=0.999,           # warmed up as min(ema_decay, (1 + step) / (10 + step))
-      grad_accum_steps=1,        # micro-batches per step (the global batch is split)
-      remat=False,
+      grad_accum_steps=1,        # micro-batches per step, one after another (global batch split)
+      remat=False,               # nn.remat the networks' blocks (no saving on XLA:CPU: bench_notes)
       log_every=100,
       ckpt_every=1000,
       joint_steps=0,
