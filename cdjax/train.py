@@ -30,6 +30,7 @@ from cdjax import losses
 from cdjax import nets
 from cdjax import parallel
 from cdjax import sde as sde_lib
+from cdjax.nets.layers import after
 from cdjax.registry import Registry
 
 LossFn = Callable[..., tuple[jax.Array, dict]]   # (params, frozen, batch, rng) -> (loss, metrics)
@@ -94,14 +95,6 @@ def ema_decay(decay: float, step: jax.Array) -> jax.Array:
   return jnp.minimum(decay, (1.0 + step) / (10.0 + step))
 
 
-def _after(tree, dep: jax.Array):
-  """`tree` with `0 * dep` added to its floating leaves: the same values (NaN if `dep` is not
-  finite), computed after the scalar `dep`. XLA:CPU drops optimization barriers before it
-  schedules, so only a data dependency orders independent work such as two micro-batches."""
-  return jax.tree.map(lambda x: x + (0 * dep).astype(x.dtype)
-                      if jnp.issubdtype(x.dtype, jnp.floating) else x, tree)
-
-
 def make_train_step(loss_fn: LossFn, optimizer: optax.GradientTransformation,
                     config: ml_collections.ConfigDict, mesh: Mesh) -> Callable:
   """`step(state, batch, frozen) -> (state, metrics)`, jitted over `mesh`.
@@ -112,8 +105,8 @@ def make_train_step(loss_fn: LossFn, optimizer: optax.GradientTransformation,
   i, i + A, ..., so each stays split over `data`; micro-batch i uses fold_in(step key, i)); one
   optimizer update per step. The micro-batch loop is unrolled at trace time (XLA:CPU runs the
   gradient convolutions inside a `while` loop (scan) ~10x slower) and micro-batch i + 1 starts
-  after all of micro-batch i's gradient (`_after`), so one micro-batch's activations are live at
-  a time. The state is donated.
+  after all of micro-batch i's gradient (`nets.layers.after`), so one micro-batch's activations
+  are live at a time. The state is donated.
   metrics: the loss's metrics (means over micro-batches) and `grad_norm`.
   """
   accum, decay = config.train.grad_accum_steps, config.train.ema_decay
@@ -130,7 +123,7 @@ def make_train_step(loss_fn: LossFn, optimizer: optax.GradientTransformation,
     for i in range(accum):
       micro = jax.tree.map(lambda x: micro_batch(x, i), batch)
       if grads is not None:   # one micro-batch's activations live at a time
-        micro = _after(micro, sum(g.ravel()[0] for g in jax.tree.leaves(grads)))
+        micro = after(micro, grads)
       (_, m), g = grad_fn(state.params, frozen, micro, jax.random.fold_in(rng, i))
       grads = g if grads is None else jax.tree.map(jnp.add, grads, g)
       metrics.append(m)

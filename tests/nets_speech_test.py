@@ -125,7 +125,11 @@ def test_ncsnpp_remat_matches():
 
   (v0, g0), (v1, g1) = grads(net), grads(net.clone(remat=True))
   np.testing.assert_allclose(v0, v1, rtol=1e-5)
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5 * np.abs(a).max()), g0, g1)
+  # Floor: the attention's key-bias gradient is 0 in exact arithmetic (softmax ignores a shift),
+  # rounding noise here (6e-8 against a largest gradient of 3e2).
+  floor = 1e-9 * max(np.abs(a).max() for a in jax.tree.leaves(g0))
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5 * np.abs(a).max() + floor),
+               g0, g1)
 
 
 def test_ncsnpp_shape_errors():

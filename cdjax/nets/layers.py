@@ -3,8 +3,9 @@
 Conventions: images are NHWC (`[B, H, W, C]`), token sequences `[B, N, D]`; normalisation is
 GroupNorm (never BatchNorm), so every model holds `params` only. Blocks that use dropout take
 `train` (default False; dropout then needs the `dropout` rng). Blocks take their optional
-arguments positionally so they can be wrapped with `nn.remat` (see `maybe_remat`).
+arguments positionally so that `maybe_remat` can wrap them.
 """
+import dataclasses
 import math
 from typing import Optional, Sequence
 
@@ -37,9 +38,63 @@ def batch_time(t, batch: int) -> jax.Array:
   return t
 
 
+def after(tree, deps):
+  """`tree`'s values, computed only once every floating leaf of `deps` exists: 0 * (a scalar
+  from each of those leaves) is added to `tree`'s floating leaves (NaN if one is not finite).
+  XLA:CPU drops optimization barriers before it schedules, so only such a data dependency
+  orders independent work (micro-batches, a remat's recomputation)."""
+  dep = sum((x.ravel()[0].astype(jnp.float32) for x in jax.tree.leaves(deps)
+             if jnp.issubdtype(x.dtype, jnp.floating)), jnp.zeros((), jnp.float32))
+  return jax.tree.map(lambda x: x + (0 * dep).astype(x.dtype)
+                      if jnp.issubdtype(x.dtype, jnp.floating) else x, tree)
+
+
+def _recompute_after_cotangent(f):
+  """`f(params, args, rngs)` whose reverse mode saves only its inputs and recomputes `f` in the
+  backward pass, after the output cotangent exists (`after`): rematerialisation that XLA:CPU
+  cannot hoist into the forward pass, unlike `jax.checkpoint`'s."""
+  @jax.custom_vjp
+  def g(params, args, rngs):
+    return f(params, args, rngs)
+
+  def fwd(params, args, rngs):
+    return f(params, args, rngs), (params, args, rngs)
+
+  def bwd(res, ct):
+    params, args, rngs = after(res, ct)
+    _, vjp = jax.vjp(lambda p, a: f(p, a, rngs), params, args)
+    return (*vjp(ct), jax.tree.map(lambda _: None, rngs))
+
+  g.defvjp(fwd, bwd)
+  return g
+
+
 def maybe_remat(cls, remat: bool, static_argnums: tuple[int, ...] = ()):
-  """`cls` wrapped with `nn.remat` when `remat` (argnums count `self` as 0), else `cls`."""
-  return nn.remat(cls, static_argnums=static_argnums) if remat else cls
+  """`cls`, or with `remat` a subclass whose calls keep only their inputs for the backward pass
+  and recompute the block there (same params and outputs; argnums count `self` as 0: those
+  arguments are Python values, e.g. `train`). Under `init` it runs as `cls`."""
+  if not remat:
+    return cls
+
+  class Remat(cls):
+    def __call__(self, *args):
+      if self.is_initializing():
+        return super().__call__(*args)
+      fields = {f.name: getattr(self, f.name) for f in dataclasses.fields(cls)
+                if f.init and f.name not in ("parent", "name")}
+      plain = cls(**fields, parent=None)
+      static = {i - 1 for i in static_argnums}
+      dynamic = [None if i in static else a for i, a in enumerate(args)]
+
+      def f(params, dyn, rngs):
+        full = [args[i] if i in static else a for i, a in enumerate(dyn)]
+        return plain.apply({"params": params}, *full, rngs=rngs)
+
+      rngs = {"dropout": self.make_rng("dropout")} if self.has_rng("dropout") else {}
+      return _recompute_after_cotangent(f)(self.variables.get("params", {}), dynamic, rngs)
+
+  Remat.__name__ = cls.__name__
+  return Remat
 
 
 _LOG2_E = 1.4426950408889634
