@@ -72,7 +72,7 @@ def get_config() -> ml_collections.ConfigDict:
       trainer="classifier",      # cdjax.train.TRAINERS: classifier | signal | logits | enhancer | joint
       ema_decay=0.999,           # warmed up as min(ema_decay, (1 + step) / (10 + step))
       grad_accum_steps=1,        # micro-batches per step, one after another (global batch split)
-      remat=False,               # nn.remat the networks' blocks (no saving on XLA:CPU: bench_notes)
+      remat=False,               # recompute the networks' blocks in the backward pass (maybe_remat)
       log_every=100,
       ckpt_every=1000,
       joint_steps=0,
