@@ -71,8 +71,9 @@ def _recompute_after_cotangent(f):
 
 def maybe_remat(cls, remat: bool, static_argnums: tuple[int, ...] = ()):
   """`cls`, or with `remat` a subclass whose calls keep only their inputs for the backward pass
-  and recompute the block there (same params and outputs; argnums count `self` as 0: those
-  arguments are Python values, e.g. `train`). Under `init` it runs as `cls`."""
+  and recompute the block there (same params and outputs; `static_argnums`, counting `self` as
+  0, are Python values such as `train`). Under `init` it runs as `cls`. Reverse mode only: a
+  `jax.custom_vjp` has no forward-mode (`jax.jvp`) rule."""
   if not remat:
     return cls
 
