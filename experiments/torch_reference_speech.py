@@ -52,7 +52,7 @@ class FIR(nn.Module):
   axis as len(k) shifted, scaled slices of the (zero-inserted, padded) map, as cdjax's `_fir` does
   (same output; `build(config, fir_sums=True)`)."""
 
-  def __init__(self, kernel: Sequence[int], up: bool, shifted_sums: bool = False):
+  def __init__(self, kernel: Sequence[int], up: bool):
     super().__init__()
     k = np.asarray(kernel, np.float32)
     self.k1 = (k / k.sum() * (2.0 if up else 1.0)).tolist()
@@ -60,7 +60,7 @@ class FIR(nn.Module):
     self.register_buffer("kernel", torch.from_numpy(np.flip(k).copy())[None, None])
     p = len(kernel) - 2
     self.up, self.pad = up, ((p + 1) // 2 + 1, p // 2) if up else ((p + 1) // 2, p // 2)
-    self.shifted_sums = shifted_sums
+    self.shifted_sums = False   # set by build(config, fir_sums=True)
 
   def _shifted_sums(self, x):
     for dim in (2, 3):
