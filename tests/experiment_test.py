@@ -18,6 +18,7 @@ def tiny_config():
                   sde_kwargs=dict(N=3), pretrain_steps=2, batch_size=16)
   c.train.update(joint_steps=2, log_every=1, ckpt_every=2)
   c.sampling.batch_size = 16
+  c.mesh.data = 1   # one device: 8 virtual ones on 2 CPU cores only add compile and transfer time
   c.evaluation.methods = {"noisy": dict(strategy="noisy"),
                           "enhance_then_classify": dict(strategy="enhance_then_classify",
                                                         params="pretrained"),

@@ -33,13 +33,14 @@ from cdjax import parallel
 from cdjax import speech
 from cdjax import train
 
-B = 8            # one example per (virtual) device
+B = 8            # examples per batch
 SAMPLES = 2      # items the coupled sampler enhances and classifies
 STAGES = ("classifier", "signal", "logits", "joint")
 RUN_STAGES = ("classifier", "joint")   # the joint step runs both branch nets' losses
 STEPS = {"classifier.num_steps": 1, "classifier.batch_size": B, "signal.pretrain_steps": 1,
          "signal.batch_size": B, "logits.pretrain_steps": 1, "logits.batch_size": B,
-         "train.joint_steps": 1, "optim.warmup_steps": 0}
+         "train.joint_steps": 1, "optim.warmup_steps": 0,
+         "mesh.data": 1}   # one device: 8 virtual ones on 2 CPU cores compile slower
 TINY_IMAGES = {"classifier.net_kwargs.widths": (4, 8, 8), "classifier.net_kwargs.blocks": (1, 1, 1),
                "signal.net_kwargs.width": 4, "signal.net_kwargs.num_res_blocks": 1,
                "logits.net_kwargs.hidden": 8, "logits.net_kwargs.depth": 1,
