@@ -31,7 +31,7 @@ demo: venv system-deps
 	$(PY) -m cdjax.demo
 
 test: venv system-deps
-	$(PY) -m pytest -q -n 2 --dist loadfile tests
+	$(PY) -m pytest -q -n 2 --dist loadfile --no-loadscope-reorder tests
 
 clean:
 	rm -rf $(VENV)
