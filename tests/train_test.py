@@ -206,14 +206,16 @@ def _cli(workdir, overrides):
 
 @pytest.mark.slow
 def test_exact_resume_in_a_new_process(tmp_path):
-  """train 3 + save + restore in a new process + train 3 == train 6, bitwise (same XLA flags)."""
-  base = main.apply_overrides(mnist_classifier.get_config(), TINY)
+  """train 3 + save + restore in a new process + train 3 == train 6, bitwise (same XLA flags),
+  with the state replicated over all 8 devices."""
+  sharded = dict(TINY, **{"mesh.data": -1})
+  base = main.apply_overrides(mnist_classifier.get_config(), sharded)
   straight, resumed = str(tmp_path / "straight"), str(tmp_path / "resumed")
   train.train(main.apply_overrides(base, {"classifier.num_steps": 6}), straight, "classifier")
   train.train(main.apply_overrides(base, {"classifier.num_steps": 3}), resumed, "classifier")
   # The CLI adds mesh.xla_flags to XLA_FLAGS; this process runs XLA's own convolutions, and
   # bitwise equality needs the same kernels in both.
-  out = _cli(resumed, dict(TINY, **{"classifier.num_steps": 6, "mesh.xla_flags": ""}))
+  out = _cli(resumed, dict(sharded, **{"classifier.num_steps": 6, "mesh.xla_flags": ""}))
   assert out.returncode == 0, out.stderr[-3000:]
   for ema in (False, True):
     a = checkpoint.restore_params(os.path.join(straight, "checkpoints"), ema=ema)
