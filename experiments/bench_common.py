@@ -1,10 +1,15 @@
 """Shared helpers of the issue-8 benchmarks: thread pinning (import this before jax and torch),
-timing (alone, or side by side in rounds), peak-RSS sampling, the machine's matmul peak, and
-merging entries into experiments/results/bench.{json,md}.
+the PyTorch reference's device, timing (alone, or side by side in rounds), peak-RSS sampling, the
+machine's matmul peak, and merging entries into experiments/results/bench.{json,md}.
 
 Threads: BENCH_THREADS (default 2) sets OMP_NUM_THREADS / MKL_NUM_THREADS and torch's intra-op
 threads; XLA:CPU keeps its default Eigen pool (`--xla_cpu_multi_thread_eigen` on), which is one
 thread per core. Extra XLA flags come from the environment's XLA_FLAGS.
+
+Accelerators: where JAX's default backend is a GPU, the PyTorch reference runs on CUDA
+(`setup_torch`), both frameworks compute float32 convolutions and matmuls in full float32 (no
+TF32: `full_float32`), results go to the section `<name>_gpu` (`section`) and `machine()` names
+the GPU. Nothing changes on a CPU-only machine.
 """
 import gc
 import json
@@ -12,6 +17,7 @@ import os
 import platform
 import statistics
 import subprocess
+import sys
 import threading
 import time
 
@@ -29,7 +35,56 @@ def load_average() -> str:
   return f"{one:.2f}, {five:.2f}, {fifteen:.2f} (1/5/15 min) on {os.cpu_count()} cores"
 
 
+def backend() -> str:
+  """JAX's default backend: "cpu", "gpu" or "tpu"."""
+  import jax
+  return jax.default_backend()
+
+
+def section(name: str) -> str:
+  """The bench.json section of a run: `name` on a CPU, `name_<backend>` on an accelerator (so
+  that a GPU run keeps the CPU tables, and the entry names stay the same in both)."""
+  return name if backend() == "cpu" else f"{name}_{backend()}"
+
+
+def full_float32() -> None:
+  """On a GPU: JAX's float32 dots and convolutions at full float32 precision, as PyTorch's
+  under `setup_torch` (both would otherwise pick TF32 for some of them). No-op on a CPU."""
+  if backend() == "gpu":
+    import jax
+    jax.config.update("jax_default_matmul_precision", "highest")
+
+
+def setup_torch():
+  """Imports torch for a reference run: BENCH_THREADS intra-op threads, seed 0, and its device:
+  CUDA where JAX runs on a GPU (and torch sees one), else the CPU; on CUDA, TF32 off for matmuls
+  and cuDNN convolutions. Returns (torch, device); the caller puts modules and tensors there
+  (not `torch.set_default_device`: its function mode slows every eager op, 2x at batch 1)."""
+  import torch
+  torch.set_num_threads(THREADS)
+  torch.manual_seed(0)
+  device = "cuda" if backend() == "gpu" and torch.cuda.is_available() else "cpu"
+  if device == "cuda":
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+  return torch, device
+
+
+def torch_blocking(fn):
+  """fn() followed by a CUDA synchronise where torch runs on CUDA (its eager calls return before
+  the GPU is done); returns fn's output."""
+  import torch
+
+  def run():
+    out = fn()
+    if torch.cuda.is_initialized():
+      torch.cuda.synchronize()
+    return out
+  return run
+
+
 def machine() -> str:
+  """CPU model, cores, memory and OS; plus the accelerators where JAX's backend is not the CPU."""
   cpu = platform.processor() or platform.machine()
   try:
     with open("/proc/cpuinfo") as f:
@@ -37,7 +92,19 @@ def machine() -> str:
   except (OSError, StopIteration):
     pass
   mem = psutil.virtual_memory().total / 2**30
-  return f"{cpu}, {os.cpu_count()} cores, {mem:.0f} GiB, {platform.system()} {platform.release()}"
+  host = f"{cpu}, {os.cpu_count()} cores, {mem:.0f} GiB, {platform.system()} {platform.release()}"
+  if backend() == "cpu":
+    return host
+  import jax
+  return f"{len(jax.devices())} x {jax.devices()[0].device_kind} ({backend()}); host: {host}"
+
+
+def command(argv: list[str]) -> str:
+  """The shell command that reproduces this run from the repository root."""
+  here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  python = os.path.relpath(sys.executable, here) if sys.executable.startswith(here) else (
+      os.path.basename(sys.executable))
+  return f"PYTHONPATH=. {python} " + " ".join([os.path.relpath(argv[0], here)] + argv[1:])
 
 
 def timeit(fn, repeats: int, warmup: int = 1, budget_s: float = float("inf")):
@@ -64,14 +131,17 @@ def interleaved_runs(runs: dict, repeats: int, budget_s: float = float("inf")) -
   primitive creation, ...), then up to `repeats` rounds calling each once in turn, so that every
   one sees the same machine state (this VM's speed drifts by 10-30% within minutes), stopping
   after the first round whose timed calls brought the total past `budget_s` per callable.
-  Returns {name: dict(out=first output, sec=median, times, first_s, rss_delta_mib)}."""
+  Returns {name: dict(out=first output, sec=median, times, first_s, rss_delta_mib, and where
+  torch runs on CUDA cuda_peak_mib: torch's peak CUDA allocation during the first call)}."""
   res = {}
   for name, fn in runs.items():
-    with PeakRSS() as rss:
+    with PeakRSS() as rss, PeakTorchCUDA() as cuda:
       tic = time.perf_counter()
       out = fn()
       res[name] = dict(out=out, first_s=time.perf_counter() - tic, times=[])
     res[name]["rss_delta_mib"] = rss.delta_mib
+    if cuda.delta_mib is not None:
+      res[name]["cuda_peak_mib"] = cuda.delta_mib
   for _ in range(repeats):
     for name, fn in runs.items():
       tic = time.perf_counter()
@@ -118,22 +188,49 @@ class PeakRSS:
     return False
 
 
-def matmul_peak(n: int = 2048, repeats: int = 5) -> dict:
-  """Measured GFLOP/s of an n x n float32 matmul in jax (XLA:CPU) and torch (if importable)."""
+class PeakTorchCUDA:
+  """Context manager: `.delta_mib` is torch's peak CUDA allocation inside it minus its allocation
+  on entry, or None where torch has not started CUDA (a CPU run, or JAX alone)."""
+
+  def __enter__(self):
+    torch = sys.modules.get("torch")
+    self.cuda = torch.cuda if torch is not None and torch.cuda.is_initialized() else None
+    self.delta_mib = None
+    if self.cuda:
+      self.cuda.synchronize()
+      self.cuda.reset_peak_memory_stats()
+      self.base = self.cuda.memory_allocated()
+    return self
+
+  def __exit__(self, *exc):
+    if self.cuda:
+      self.cuda.synchronize()
+      self.delta_mib = (self.cuda.max_memory_allocated() - self.base) / 2**20
+    return False
+
+
+def matmul_size() -> int:
+  """n of the n x n matmul whose speed is the machine's peak: 2048 on a CPU, 8192 on an accelerator."""
+  return 2048 if backend() == "cpu" else 8192
+
+
+def matmul_peak(repeats: int = 5) -> dict:
+  """Measured GFLOP/s of a `matmul_size()`^2 float32 matmul in jax and torch (if importable),
+  each on its benchmark device."""
   import jax
   import jax.numpy as jnp
-  out = {}
+  n, out = matmul_size(), {}
   a = jax.random.normal(jax.random.PRNGKey(0), (n, n), jnp.float32)
   dot = jax.jit(jnp.dot)
   sec, _ = timeit(lambda: dot(a, a).block_until_ready(), repeats, warmup=2)
   out["jax"] = 2 * n**3 / sec / 1e9
   try:
-    import torch
-    t = torch.randn(n, n)
-    sec, _ = timeit(lambda: torch.mm(t, t), repeats, warmup=2)
-    out["torch"] = 2 * n**3 / sec / 1e9
+    torch, device = setup_torch()
   except ImportError:
-    pass
+    return out
+  t = torch.randn(n, n, device=device)
+  sec, _ = timeit(torch_blocking(lambda: torch.mm(t, t)), repeats, warmup=2)
+  out["torch"] = 2 * n**3 / sec / 1e9
   return out
 
 
@@ -146,18 +243,16 @@ def entry(name: str, value: float, unit: str, baseline, ratio=None, **extra) -> 
 
 
 def write_results(entries: list[dict], command: str, notes: list[str], section: str) -> str:
-  """Merges `entries` into results/bench.json (replacing `section`'s entries from an earlier run
-  and same-name ones), records `command` and `notes` under `section`, and rewrites
-  results/bench.md. Returns the json path."""
+  """Merges `entries` into results/bench.json (replacing `section`'s entries from an earlier run;
+  other sections keep theirs, also under the same names), records `command`, the machine and
+  `notes` under `section`, and rewrites results/bench.md. Returns the json path."""
   os.makedirs(RESULTS_DIR, exist_ok=True)
   path = os.path.join(RESULTS_DIR, "bench.json")
   data = {"command": "", "machine": machine(), "entries": [], "runs": {}}
   if os.path.exists(path):
     with open(path) as f:
       data.update(json.load(f))
-  names = {e["name"] for e in entries}
-  data["entries"] = [e for e in data["entries"]
-                     if e["name"] not in names and e.get("section") != section] + entries
+  data["entries"] = [e for e in data["entries"] if e.get("section") != section] + entries
   data["runs"][section] = dict(command=command, machine=machine(), notes=notes)
   data["command"] = " && ".join(r["command"] for r in data["runs"].values())
   data["machine"] = machine()

@@ -81,8 +81,8 @@ def is_speech(config) -> bool:
 
 
 def section(config) -> str:
-  """The bench.json section of the config's setup."""
-  return "sampler_speech" if is_speech(config) else "sampler"
+  """The bench.json section of the config's setup (`_gpu` appended on a GPU: `bc.section`)."""
+  return bc.section("sampler_speech" if is_speech(config) else "sampler")
 
 
 def signal_shape(config) -> tuple:
@@ -244,20 +244,19 @@ def make_step_loop(config, params, classifier, y):
 def torch_sampler(config, y, fir_sums: bool = False):
   """fn() running the PyTorch eager reference's Parallel trajectory on y (in its layout);
   `fir_sums` (speech): NCSN++'s FIR as shifted sums instead of SGMSE+'s `upfirdn2d_native`."""
-  import torch
-  torch.set_num_threads(bc.THREADS)
-  torch.manual_seed(0)
-  yt = torch.from_numpy(np.array(y))
+  torch, device = bc.setup_torch()
+  yt = torch.from_numpy(np.array(y)).to(device)
   if is_speech(config):
     import torch_reference_speech as trs
-    sampler = trs.ParallelSampler(*trs.build(config, fir_sums), config)
+    sampler = trs.ParallelSampler(*[m.to(device) for m in trs.build(config, fir_sums)], config)
   else:
     import torch_reference as tr
-    sampler = tr.ParallelSampler(*tr.build(config), n=config.signal.sde_kwargs.N,
+    sampler = tr.ParallelSampler(*[m.to(device) for m in tr.build(config)],
+                                 n=config.signal.sde_kwargs.N,
                                  switch_t=config.sampling.switch_t,
                                  logits_std=config.logits.standardize_std)
     yt = yt.permute(0, 3, 1, 2).contiguous()
-  return lambda: sampler(yt)
+  return bc.torch_blocking(lambda: sampler(yt))
 
 
 def bench_parallel(config, params, classifier, b: int, paths, repeats: int, budget: float) -> dict:
@@ -437,6 +436,7 @@ def main(argv):
   _CONFIG_PATH = flags.FLAGS["config"].config_filename
   config = with_steps(_CONFIG.value, _STEPS.value)
   parallel.configure_xla(config.mesh)
+  bc.full_float32()
   load_before = bc.load_average()
   t_start = time.perf_counter()
   params, classifier = init_params(config)
@@ -445,6 +445,19 @@ def main(argv):
                  devices=jax.device_count(),
                  threads=bc.THREADS, steps=config.signal.sde_kwargs.N, parallel={})
   image = not is_speech(config)   # the breakdown, strategy costs and XLA variants: images only
+  on_cpu = bc.backend() == "cpu"  # the breakdown (XLA:CPU profile, one core) and variants: CPU only
+
+  def save(finished: bool = False):
+    """Writes the stages measured so far (a run stopped by a time limit keeps them)."""
+    results.update(load_after=bc.load_average(), total_s=time.perf_counter() - t_start,
+                   finished=finished)
+    if _JSON_ONLY.value:
+      if finished:
+        print(json.dumps(results))
+      return
+    with open(os.path.join(bc.RESULTS_DIR, f"bench_{section(config)}_raw.json"), "w") as f:
+      json.dump(results, f, indent=2)
+    write(results, config)
 
   if not _JSON_ONLY.value:
     results["matmul_gflops"] = bc.matmul_peak()
@@ -459,23 +472,19 @@ def main(argv):
     print(f"batch {b}:", json.dumps({k: round(v["items_per_s"], 3)
                                      for k, v in results["parallel"][str(b)].items()}),
           file=sys.stderr, flush=True)
-  if image and _BREAKDOWN_BATCH.value > 0:
+    save()
+  if image and on_cpu and _BREAKDOWN_BATCH.value > 0:
     results["breakdown"] = step_breakdown(config, params, classifier, _BREAKDOWN_BATCH.value,
                                           _REPEATS.value)
+    save()
   if image and _STRATEGY_BATCH.value > 0:
     results["strategies"] = bench_strategies(config, params, classifier, _STRATEGY_BATCH.value,
                                              _STRATEGY_REPEATS.value, _BUDGET.value)
-  if image and _XLA_VARIANTS.value:
+    save()
+  if image and on_cpu and _XLA_VARIANTS.value:
     results["xla_variants"] = run_variants(os.path.abspath(__file__), _XLA_VARIANTS.value,
                                            _VARIANT_BATCH.value)
-  results["load_after"] = bc.load_average()
-  results["total_s"] = time.perf_counter() - t_start
-  if _JSON_ONLY.value:
-    print(json.dumps(results))
-    return
-  with open(os.path.join(bc.RESULTS_DIR, f"bench_{section(config)}_raw.json"), "w") as f:
-    json.dump(results, f, indent=2)
-  write(results, config)
+  save(finished=True)
 
 
 def write(results: dict, config) -> None:
@@ -488,11 +497,12 @@ def write(results: dict, config) -> None:
       + fl.get("enhancer", 0.0)
   prefix = "speech_" if is_speech(config) else ""
   peak = max(results["matmul_gflops"].values())
+  mm = bc.matmul_size()
   e.append(bc.entry("matmul_peak_jax", results["matmul_gflops"]["jax"], "GFLOP/s",
-                    "2048^2 f32 jnp.dot", float("nan"), **S))
+                    f"{mm}^2 f32 jnp.dot", float("nan"), **S))
   if "torch" in results["matmul_gflops"]:
     e.append(bc.entry("matmul_peak_torch", results["matmul_gflops"]["torch"], "GFLOP/s",
-                      "2048^2 f32 torch.mm", float("nan"), **S))
+                      f"{mm}^2 f32 torch.mm", float("nan"), **S))
   for name in results["flops_jax"]:
     torch_flops = results.get("flops_torch", {}).get(name)
     e.append(bc.entry(f"flops_per_call_{name}_b1", results["flops_jax"][name] / 1e6, "MFLOP",
@@ -525,6 +535,10 @@ def write(results: dict, config) -> None:
       versus(f"sampler_jit_scan_vs_torch_eager_b{b}", r["scan"], r["torch"])
       e.append(bc.entry(f"sampler_torch_eager_rss_delta_mib_b{b}", r["torch"]["rss_delta_mib"], "MiB",
                         "peak RSS minus RSS before the first run", float("nan"), **S))
+      if "cuda_peak_mib" in r["torch"]:
+        e.append(bc.entry(f"sampler_torch_eager_cuda_peak_mib_b{b}", r["torch"]["cuda_peak_mib"],
+                          "MiB", "torch.cuda.max_memory_allocated() in the first run",
+                          float("nan"), **S))
     if "scan" in r and "torch_fir_sums" in r:
       versus(f"sampler_jit_scan_vs_torch_fir_sums_b{b}", r["scan"], r["torch_fir_sums"])
     if "scan" in r and "xla_sigmoid" in r:
@@ -580,6 +594,8 @@ def write(results: dict, config) -> None:
           e.append(bc.entry(f"xla_variant[{v}]{suffix}_vs_torch_eager_b{_VARIANT_BATCH.value}",
                             res["items_per_s"], "items/s", torch_at_variant_batch["items_per_s"], **S))
   notes = [f"load before: {results['load_before']}; after: {results['load_after']}",
+           *([] if results.get("finished", True) else
+             ["partial: written after each stage, and the run stopped before the last"]),
            f"threads: BENCH_THREADS={results['threads']} (torch.set_num_threads, OMP), XLA_FLAGS="
            f"'{results['xla_flags']}' ({results['devices']} devices); {n} DDPM steps; every path "
            f"of a batch size timed side by side: one untimed call each, then up to "
@@ -589,9 +605,14 @@ def write(results: dict, config) -> None:
            f"FLOPs per item per trajectory: {traj_flops / 1e9:.2f} GFLOP (XLA cost analysis per "
            f"network call; {n} steps x (signal net x {signal_calls_per_step(config)} + logit net + "
            f"classifier){' + the enhancer once' if 'enhancer' in fl else ''}); frac_of_peak ratio "
-           f"= achieved GFLOP/s over the best measured 2048^2 matmul",
+           f"= achieved GFLOP/s over the best measured {mm}^2 matmul",
            "flops_per_call_*: value = XLA cost_analysis (all ops), baseline = torch FlopCounterMode "
            "(conv/matmul/attention only, 2 FLOPs per MAC)"]
+  if bc.backend() != "cpu":
+    notes.append(f"{bc.backend()}: JAX and the PyTorch reference on the accelerator, float32 at full "
+                 "precision in both (jax_default_matmul_precision=highest, torch TF32 off); "
+                 "rss_delta_mib is host memory, the device's: xla_temp_mib (JAX), cuda_peak_mib "
+                 "(torch); no XLA:CPU breakdown or flag variants")
   if is_speech(config):
     notes.append(f"speech setup: y = complex compressed spectrograms [B, {signal_shape(config)[0]}, "
                  f"{_FRAMES.value}] (random), the config's networks with random weights (the "
@@ -607,8 +628,7 @@ def write(results: dict, config) -> None:
   for v, r in results.get("xla_variants", {}).items():
     if "error" in r:
       notes.append(f"XLA variant '{v}' failed: {r['error'][-300:]!r}")
-  command = "PYTHONPATH=. .venv/bin/python " + " ".join(
-      [os.path.relpath(sys.argv[0])] + sys.argv[1:])
+  command = bc.command(sys.argv)
   e = [dict(entry, name=prefix + entry["name"]) for entry in e]
   print(bc.write_results(e, command, notes, section(config)))
 

@@ -43,16 +43,19 @@ _HOST_DEVICES = flags.DEFINE_list(
     "each of these device counts (mesh.host_cpu_devices; a subprocess each).")
 _TORCH = flags.DEFINE_bool("torch", True, "Also run the PyTorch eager equivalent.")
 _WORKER = flags.DEFINE_bool("worker", False, "Internal: time the JAX step only, print JSON.")
-_RESUME = flags.DEFINE_bool("resume", False, "Reuse the stages already in results/bench_train_raw.json.")
-RAW = os.path.join(bc.RESULTS_DIR, "bench_train_raw.json")
+_RESUME = flags.DEFINE_bool("resume", False, "Reuse the stages already in "
+                            "results/bench_train_raw.json (bench_train_gpu_raw.json on a GPU).")
+
+
+def _raw_path() -> str:
+  return os.path.join(bc.RESULTS_DIR, f"bench_{bc.section('train')}_raw.json")
 
 
 def _save(results):
   os.makedirs(bc.RESULTS_DIR, exist_ok=True)
-  with open(RAW, "w") as f:
+  with open(_raw_path(), "w") as f:
     json.dump(results, f, indent=2)
 
-SECTION = "train"
 
 
 def _variant(config, name: str):
@@ -148,27 +151,25 @@ def torch_runner(config, b: int, steps: int):
   """fn() running `steps` steps of the same signal-branch step in PyTorch eager (gn_replace
   corruption, DDPM eps loss with zero logits, global-norm clip, adam, EMA) and returning the
   last loss; two warm-up steps are run here."""
-  import torch
   import torch_reference as tr
-  torch.set_num_threads(bc.THREADS)
-  torch.manual_seed(0)
+  torch, device = bc.setup_torch()
   c = config.signal
-  net = tr.CoupledUNet(config.data.shape[-1], **dict(c.net_kwargs)).train()
+  net = tr.CoupledUNet(config.data.shape[-1], **dict(c.net_kwargs)).train().to(device)
   ema = [p.detach().clone() for p in net.parameters()]
   opt = torch.optim.Adam(net.parameters(), lr=config.optim.lr, betas=(config.optim.b1, config.optim.b2),
                          eps=config.optim.eps)
-  abar = tr.cosine_alphas_cumprod(c.sde_kwargs.N)
-  x0 = torch.from_numpy(_batch(config, b)["image"]).permute(0, 3, 1, 2).contiguous()
+  abar = tr.cosine_alphas_cumprod(c.sde_kwargs.N).to(device)
+  x0 = torch.from_numpy(_batch(config, b)["image"]).to(device).permute(0, 3, 1, 2).contiguous()
   p_replace, k = config.corruption.kwargs.p, config.data.num_classes
   decay = config.train.ema_decay
 
   def step(i):
     y = torch.where(torch.rand_like(x0) < p_replace, torch.randn_like(x0), x0)
-    t = torch.randint(0, c.sde_kwargs.N, (b,))
+    t = torch.randint(0, c.sde_kwargs.N, (b,), device=device)
     a = abar[t].view(-1, 1, 1, 1)
     z = torch.randn_like(x0)
     x_t = a.sqrt() * x0 + (1 - a).sqrt() * z
-    loss = (net(x_t, t.float(), y, torch.zeros(b, k)) - z).pow(2).mean()
+    loss = (net(x_t, t.float(), y, torch.zeros(b, k, device=device)) - z).pow(2).mean()
     opt.zero_grad(set_to_none=True)
     loss.backward()
     torch.nn.utils.clip_grad_norm_(net.parameters(), config.optim.grad_clip)
@@ -194,19 +195,21 @@ def main(argv):
   del argv
   config = _CONFIG.value
   b = _BATCH.value or config.signal.batch_size
+  bc.full_float32()
   if _WORKER.value:
     print(json.dumps(time_jax(config, b, _STEPS.value)))
     return
   t_start = time.perf_counter()
   results = dict(load_before=bc.load_average(), batch=b, steps=_STEPS.value)
-  if _RESUME.value and os.path.exists(RAW):
-    with open(RAW) as f:
+  if _RESUME.value and os.path.exists(_raw_path()):
+    with open(_raw_path()) as f:
       results.update(json.load(f))
   if "jax_1dev" not in results:
     results["jax_1dev"] = time_jax(config, b, _STEPS.value)
     _save(results)
   print("jax 1 device:", results["jax_1dev"], file=sys.stderr, flush=True)
-  for n in map(int, _HOST_DEVICES.value):
+  host_devices = _HOST_DEVICES.value if bc.backend() == "cpu" else []   # splits of a CPU host
+  for n in map(int, host_devices):
     if f"jax_{n}dev" in results:
       continue
     cmd = [sys.executable, os.path.abspath(__file__),
@@ -228,7 +231,8 @@ def main(argv):
 
 
 def write(results: dict) -> None:
-  e, S, b = [], dict(section=SECTION), results["batch"]
+  section = bc.section("train")
+  e, S, b = [], dict(section=section), results["batch"]
   j = results["jax_1dev"]
   e.append(bc.entry("train_jax_steps_per_s", j["steps_per_s"], "steps/s", f"batch {b}, 1 device",
                     float("nan"), **S))
@@ -263,11 +267,15 @@ def write(results: dict) -> None:
            f"variants and PyTorch eager timed side by side ({results['steps']} steps of each in "
            "turn per round); value / baseline: medians, ratio: median over rounds of the paired "
            "ratio"]
+  if bc.backend() != "cpu":
+    notes.append(f"{bc.backend()}: JAX and the PyTorch reference on the accelerator, float32 at "
+                 "full precision in both (jax_default_matmul_precision=highest, torch TF32 off); "
+                 "no CPU host splits")
   for key, r in host_runs.items():
     if "error" in r:
       notes.append(f"{key[4:]} run failed: {r['error'][-300:]!r}")
-  command = "PYTHONPATH=. .venv/bin/python " + " ".join([os.path.relpath(sys.argv[0])] + sys.argv[1:])
-  print(bc.write_results(e, command, notes, SECTION))
+  command = bc.command(sys.argv)
+  print(bc.write_results(e, command, notes, section))
 
 
 if __name__ == "__main__":

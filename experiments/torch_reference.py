@@ -33,7 +33,8 @@ class TimeEmbedding(nn.Module):
 
   def forward(self, t):
     half = self.dim // 2
-    freqs = torch.exp(-math.log(10_000.0) * torch.arange(half, dtype=torch.float32) / half)
+    freqs = torch.exp(-math.log(10_000.0) * torch.arange(half, dtype=torch.float32, device=t.device)
+                      / half)
     args = t.float()[:, None] * freqs[None]
     h = torch.cat([torch.sin(args), torch.cos(args)], -1)
     return self.l2(F.silu(self.l1(h)))
@@ -281,7 +282,7 @@ def standardize_logits(logits, std: float = 0.8):
 def _posterior(abar, t: int, x, x0_hat, eta: float):
   """DDIM/DDPM posterior step from index t to t-1 (t = 0 -> clean): (mean, sigma)."""
   a_t, std_t = abar[t].sqrt(), (1 - abar[t]).sqrt()
-  abar_s = abar[t - 1] if t > 0 else torch.tensor(1.0)
+  abar_s = abar[t - 1] if t > 0 else abar.new_tensor(1.0)
   a_s, std_s = abar_s.sqrt(), (1 - abar_s).sqrt()
   eps_hat = (x - a_t * x0_hat) / std_t
   post_var = (std_t**2 - (a_t / a_s) ** 2 * std_s**2) * std_s**2 / std_t**2
@@ -305,13 +306,14 @@ class ParallelSampler:
   @torch.no_grad()
   def __call__(self, y, generator=None):
     b, k = y.shape[0], self.logit_net.out.out_features
-    abar, std_T = self.abar, (1 - self.abar[-1]).sqrt()
-    x = std_T * torch.randn(y.shape, generator=generator)
-    l = std_T * torch.randn((b, k), generator=generator)
+    abar = self.abar.to(y.device)
+    std_T = (1 - abar[-1]).sqrt()
+    x = std_T * torch.randn(y.shape, generator=generator, device=y.device)
+    l = std_T * torch.randn((b, k), generator=generator, device=y.device)
     x0_hat = y
     for i in range(self.n):
       t = self.n - 1 - i
-      t_b = torch.full((b,), float(t))
+      t_b = torch.full((b,), float(t), device=y.device)
       a_t, std_t = abar[t].sqrt(), (1 - abar[t]).sqrt()
       # logit step: posterior mean, no noise (the official "DDIM" flag)
       c = x0_hat if i >= self.switch else y
@@ -323,7 +325,7 @@ class ParallelSampler:
       eps = self.unet(x, t_b, y, l0_hat)
       x0_hat = ((x - std_t * eps) / a_t).clamp(-1, 1)
       x_mean, sigma = _posterior(abar, t, x, x0_hat, 1.0)
-      x = x_mean + sigma * torch.randn(x.shape, generator=generator)
+      x = x_mean + sigma * torch.randn(x.shape, generator=generator, device=y.device)
     return x_mean, l, self.classifier(x_mean)
 
 

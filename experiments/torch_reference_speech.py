@@ -433,7 +433,7 @@ class ParallelSampler:
 
   def signal_step(self, x, t, t_next, y, latent, l0_hat):
     """Corrector then predictor from t to t_next on x [B, F, T]: (x, x_mean, x0_hat)."""
-    sde, t_b = self.signal_sde, torch.full((x.shape[0],), t)
+    sde, t_b = self.signal_sde, torch.full((x.shape[0],), t, device=x.device)
     score_fn = lambda x: sde.score(self.score_net(x, t_b, y, l0_hat, latent), t, self.signal_param)
     eps = 2 * (self.snr * sde.coeffs(t)[1]) ** 2
     for _ in range(self.n_corrector):
@@ -445,7 +445,7 @@ class ParallelSampler:
     """Reverse diffusion of the logit OUVE (reverting to cond_logits) on l [B, K]:
     (l, l_mean, standardised l0_hat)."""
     sde = self.logits_sde
-    out = self.logit_net(l, torch.full((l.shape[0],), t), cond_logits, cond_signal)
+    out = self.logit_net(l, torch.full((l.shape[0],), t, device=l.device), cond_logits, cond_signal)
     score = sde.score(out, t, self.logits_param)
     l0_hat = standardize_logits(sde.x0(l, score, t, cond_logits), self.std)
     return (*sde.reverse_diffusion(l, t, t_next, score, cond_logits), l0_hat)
