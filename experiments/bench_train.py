@@ -57,7 +57,6 @@ def _save(results):
     json.dump(results, f, indent=2)
 
 
-
 def _variant(config, name: str):
   config = config.copy_and_resolve_references()
   config.unlock()
@@ -258,9 +257,9 @@ def write(results: dict) -> None:
            f"signal branch (configs' coupled_unet), global batch {b}, {results['steps']} timed steps "
            f"after 2 warm-up steps; threads: BENCH_THREADS={bc.THREADS}; total script time "
            f"{results['total_s']:.0f} s",
-           "train_Ndev_vs_1dev: the N-device run is a subprocess with "
-           "--xla_force_host_platform_device_count=N on the same cores (batch split N ways; "
-           "N=2 on 2 cores is what mesh.host_cpu_devices=2 gives the demo)",
+           *(["train_Ndev_vs_1dev: the N-device run is a subprocess with "
+              "--xla_force_host_platform_device_count=N on the same cores (batch split N ways; "
+              "N=2 on 2 cores is what mesh.host_cpu_devices=2 gives the demo)"] if host_runs else []),
            "memory: XLA's compiled temp-buffer size of one train step (arguments/outputs = state "
            "and batch are the same in every variant)",
            "train_jax_vs_torch_eager and train_<variant>_vs_baseline: the 1-device step, its "
