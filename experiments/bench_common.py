@@ -55,6 +55,15 @@ def full_float32() -> None:
     jax.config.update("jax_default_matmul_precision", "highest")
 
 
+def accelerator_note(rest: str) -> list[str]:
+  """The notes line of a run on an accelerator (where both frameworks ran, at which precision),
+  ending with `rest`; [] on a CPU."""
+  if backend() == "cpu":
+    return []
+  return [f"{backend()}: JAX and the PyTorch reference on the accelerator, float32 at full "
+          f"precision in both (jax_default_matmul_precision=highest, torch TF32 off); {rest}"]
+
+
 def setup_torch():
   """Imports torch for a reference run: BENCH_THREADS intra-op threads, seed 0, and its device:
   CUDA where JAX runs on a GPU (and torch sees one), else the CPU; on CUDA, TF32 off for matmuls
@@ -248,14 +257,15 @@ def write_results(entries: list[dict], command: str, notes: list[str], section: 
   `notes` under `section`, and rewrites results/bench.md. Returns the json path."""
   os.makedirs(RESULTS_DIR, exist_ok=True)
   path = os.path.join(RESULTS_DIR, "bench.json")
-  data = {"command": "", "machine": machine(), "entries": [], "runs": {}}
+  here = machine()
+  data = {"command": "", "entries": [], "runs": {}}
   if os.path.exists(path):
     with open(path) as f:
       data.update(json.load(f))
   data["entries"] = [e for e in data["entries"] if e.get("section") != section] + entries
-  data["runs"][section] = dict(command=command, machine=machine(), notes=notes)
+  data["runs"][section] = dict(command=command, machine=here, notes=notes)
   data["command"] = " && ".join(r["command"] for r in data["runs"].values())
-  data["machine"] = machine()
+  data["machine"] = here
   with open(path, "w") as f:
     json.dump(data, f, indent=2)
   _write_md(data)

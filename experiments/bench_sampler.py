@@ -608,11 +608,8 @@ def write(results: dict, config) -> None:
            f"= achieved GFLOP/s over the best measured {mm}^2 matmul",
            "flops_per_call_*: value = XLA cost_analysis (all ops), baseline = torch FlopCounterMode "
            "(conv/matmul/attention only, 2 FLOPs per MAC)"]
-  if bc.backend() != "cpu":
-    notes.append(f"{bc.backend()}: JAX and the PyTorch reference on the accelerator, float32 at full "
-                 "precision in both (jax_default_matmul_precision=highest, torch TF32 off); "
-                 "rss_delta_mib is host memory, the device's: xla_temp_mib (JAX), cuda_peak_mib "
-                 "(torch); no XLA:CPU breakdown or flag variants")
+  notes += bc.accelerator_note("rss_delta_mib is host memory, the device's: xla_temp_mib (JAX), "
+                               "cuda_peak_mib (torch); no XLA:CPU breakdown or flag variants")
   if is_speech(config):
     notes.append(f"speech setup: y = complex compressed spectrograms [B, {signal_shape(config)[0]}, "
                  f"{_FRAMES.value}] (random), the config's networks with random weights (the "

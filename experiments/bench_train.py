@@ -266,10 +266,7 @@ def write(results: dict) -> None:
            f"variants and PyTorch eager timed side by side ({results['steps']} steps of each in "
            "turn per round); value / baseline: medians, ratio: median over rounds of the paired "
            "ratio"]
-  if bc.backend() != "cpu":
-    notes.append(f"{bc.backend()}: JAX and the PyTorch reference on the accelerator, float32 at "
-                 "full precision in both (jax_default_matmul_precision=highest, torch TF32 off); "
-                 "no CPU host splits")
+  notes += bc.accelerator_note("no CPU host splits")
   for key, r in host_runs.items():
     if "error" in r:
       notes.append(f"{key[4:]} run failed: {r['error'][-300:]!r}")
