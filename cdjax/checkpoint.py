@@ -21,6 +21,9 @@ import jax
 import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
+from jax.sharding import Mesh
+
+from cdjax import parallel
 
 PROVENANCE = "provenance.json"
 
@@ -32,6 +35,12 @@ class CheckpointError(RuntimeError):
 def _abstract(tree):
   """Shapes, dtypes and shardings of a pytree of arrays (the restore target)."""
   return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), tree)
+
+
+def _saved_state(path: str):
+  """The saved train state's tree of orbax array metadata (shapes, dtypes, shardings), read
+  from checkpoint `<path>/state` without loading any array."""
+  return ocp.StandardCheckpointHandler().metadata(epath.Path(path) / "state")
 
 
 def _key_name(key) -> str:
@@ -105,7 +114,7 @@ class Checkpointer:
     step = self.latest_step() if step is None else step
     path = self.path(step)
     try:
-      saved = ocp.StandardCheckpointHandler().metadata(epath.Path(path) / "state")
+      saved = _saved_state(path)
     except Exception:   # unreadable metadata: the restore below names the problem
       saved = None
     difference = tree_difference(saved, state_like) if saved is not None else ""
@@ -133,7 +142,9 @@ class Checkpointer:
 
 def restore_params(directory: str, step: Optional[int] = None, ema: bool = True,
                    classifier_sha256: Optional[str] = None):
-  """The (EMA) parameters of a training checkpoint (default: the latest step), as saved.
+  """The (EMA) parameters of a training checkpoint (default: the latest step), replicated over
+  every device of this job, whatever devices it was saved from (a pod's checkpoint loads on one
+  GPU). Only those arrays are read, not the rest of the train state (optimizer moments, ...).
 
   With `classifier_sha256`, raises `CheckpointError` unless the model was trained against that
   frozen classifier."""
@@ -143,14 +154,20 @@ def restore_params(directory: str, step: Optional[int] = None, ema: bool = True,
   if step is None:
     raise CheckpointError(f"No checkpoint in {directory}.")
   path = os.path.join(os.path.abspath(directory), str(step))
+  name = "ema_params" if ema else "params"
+  everywhere = parallel.replicated(Mesh(np.asarray(jax.devices()), (parallel.DATA_AXIS,)))
   try:
-    out = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(),
-                                                        meta=ocp.args.JsonRestore()))
+    wanted = {name: jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=everywhere),
+                                 _saved_state(path)[name])}
+    out = manager.restore(step, args=ocp.args.Composite(
+        state=ocp.args.PyTreeRestore(wanted, ocp.checkpoint_utils.construct_restore_args(wanted),
+                                     partial_restore=True),
+        meta=ocp.args.JsonRestore()))
   except Exception as e:
     raise CheckpointError(f"Checkpoint {path} is unreadable ({type(e).__name__}: {e}).") from e
   if classifier_sha256 is not None:
     check_classifier(out.meta.get("classifier_sha256"), classifier_sha256, path)
-  return out.state["ema_params" if ema else "params"]
+  return out.state[name]
 
 
 def check_classifier(recorded: Optional[str], given: Optional[str], what: str) -> None:

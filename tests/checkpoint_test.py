@@ -8,6 +8,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import pytest
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from cdjax import checkpoint
 from configs import default
@@ -94,8 +95,23 @@ def test_restore_params_checks_classifier_hash(tmp_path):
   ckpt.close()
   ema = checkpoint.restore_params(str(tmp_path), classifier_sha256="a" * 64)
   np.testing.assert_array_equal(ema["w"], [2.0, 2.0])
+  raw = checkpoint.restore_params(str(tmp_path), ema=False)   # only that subtree, as jax arrays
+  assert list(raw) == ["w"] and isinstance(raw["w"], jax.Array)
+  np.testing.assert_array_equal(raw["w"], [1.0, 1.0])
   with pytest.raises(checkpoint.CheckpointError, match="b" * 64):
     checkpoint.restore_params(str(tmp_path), classifier_sha256="b" * 64)
+
+
+def test_restore_params_onto_other_devices_than_it_was_saved_from(tmp_path):
+  half = Mesh(np.asarray(jax.devices()[:2]), ("data",))   # trained on 2 of the 8 devices
+  state = jax.device_put({"params": {"w": jnp.ones(3)}, "ema_params": {"w": jnp.arange(3.0)}},
+                         NamedSharding(half, P()))
+  ckpt = checkpoint.Checkpointer(str(tmp_path), _ckpt_config())
+  ckpt.save(1, state, None, {})
+  ckpt.close()
+  ema = checkpoint.restore_params(str(tmp_path))
+  assert ema["w"].sharding.is_fully_replicated and len(ema["w"].devices()) == len(jax.devices())
+  np.testing.assert_array_equal(ema["w"], [0.0, 1.0, 2.0])
 
 
 def test_restore_into_another_train_state_names_the_difference(tmp_path):
