@@ -21,9 +21,6 @@ import jax
 import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
-from jax.sharding import Mesh
-
-from cdjax import parallel
 
 PROVENANCE = "provenance.json"
 
@@ -142,9 +139,10 @@ class Checkpointer:
 
 def restore_params(directory: str, step: Optional[int] = None, ema: bool = True,
                    classifier_sha256: Optional[str] = None):
-  """The (EMA) parameters of a training checkpoint (default: the latest step), replicated over
-  every device of this job, whatever devices it was saved from (a pod's checkpoint loads on one
-  GPU). Only those arrays are read, not the rest of the train state (optimizer moments, ...).
+  """The (EMA) parameters of a training checkpoint (default: the latest step), on this process's
+  first device whatever devices it was saved from (a pod's checkpoint loads on one GPU); callers
+  replicate them over a mesh where they shard a batch. Only those arrays are read, not the rest
+  of the train state (optimizer moments, ...).
 
   With `classifier_sha256`, raises `CheckpointError` unless the model was trained against that
   frozen classifier."""
@@ -155,9 +153,9 @@ def restore_params(directory: str, step: Optional[int] = None, ema: bool = True,
     raise CheckpointError(f"No checkpoint in {directory}.")
   path = os.path.join(os.path.abspath(directory), str(step))
   name = "ema_params" if ema else "params"
-  everywhere = parallel.replicated(Mesh(np.asarray(jax.devices()), (parallel.DATA_AXIS,)))
+  here = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
   try:
-    wanted = {name: jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=everywhere),
+    wanted = {name: jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=here),
                                  _saved_state(path)[name])}
     out = manager.restore(step, args=ocp.args.Composite(
         state=ocp.args.PyTreeRestore(wanted, ocp.checkpoint_utils.construct_restore_args(wanted),
