@@ -102,11 +102,8 @@ def run_method(name: str, model: coupled.CoupledModel, cfg: ml_collections.Confi
   With `cache_dir`, progress is saved there after every batch (`<name>-<fingerprint>.npz`, see
   `_fingerprint`): a rerun goes on from the last saved batch, or reads a finished one back
   without compiling. seconds_per_item sums the batches' times over the runs."""
-  parallel.check_batch_size(batch_size, mesh)
   n = len(y)
-  pad = -n % batch_size
-  y_padded = np.concatenate([y, np.repeat(y[-1:], pad, 0)]) if pad else y
-  num_batches = len(y_padded) // batch_size
+  num_batches, batch = parallel.sharded_batches(y, batch_size, mesh)
   path = ""
   if cache_dir:
     digest = _fingerprint(cfg, (params, classifier_params), y, key, batch_size, mesh)
@@ -122,8 +119,6 @@ def run_method(name: str, model: coupled.CoupledModel, cfg: ml_collections.Confi
       tqdm.write(f"{name}: resuming at batch {first + 1}/{num_batches} ({path})")
     fn = jax.jit(coupled.get_coupled_fn(model, cfg))
     params, classifier_params = parallel.replicate((params, classifier_params), mesh)
-    batch = lambda b: jax.device_put(y_padded[b * batch_size:(b + 1) * batch_size],
-                                     parallel.data_sharded(mesh))
     start = time.perf_counter()
     compiled = fn.lower(params, classifier_params, key, batch(0)).compile()
     compile_seconds = time.perf_counter() - start

@@ -91,6 +91,18 @@ def data_sharded(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, P(DATA_AXIS))
 
 
+def sharded_batches(y: np.ndarray, batch_size: int, mesh: Mesh):
+  """Inputs y [N, ...] in batches of `batch_size` (the last one padded with copies of y's last
+  item), each sharded over `data`: (number of batches, batch(b) -> array [batch_size, ...]).
+  Raises ValueError unless the mesh's devices divide `batch_size`."""
+  check_batch_size(batch_size, mesh)
+  pad = -len(y) % batch_size
+  y = np.concatenate([y, np.repeat(y[-1:], pad, 0)]) if pad else y
+  sharding = data_sharded(mesh)
+  return len(y) // batch_size, lambda b: jax.device_put(y[b * batch_size:(b + 1) * batch_size],
+                                                        sharding)
+
+
 def global_batch(batch, mesh: Mesh):
   """This host's batch (a pytree of numpy [B_host, ...]) -> global arrays [B, ...] sharded on
   `data`; B = B_host x number of hosts taking part in the mesh."""

@@ -19,12 +19,13 @@ import json
 import os
 import sys
 import time
-from typing import Callable
+from typing import Callable, Optional
 
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+from jax.sharding import Mesh
 
 from cdjax import audio
 from cdjax import checkpoint
@@ -145,8 +146,9 @@ def get_enhance_fn(config: ml_collections.ConfigDict, method: str) -> Callable:
 
 
 def enhance_waveforms(enhance: Callable, params, frontend: audio.Frontend, y: np.ndarray,
-                      key, batch_size: int):
-  """Enhances noisy waveforms y [N, L] in batches (batch b uses fold_in(key, b)).
+                      key, batch_size: int, mesh: Optional[Mesh] = None):
+  """Enhances noisy waveforms y [N, L] in batches (batch b uses fold_in(key, b)), each batch
+  sharded over `mesh`'s `data` axis and the parameters replicated (default: one device).
 
   Returns (enhanced waveforms [N, L] at the input scale, steady-state seconds, compile seconds).
   """
@@ -154,20 +156,18 @@ def enhance_waveforms(enhance: Callable, params, frontend: audio.Frontend, y: np
     y_spec, scale = frontend.analyze(y)
     return frontend.synthesize(enhance(params, key, y_spec), y.shape[-1], scale)
 
+  mesh = mesh or Mesh(np.asarray(jax.local_devices()[:1]), (parallel.DATA_AXIS,))
+  num_batches, batch = parallel.sharded_batches(np.asarray(y, np.float32), batch_size, mesh)
   fn = jax.jit(one)
-  n = len(y)
-  y = np.asarray(y, np.float32)
-  pad = -n % batch_size
-  y_padded = np.concatenate([y, np.repeat(y[-1:], pad, 0)]) if pad else y
+  params = parallel.replicate(params, mesh)
   tic = time.perf_counter()
-  compiled = fn.lower(params, key, y_padded[:batch_size]).compile()
+  compiled = fn.lower(params, key, batch(0)).compile()
   compile_seconds = time.perf_counter() - tic
   out = []
   tic = time.perf_counter()
-  for b in range(len(y_padded) // batch_size):
-    out.append(np.asarray(compiled(params, jax.random.fold_in(key, b),
-                                   y_padded[b * batch_size:(b + 1) * batch_size])))
-  return np.concatenate(out)[:n], time.perf_counter() - tic, compile_seconds
+  for b in range(num_batches):
+    out.append(np.asarray(compiled(params, jax.random.fold_in(key, b), batch(b))))
+  return np.concatenate(out)[:len(y)], time.perf_counter() - tic, compile_seconds
 
 
 # ---- the enhancement experiment -----------------------------------------------------------------
@@ -231,6 +231,7 @@ def evaluate_enhancement(config, workdir: str, condition: str) -> tuple[list[dic
   corrupt = data.corruption_from_config(cfg, cfg.data.eval_split)
   noisy = evaluate.degrade(corrupt, jax.random.PRNGKey(cfg.evaluation.corruption_seed), clean)
   seconds_of_audio = clean.size / cfg.audio.sample_rate
+  mesh = parallel.make_mesh(cfg)
   waves, scores, rows = {"clean": clean, "noisy": noisy}, {}, []
   for method in cfg.evaluation.methods:
     if method == "noisy":
@@ -241,7 +242,7 @@ def evaluate_enhancement(config, workdir: str, condition: str) -> tuple[list[dic
       params = trained_params(os.path.join(workdir, condition), method)
       estimate, seconds, compile_seconds = enhance_waveforms(
           enhance, params, frontend, noisy, jax.random.PRNGKey(cfg.evaluation.sampling_seed),
-          cfg.evaluation.batch_size)
+          cfg.evaluation.batch_size, mesh)
       nfe = enhance.nfe
     waves[method] = estimate
     scores[method] = _quality(clean, noisy, estimate, cfg.audio.sample_rate)
@@ -314,6 +315,7 @@ def run_enhancement(config: ml_collections.ConfigDict, workdir: str, out_prefix:
   """Trains what `workdir` lacks (per condition: enhancer, sgmse, exdiff), evaluates noisy /
   discriminative / sgmse / exdiff and writes `<out_prefix>.json`, `.md` and `.png`."""
   parallel.configure_xla(config.mesh)
+  parallel.check_batch_size(config.evaluation.batch_size, parallel.make_mesh(config))   # not hours later
   rows, waves = [], {}
   for condition in config.evaluation.corruptions:
     _train_enhancement(config, workdir, condition)

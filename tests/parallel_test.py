@@ -1,5 +1,5 @@
-"""Mesh from config, batch-size check, host batch -> global sharded array, multi-host detection,
-splitting a CPU host into devices and the XLA flags set before JAX starts."""
+"""Mesh from config, batch-size check, host batch -> global sharded array, padded batches,
+multi-host detection, splitting a CPU host into devices and the XLA flags set before JAX starts."""
 import json
 import os
 import subprocess
@@ -47,6 +47,19 @@ def test_global_batch_is_sharded_over_data():
   np.testing.assert_array_equal(np.asarray(batch["label"]), host["label"])
   params = parallel.replicate({"w": np.ones(3)}, mesh)
   assert params["w"].sharding.is_fully_replicated
+
+
+def test_sharded_batches_pad_the_last_batch_with_the_last_item():
+  mesh = parallel.make_mesh(_config(4))
+  y = np.arange(10 * 2, dtype=np.float32).reshape(10, 2)
+  num_batches, batch = parallel.sharded_batches(y, 8, mesh)
+  assert num_batches == 2
+  first, last = batch(0), batch(1)
+  assert {s.data.shape for s in first.addressable_shards} == {(2, 2)}
+  np.testing.assert_array_equal(np.asarray(first), y[:8])
+  np.testing.assert_array_equal(np.asarray(last), np.concatenate([y[8:], np.repeat(y[-1:], 6, 0)]))
+  with pytest.raises(ValueError, match=r"batch size 6 .* 4 devices"):
+    parallel.sharded_batches(y, 6, mesh)
 
 
 def test_multihost_environment_detection(monkeypatch):

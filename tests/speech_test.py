@@ -109,6 +109,24 @@ def test_frontend_round_trip_and_padding():
   assert sgmse.padded_length(8064) == 8064
 
 
+def test_enhance_waveforms_shards_batches_over_the_mesh():
+  """Batches split over 4 devices (params replicated) give what one device gives, padding
+  included; a batch the devices do not divide is refused before anything runs."""
+  frontend = audio.Frontend.from_config(_config())
+  enhance = lambda params, key, y: y * params["gain"] + 0.01 * jax.random.normal(key, y.shape)
+  y = np.concatenate([_speech(1), _speech(2)])[:7]   # 7 clips: the last batch of 4 is padded
+  params = {"gain": jnp.float32(1.0)}
+  one, _, _ = speech.enhance_waveforms(enhance, params, frontend, y, jax.random.key(3), 4)
+  mesh = jax.sharding.Mesh(np.asarray(jax.devices()[:4]), ("data",))
+  four, _, _ = speech.enhance_waveforms(enhance, params, frontend, y, jax.random.key(3), 4, mesh)
+  assert one.shape == four.shape == y.shape
+  np.testing.assert_allclose(four, one, atol=1e-6)
+  np.testing.assert_allclose(one, y, atol=0.02)   # gain 1 on the spectrogram, plus small noise
+  assert np.abs(one - y).max() > 1e-3                # ... which each batch draws
+  with pytest.raises(ValueError, match="not divisible by the 4 devices"):
+    speech.enhance_waveforms(enhance, params, frontend, y, jax.random.key(3), 6, mesh)
+
+
 def test_audio_observation_is_the_normalised_mixture():
   config = _config()
   observe = train.OBSERVATIONS.get("audio")(config)
