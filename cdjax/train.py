@@ -457,7 +457,9 @@ def train(config: ml_collections.ConfigDict, workdir: str, trainer_name: str) ->
                            config.data.label_subset)
   audio_length = data.audio_length(config)
   batches = iter(data.make_loader(source, trainer.batch_size, seed=config.data.shuffle_seed,
-                                  worker_count=config.data.worker_count, audio_length=audio_length))
+                                  worker_count=config.data.worker_count, audio_length=audio_length,
+                                  read_threads=config.data.read_threads,
+                                  prefetch_buffer_size=config.data.prefetch_buffer_size))
   optimizer = make_optimizer(config.optim, trainer.num_steps, trainer.lr_scales)
   # Initial params from the "rbg" generator: XLA:CPU compiles threefry initializers ~7x slower.
   k_init = jax.random.key(config.seed, impl="rbg")

@@ -20,7 +20,9 @@ def get_config() -> ml_collections.ConfigDict:
       shape=(28, 28, 1),         # one example, without batch
       num_classes=10,
       shuffle_seed=0,
-      worker_count=0,
+      worker_count=0,            # grain worker processes (0: in this process)
+      read_threads=0,            # grain threads reading ahead (0: read each batch when needed)
+      prefetch_buffer_size=0,    # examples those threads read ahead (with read_threads > 0)
       max_eval_examples=-1,      # -1: the whole split
       label_subset=None,         # a list of K labels: only their examples, relabelled 0..K-1
   ))

@@ -84,13 +84,18 @@ class _FitAudio(grain.RandomMapTransform):
 
 def make_loader(source, global_batch_size: int, *, seed: int, shuffle: bool = True,
                 num_epochs: int | None = None, transform: Callable[[dict], dict] | None = None,
-                worker_count: int = 0, audio_length: int = 0) -> grain.DataLoader:
+                worker_count: int = 0, audio_length: int = 0, read_threads: int = 0,
+                prefetch_buffer_size: int = 0) -> grain.DataLoader:
   """A grain loader of this host's batches: dicts of [global_batch_size / hosts, ...] arrays.
 
   Shuffling is deterministic in `seed` (a new order each epoch); each host reads a disjoint
   shard; batches run across epoch boundaries and the last partial batch is dropped.
   With audio_length L > 0, clips are fitted to [L] (`fit_audio`: centred in zeros, or a random
   L-window of longer ones) before `transform`, which maps one standardized example.
+  read_threads > 0 threads read up to prefetch_buffer_size examples ahead; 0 (the default) reads
+  each batch when it is needed, while the previous train step runs (JAX dispatches it
+  asynchronously): on a 2-core CPU grain's default (16 threads, 500 examples) took 88 ms per
+  batch of 64 MNIST digits, reading in place 23 ms.
   `it = iter(loader)` is checkpointable:
   `it.get_state()` / `it.set_state(state)` resume exactly. num_epochs=None repeats forever.
   """
@@ -109,7 +114,9 @@ def make_loader(source, global_batch_size: int, *, seed: int, shuffle: bool = Tr
          + ([_Map(transform)] if transform else []))
   return grain.DataLoader(data_source=source, sampler=sampler,
                           operations=ops + [grain.Batch(batch, drop_remainder=True)],
-                          worker_count=worker_count)
+                          worker_count=worker_count,
+                          read_options=grain.ReadOptions(num_threads=read_threads,
+                                                         prefetch_buffer_size=prefetch_buffer_size))
 
 
 def load_split(name: str, split: str, data_dir: str = "", max_examples: int = -1,
