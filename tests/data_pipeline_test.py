@@ -48,6 +48,15 @@ def test_epoch_is_a_permutation_and_shuffle_is_seeded():
   assert epoch(0, shuffle=False) == list(range(96))
 
 
+def test_read_ahead_threads_give_the_same_batches_and_need_a_buffer():
+  def epoch(**read):
+    loader = data.make_loader(_indexed_source(), 8, seed=0, num_epochs=1, **read)
+    return sum((_indices(b) for b in loader), [])
+  assert epoch(read_threads=2, prefetch_buffer_size=16) == epoch()
+  with pytest.raises(ValueError, match="prefetch_buffer_size > 0"):
+    data.make_loader(_indexed_source(), 8, seed=0, read_threads=2)
+
+
 def test_restore_mid_epoch_gives_the_same_batches(data_dir):
   source = data.get_source("mnist_local", "train[:600]", data_dir)
   assert len(source) == 600

@@ -99,6 +99,9 @@ def make_loader(source, global_batch_size: int, *, seed: int, shuffle: bool = Tr
   `it = iter(loader)` is checkpointable:
   `it.get_state()` / `it.set_state(state)` resume exactly. num_epochs=None repeats forever.
   """
+  if read_threads > 0 and prefetch_buffer_size <= 0:
+    raise ValueError(f"data.read_threads={read_threads} reads ahead into a buffer: set "
+                     "data.prefetch_buffer_size > 0 too (e.g. 4 batches' worth of examples).")
   batch = host_batch_size(global_batch_size)
   if len(source) == 0:
     raise ValueError("The data source is empty; check the split name or slice (e.g. 'train[:0]').")
