@@ -1,5 +1,4 @@
 """Tests for the image classifiers, the coupled U-Net and the logit net (cdjax.nets)."""
-import functools
 
 import jax
 import jax.flatten_util
@@ -19,8 +18,6 @@ SMALL = {
     "cnn_classifier": dict(width=8, depth=2),
 }
 TINY = {"coupled_unet": dict(ch_mult=(1,), attn_levels=(0,))}   # grad compiles are slow
-# Unoptimised XLA: compiles several times faster on CPU, runs these tiny nets just as fast.
-jit = functools.partial(jax.jit, compiler_options={"xla_backend_optimization_level": 0})
 
 
 def _args(name, shape, seed=0):
@@ -91,7 +88,7 @@ def test_output_depends_on_every_input(name, changes):
   net = nets.get_network(name, **SMALL[name])
   args = _args(name, (28, 28, 1))
   other = _args(name, (28, 28, 1), seed=1)
-  apply = jit(net.apply)
+  apply = jax.jit(net.apply)
   params = _random_params(net, args)
   base = apply(params, *args)
   assert np.all(np.isfinite(base))
@@ -111,7 +108,7 @@ def test_remat_matches(name):
   assert jax.tree_util.tree_structure(_init(remat, args)) == jax.tree_util.tree_structure(params)
 
   def loss_and_grad(net):
-    return jit(jax.value_and_grad(lambda p: jnp.sum(net.apply(p, *args) ** 2)))(params)
+    return jax.jit(jax.value_and_grad(lambda p: jnp.sum(net.apply(p, *args) ** 2)))(params)
 
   (v0, g0), (v1, g1) = loss_and_grad(plain), loss_and_grad(remat)
   np.testing.assert_allclose(v0, v1, rtol=1e-5)
@@ -130,7 +127,7 @@ def test_dropout_is_active_only_in_training():
   net = nets.get_network("cnn_classifier", **SMALL["cnn_classifier"], dropout=0.5)
   (x,) = _args("cnn_classifier", (28, 28, 1))
   params = _random_params(net, (x,))
-  apply = jit(net.apply, static_argnames="train")
+  apply = jax.jit(net.apply, static_argnames="train")
   np.testing.assert_array_equal(apply(params, x), apply(params, x))
   rngs = {"dropout": jax.random.PRNGKey(1)}
   assert not np.allclose(apply(params, x, train=True, rngs=rngs), apply(params, x))
@@ -184,5 +181,5 @@ def test_coupled_unet_gradients_stay_bounded_with_zero_logits():
   norms = {}
   for name, logits in [("zeros", jnp.zeros((B, K))), ("random", jax.random.normal(jax.random.PRNGKey(1), (B, K)))]:
     loss = lambda p: jnp.mean((net.apply({"params": p}, x, t, y, logits) - x) ** 2)
-    norms[name] = float(jnp.sqrt(sum(jnp.sum(g**2) for g in jax.tree.leaves(jit(jax.grad(loss))(params)))))
+    norms[name] = float(jnp.sqrt(sum(jnp.sum(g**2) for g in jax.tree.leaves(jax.jit(jax.grad(loss))(params)))))
   assert norms["zeros"] < 10 * norms["random"], norms   # was ~1e11 before the ones channel

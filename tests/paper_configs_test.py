@@ -76,12 +76,9 @@ def _first_batch(source) -> dict:
 
 
 def _call(run: bool):
-  """`call(fn, *args)`: fn(*args) when `run` (compiled without XLA's backend optimisations: twice
-  as fast to compile, and a step runs once), else its output's shapes (`jax.eval_shape`)."""
-  def compile_and_run(fn, *args):
-    jitted = fn if hasattr(fn, "lower") else jax.jit(fn)
-    return jitted.lower(*args).compile({"xla_backend_optimization_level": 0})(*args)
-  return compile_and_run if run else jax.eval_shape
+  """`call(fn, *args)`: fn(*args), compiled, when `run`, else its output's shapes
+  (`jax.eval_shape`)."""
+  return (lambda fn, *args: (fn if hasattr(fn, "lower") else jax.jit(fn))(*args)) if run else jax.eval_shape
 
 
 def _one_step(cfg, stage: str, batch: dict, run: bool):

@@ -60,6 +60,7 @@ def _run(sde_name, predictor, corrector, snr):
   return np.asarray(run(jax.random.PRNGKey(1), x_init))
 
 
+@pytest.mark.optimized   # 24 x 1000-step samplers of 1000 x 64 states
 @pytest.mark.parametrize("corrector,snr", CORRECTORS)
 @pytest.mark.parametrize("predictor", PREDICTORS)
 @pytest.mark.parametrize("sde_name", list(SDES))

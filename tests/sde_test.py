@@ -65,6 +65,7 @@ def _euler_maruyama_forward(sde, x0, y, t_end, num_steps, key):
   return x
 
 
+@pytest.mark.optimized   # 1000 Euler-Maruyama steps
 @pytest.mark.parametrize("name,kwargs,t_end", [
     ("ouve", {}, 0.5), ("ouve", {}, 1.0), ("ve", dict(sigma_min=0.01, sigma_max=5.0), 0.7)])
 def test_continuous_marginals_match_simulation(name, kwargs, t_end):

@@ -183,6 +183,7 @@ def classifier_dir(tmp_path_factory):
 
 
 @pytest.mark.slow
+@pytest.mark.optimized   # 400 steps (the fixture trains under its first test's mark)
 def test_mnist_classifier_reaches_95_percent(classifier_dir):
   workdir, final = classifier_dir
   assert final["step"] == 400 and final["eval_accuracy"] >= 0.95
