@@ -4,6 +4,7 @@
 Tiny STFTs (n_fft 62, 32 bins) and nets keep compile times to seconds; no dataset is built
 (a Gaussian-noise corruption needs no noise clips; batches are synthetic).
 """
+import logging
 import os
 
 import flax
@@ -67,7 +68,7 @@ def _train_two_steps(config, name):
   trainer = train.TRAINERS.get(name)(config)
   optimizer = train.make_optimizer(config.optim, trainer.num_steps)
   example = jax.tree.map(lambda v: v[:1], _batch())
-  params = jax.jit(trainer.init_params)(KEY, example)   # eager init is slow on CPU
+  params = trainer.init_params(KEY, example)
   mesh = train.parallel.make_mesh(config)
   # Replicated as in `train.train`, so that the second step reuses the first one's compilation.
   state = train.parallel.replicate(
@@ -161,6 +162,20 @@ def test_speech_trainers_take_finite_steps(enhancer_workdir):
   assert jax.tree.all(jax.tree.map(np.array_equal, trainer.frozen["enhancer"], enhancer))
   # The integration layer (zero-initialised) got gradients through the latent: it moved.
   assert any(float(jnp.abs(v).max()) > 0 for v in jax.tree.leaves(state.params["latent"]))
+
+
+def test_trainer_init_compiles_one_program(enhancer_workdir, caplog):
+  """Ex-Diff's init traces the observation and the frozen enhancer's latent for their shapes
+  only: one program is compiled, no operation eagerly."""
+  config = _config()
+  config.checkpoint.enhancer = enhancer_workdir
+  trainer = train.TRAINERS.get("signal")(config)
+  with jax.log_compiles(), caplog.at_level(logging.WARNING, logger="jax"):
+    params = trainer.init_params(KEY, jax.tree.map(lambda v: v[:1], _batch()))
+  compiled = [r.getMessage().split(" with ")[0] for r in caplog.records
+              if r.getMessage().startswith("Compiling ")]
+  assert compiled == ["Compiling jit(<lambda>)"]
+  assert "latent" in params   # the integration layer, sized by the latent's shape
 
 
 def test_pc_sampler_enhancement_and_latent_path(enhancer_workdir):
