@@ -49,9 +49,12 @@ class TrainState:
 
   @classmethod
   def create(cls, params, optimizer: optax.GradientTransformation, rng: jax.Array) -> "TrainState":
-    # The EMA is a copy, so that no buffer appears twice in a donated state.
-    return cls(step=jnp.zeros((), jnp.int32), params=params, opt_state=optimizer.init(params),
-               ema_params=jax.tree.map(jnp.copy, params), rng=rng)
+    """Step 0, in one compiled call (eagerly, the optimizer moments and the EMA compile an XLA
+    program per parameter shape). The EMA is a copy, so that no buffer appears twice in a
+    donated state."""
+    make = lambda p, r: cls(step=jnp.zeros((), jnp.int32), params=p, opt_state=optimizer.init(p),
+                            ema_params=jax.tree.map(jnp.copy, p), rng=r)
+    return jax.jit(make)(params, rng)
 
 
 def make_schedule(optim: ml_collections.ConfigDict, num_steps: int) -> optax.Schedule:
