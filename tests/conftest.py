@@ -27,11 +27,12 @@ def pytest_unconfigure(config):
 # The slowest files first (seconds summed over a file's tests, 2-core AMD EPYC, one `make test`):
 # xdist hands out whole files (`--dist loadfile --no-loadscope-reorder`) in this order, so the
 # run does not end with one worker busy on a long file while the other idles.
-SLOWEST_FILES = ("speech_test.py",               # 173 s
-                 "speech_enhancement_test.py",   # 115
-                 "paper_configs_test.py",        # 113
-                 "train_test.py",                # 104
-                 "experiment_test.py")           # 93; every other file < 75
+SLOWEST_FILES = ("paper_configs_test.py",        # 237 s
+                 "speech_test.py",               # 186
+                 "speech_enhancement_test.py",   # 157
+                 "train_test.py",                # 125
+                 "nets_image_test.py",           # 121
+                 "experiment_test.py")           # 110; every other file < 85
 
 
 def pytest_collection_modifyitems(items):
@@ -44,7 +45,7 @@ def pytest_runtest_setup(item):
   """XLA compiles without its LLVM optimisations (jax_disable_most_optimizations, inherited by the
   subprocesses a test starts) unless the test is marked `optimized`. Most tests compile networks
   and run them a few times: unoptimised, an NCSN++ gradient compiles in 5.5 s instead of 10 and
-  the suite takes ~20% less time. Tests that run thousands of steps (samplers against analytic
+  the suite took 12.1 min instead of 18.0. Tests that run thousands of steps (samplers against analytic
   scores, SDE simulations, training to an accuracy) are marked `optimized`: they run 2-3x slower
   unoptimised. Set before the test's fixtures, so a module fixture follows its first test."""
   optimized = item.get_closest_marker("optimized") is not None
