@@ -45,9 +45,9 @@ def pytest_runtest_setup(item):
   """XLA compiles without its LLVM optimisations (jax_disable_most_optimizations, inherited by the
   subprocesses a test starts) unless the test is marked `optimized`. Most tests compile networks
   and run them a few times: unoptimised, an NCSN++ gradient compiles in 5.5 s instead of 10 and
-  the suite took 12.1 min instead of 18.0. Tests that run thousands of steps (samplers against analytic
-  scores, SDE simulations, training to an accuracy) are marked `optimized`: they run 2-3x slower
-  unoptimised. Set before the test's fixtures, so a module fixture follows its first test."""
+  the suite took 12.1 min instead of 18.0. Tests that run thousands of steps (samplers against
+  analytic scores, SDE simulations, training to an accuracy) are marked `optimized`: they run
+  2-3x slower unoptimised. Set before the test's fixtures, so a module fixture follows its first test."""
   optimized = item.get_closest_marker("optimized") is not None
   jax.config.update("jax_disable_most_optimizations", not optimized)
   os.environ["JAX_DISABLE_MOST_OPTIMIZATIONS"] = "0" if optimized else "1"

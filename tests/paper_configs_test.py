@@ -76,9 +76,11 @@ def _first_batch(source) -> dict:
 
 
 def _call(run: bool):
-  """`call(fn, *args)`: fn(*args), compiled, when `run`, else its output's shapes
-  (`jax.eval_shape`)."""
-  return (lambda fn, *args: (fn if hasattr(fn, "lower") else jax.jit(fn))(*args)) if run else jax.eval_shape
+  """`call(fn, *args)`: fn(*args), compiled (a jitted fn as it is, keeping its donation), when
+  `run`, else its output's shapes (`jax.eval_shape`)."""
+  def compile_and_run(fn, *args):
+    return (fn if hasattr(fn, "lower") else jax.jit(fn))(*args)
+  return compile_and_run if run else jax.eval_shape
 
 
 def _one_step(cfg, stage: str, batch: dict, run: bool):
