@@ -12,6 +12,7 @@ from typing import Optional, Sequence
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from jax import lax
 import numpy as np
 
 
@@ -107,12 +108,17 @@ def _exp_f32(x: jax.Array) -> jax.Array:
   2^n * p(f) with n = round(x log2 e), f = x - n ln 2 (Cody-Waite, ln 2 in two parts),
   p a degree-6 Taylor polynomial of e^f on |f| <= ln(2) / 2, and 2^n built in the exponent bits
   (n = 128 gives inf). Only mul / add / round / shift, which XLA:CPU vectorises inside a fusion;
-  a SiLU loop with its own exp ran 2.7x slower (experiments/results/bench_notes.md, session 14)."""
-  x = jnp.clip(x, -87.0, 89.0)
-  n = jnp.round(x * _LOG2_E)
-  f = x - n * _LN_2_HI - n * _LN_2_LO
-  p = 1 + f * (1 + f * (1 / 2 + f * (1 / 6 + f * (1 / 24 + f * (1 / 120 + f / 720)))))
-  return p * jax.lax.bitcast_convert_type((n.astype(jnp.int32) + 127) << 23, jnp.float32)
+  a SiLU loop with its own exp ran 2.7x slower (experiments/results/bench_notes.md, session 14).
+  Written in `lax`: with jnp's operators (each a jitted ufunc) the same program took twice as
+  long to trace, in every network."""
+  x = lax.min(lax.max(x, -87.0), 89.0)
+  n = lax.round(lax.mul(x, _LOG2_E), lax.RoundingMethod.TO_NEAREST_EVEN)
+  f = lax.sub(lax.sub(x, lax.mul(n, _LN_2_HI)), lax.mul(n, _LN_2_LO))
+  p = lax.add(1 / 120, lax.div(f, 720.0))   # Horner: 1 + f (1 + f (1/2 + ... f (1/120 + f / 720)))
+  for c in (1 / 24, 1 / 6, 1 / 2, 1.0, 1.0):
+    p = lax.add(c, lax.mul(f, p))
+  two_n = lax.shift_left(lax.add(lax.convert_element_type(n, jnp.int32), 127), 23)
+  return lax.mul(p, lax.bitcast_convert_type(two_n, jnp.float32))
 
 
 @jax.custom_jvp
@@ -122,18 +128,19 @@ def sigmoid(x: jax.Array) -> jax.Array:
   backend and dtype."""
   if x.dtype != jnp.float32:
     return jax.nn.sigmoid(x)
-  return jax.lax.platform_dependent(x, cpu=lambda x: 1 / (1 + _exp_f32(-x)), default=jax.nn.sigmoid)
+  return lax.platform_dependent(x, cpu=lambda x: lax.div(1.0, lax.add(1.0, _exp_f32(lax.neg(x)))),
+                               default=jax.nn.sigmoid)
 
 
 @sigmoid.defjvp
 def _sigmoid_jvp(primals, tangents):
   s = sigmoid(primals[0])
-  return s, tangents[0] * s * (1 - s)
+  return s, lax.mul(lax.mul(tangents[0], s), lax.sub(1.0, s))
 
 
 def silu(x: jax.Array) -> jax.Array:
   """SiLU x * sigmoid(x) with the `sigmoid` above: every cdjax network's activation."""
-  return x * sigmoid(x)
+  return lax.mul(x, sigmoid(x))
 
 
 def group_norm(x: jax.Array, groups: int) -> jax.Array:
