@@ -38,7 +38,7 @@ def configure_xla(mesh_config: ml_collections.ConfigDict) -> None:
   makes data parallelism spread the work over the cores of a CPU-only machine (XLA:CPU runs the
   small convolutions of these networks on about one core per device); accelerator backends are
   not affected. A flag already in XLA_FLAGS wins. Takes effect only before JAX's backends start;
-  afterwards it warns and does nothing."""
+  afterwards it warns and does nothing. Warns about flag combinations known to be wrong."""
   wanted = mesh_config.xla_flags.split()
   bad = [f for f in wanted if not f.startswith("--")]
   if bad:
@@ -48,6 +48,7 @@ def configure_xla(mesh_config: ml_collections.ConfigDict) -> None:
   current = os.environ.get("XLA_FLAGS", "")
   present = {f.split("=")[0] for f in current.split()}
   missing = [f for f in wanted if f.split("=")[0] not in present]
+  _warn_on_known_xla_bugs(current.split() + missing)
   if not missing:
     return
   if xla_bridge.backends_are_initialized():
@@ -55,6 +56,19 @@ def configure_xla(mesh_config: ml_collections.ConfigDict) -> None:
                     "running (set XLA_FLAGS='%s' before starting instead).", " ".join(missing))
     return
   os.environ["XLA_FLAGS"] = " ".join([current] + missing).strip()
+
+
+def _warn_on_known_xla_bugs(xla_flags: list) -> None:
+  """Warns about XLA flag combinations known to compute wrong results on this project's jaxlib."""
+  value = dict(f.partition("=")[::2] for f in xla_flags)
+  devices = int(value.get("--xla_force_host_platform_device_count") or 1)
+  if value.get("--xla_cpu_experimental_ynn_fusion_type") == "" and devices > 1:
+    logging.warning(
+        "XLA_FLAGS turn YNNPACK off (--xla_cpu_experimental_ynn_fusion_type=) on a host split into "
+        "%d devices: with jaxlib 0.10.2 a sampler sharded over them computes wrong samples (the "
+        "first item of every shard, from about step 23 of a U-Net trajectory; see "
+        "experiments/results/bench_notes.md). Keep the default mesh.xla_flags, or set "
+        "mesh.host_cpu_devices=0.", devices)
 
 
 def make_mesh(config: ml_collections.ConfigDict) -> Mesh:

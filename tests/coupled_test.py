@@ -281,3 +281,22 @@ def test_run_method_resumes_an_interrupted_evaluation(tmp_path, monkeypatch):
   again = evaluate.run_method("parallel", *args, cache_dir=str(tmp_path))
   np.testing.assert_array_equal(again.predictions, reference.predictions)
   assert int(np.load(path)["batches"]) == 3
+
+
+def test_run_method_sharded_over_8_devices_equals_one_device():
+  """Batches sharded over the mesh (2 items per device, the last batch padded) give one device's
+  samples and predictions."""
+  _, y = toy_data(20, jax.random.PRNGKey(4))
+  model, cfg, config = make_model(30), sampling_config(strategy="parallel"), default.get_config()
+
+  def run(devices):
+    config.mesh.data = devices
+    return evaluate.run_method("parallel", model, cfg, {"signal": {}, "logits": {}}, {}, y,
+                               jax.random.PRNGKey(0), 16, parallel.make_mesh(config))
+
+  one, sharded = run(1), run(8)
+  assert len(sharded.predictions) == 20
+  np.testing.assert_allclose(sharded.x0, one.x0, atol=1e-5)
+  np.testing.assert_array_equal(sharded.predictions, one.predictions)
+  np.testing.assert_array_equal(sharded.classifier_predictions, one.classifier_predictions)
+  assert np.abs(one.x0 - y[:16]).max() > 0.1   # the trajectory moved the signal

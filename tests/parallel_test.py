@@ -111,6 +111,23 @@ def test_configure_xla_after_start_changes_nothing(monkeypatch):
   assert os.environ["XLA_FLAGS"] == "" and jax.device_count() == 8
 
 
+@pytest.mark.parametrize("xla_flags,host_cpu_devices,warns", [
+    ("--xla_cpu_experimental_ynn_fusion_type=", 2, True),    # YNNPACK off, split host: wrong samples
+    ("--xla_cpu_experimental_ynn_fusion_type= --xla_force_host_platform_device_count=3", 0, True),
+    ("--xla_cpu_experimental_ynn_fusion_type=", 0, False),   # one device
+    ("", 2, False),                                          # the default flags
+])
+def test_configure_xla_warns_about_ynnpack_off_on_a_split_host(monkeypatch, xla_flags,
+                                                              host_cpu_devices, warns):
+  messages = []
+  monkeypatch.setattr(parallel.logging, "warning", lambda msg, *args: messages.append(msg % args))
+  monkeypatch.setenv("XLA_FLAGS", xla_flags)
+  c = default.get_config()
+  c.mesh.host_cpu_devices = host_cpu_devices
+  parallel.configure_xla(c.mesh)
+  assert any("wrong samples" in m for m in messages) == warns, messages
+
+
 def network_outputs() -> dict:
   """{name: [max |out|, sum |out|]} of small versions of the image U-Net, the speech enhancer and
   NCSN++ (strided, 1x1 and FIR-resampling convolutions), and of a U-Net gradient."""
