@@ -66,7 +66,7 @@ def _warn_on_known_xla_bugs(xla_flags: list) -> None:
     logging.warning(
         "XLA_FLAGS turn YNNPACK off (--xla_cpu_experimental_ynn_fusion_type=) on a host split into "
         "%d devices: with jaxlib 0.10.2 a sampler sharded over them computes wrong samples (the "
-        "first item of every shard, from about step 23 of a U-Net trajectory; see "
+        "first item of every shard, after about 20 steps of a U-Net trajectory; see "
         "experiments/results/bench_notes.md). Keep the default mesh.xla_flags, or set "
         "mesh.host_cpu_devices=0.", devices)
 
