@@ -50,7 +50,7 @@ class FIR(nn.Module):
   `downsample_2d` over `upfirdn2d_native`: zero insertion, padding, one depthwise 4x4 conv2d at
   the upsampled resolution, then subsampling. With `shifted_sums` the same filter is applied per
   axis as len(k) shifted, scaled slices of the (zero-inserted, padded) map, as cdjax's `_fir` does
-  (same output; `build(config, fir_sums=True)`)."""
+  (which skips the inserted zeros: polyphase; same output; `build(config, fir_sums=True)`)."""
 
   def __init__(self, kernel: Sequence[int], up: bool):
     super().__init__()

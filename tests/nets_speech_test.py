@@ -78,21 +78,25 @@ def test_ncsnpp_logits_and_latent_enter_only_when_given():
   np.testing.assert_allclose(ignored, out, rtol=1e-5, atol=1e-5)
 
 
-def test_fir_resampling_matches_upfirdn():
+@pytest.mark.parametrize("kernel", [(1, 3, 3, 1), (1, 2, 1), (1, 4, 6, 4, 1), (2, 5, 1)])
+def test_fir_resampling_matches_upfirdn(kernel):
   rng = np.random.default_rng(6)
   x = rng.standard_normal((6, 4))
 
-  def upfirdn(v, k, up, pad):   # 1-D reference: zero-insert, pad, correlate (k symmetric)
+  def upfirdn(v, k, up, pad):   # 1-D reference: zero-insert, pad, correlate with flipped k
     z = np.zeros(len(v) * up)
     z[::up] = v
     z = np.pad(z, pad)
-    return np.array([z[i:i + len(k)] @ k for i in range(len(z) - len(k) + 1)])
+    return np.array([z[i:i + len(k)] @ k[::-1] for i in range(len(z) - len(k) + 1)])
 
-  k = np.array([1.0, 3.0, 3.0, 1.0]) / 8
-  for up, pad, step, gain in ((True, (2, 1), 1, 2.0), (False, (1, 1), 2, 1.0)):
+  k = np.asarray(kernel, np.float64) / sum(kernel)
+  p = len(k) - 2   # NCSN++'s padding: up ((p + 1) // 2 + 1, p // 2), down ((p + 1) // 2, p // 2)
+  for up, pad, step, gain in (
+      (True, ((p + 1) // 2 + 1, p // 2), 1, 2.0), (False, ((p + 1) // 2, p // 2), 2, 1.0)):
     ref = np.stack([upfirdn(r, gain * k, 2 if up else 1, pad)[::step] for r in x])
     ref = np.stack([upfirdn(c, gain * k, 2 if up else 1, pad)[::step] for c in ref.T]).T
-    got = _fir(jnp.asarray(x, jnp.float32)[None, :, :, None], (1, 3, 3, 1), up)[0, :, :, 0]
+    got = _fir(jnp.asarray(x, jnp.float32)[None, :, :, None], kernel, up)[0, :, :, 0]
+    assert got.shape == ref.shape
     np.testing.assert_allclose(got, ref, atol=1e-5)
 
 

@@ -48,12 +48,10 @@ def _channels_to_complex(h: jax.Array) -> jax.Array:
   return jax.lax.complex(h[..., 0], h[..., 1]).astype(jnp.complex64)
 
 
-def _shift(x: jax.Array, offset: int, axis: int) -> jax.Array:
-  """y[j] = x[j + offset] along `axis`, zero outside the array."""
-  n = x.shape[axis]
+def _pad_axis(x: jax.Array, axis: int, lo: int, hi: int) -> jax.Array:
   widths = [(0, 0)] * x.ndim
-  widths[axis] = (max(-offset, 0), max(offset, 0))
-  return jax.lax.slice_in_dim(jnp.pad(x, widths), max(offset, 0), max(offset, 0) + n, axis=axis)
+  widths[axis] = (lo, hi)
+  return jnp.pad(x, widths)
 
 
 def _fir(x: jax.Array, kernel: Sequence[int], up: bool) -> jax.Array:
@@ -61,23 +59,31 @@ def _fir(x: jax.Array, kernel: Sequence[int], up: bool) -> jax.Array:
 
   x [B, H, W, C] -> [B, 2H, 2W, C] (up) or [B, H/2, W/2, C] (down), filter outer(k, k) / sum^2
   (times 4 when upsampling to keep the DC gain). The filter is separable, so each axis is a 1-D
-  upfirdn written as shifted sums (polyphase when upsampling): XLA:CPU runs the equivalent
-  grouped convolution with lhs dilation about 100x slower.
+  upfirdn written as scaled slices of the map padded once: strided when downsampling; when
+  upsampling, two polyphase maps interleaved by a select on the index parity. On XLA:CPU this
+  runs 10-100x faster than the equivalent grouped convolution, and the upsampling 4x faster
+  than a stack-and-reshape interleave, whose concatenate does not vectorise with the
+  GroupNorm-SiLU that XLA fuses into it (recomputed per tap).
   """
   k = np.asarray(kernel, np.float32)
-  k = k / k.sum() * (2.0 if up else 1.0)
-  p = len(k) - 2
+  k = [float(c) for c in (k / k.sum() * (2.0 if up else 1.0))[::-1]]   # upfirdn2d convolves
+  n = len(k)
   for axis in (1, 2):
-    if up:   # out[2j + r] = sum_i k[i] z[2j + r + i - lo], z = x with zeros inserted
-      lo = (p + 1) // 2 + 1
-      phases = [sum(float(k[i]) * _shift(x, (r + i - lo) // 2, axis)
-                    for i in range(len(k)) if (r + i - lo) % 2 == 0) for r in (0, 1)]
-      x = jnp.stack(phases, axis=axis + 1)
-      x = x.reshape(x.shape[:axis] + (2 * x.shape[axis],) + x.shape[axis + 2:])
+    size = x.shape[axis]
+    if up:   # out[2j + r] = sum_i k[i] x[j + d], d = (r + i - lo) / 2 over the i making it whole
+      lo = (n - 1) // 2 + 1
+      taps = [[(k[i], (r + i - lo) // 2) for i in range(n) if (r + i - lo) % 2 == 0]
+              for r in (0, 1)]
+      d_min = min(d for phase in taps for _, d in phase)
+      d_max = max(d for phase in taps for _, d in phase)
+      xp = _pad_axis(x, axis, -d_min, d_max)
+      shifted = lambda d: jax.lax.slice_in_dim(xp, d - d_min, d - d_min + size, axis=axis)
+      even, odd = (jnp.repeat(sum(c * shifted(d) for c, d in phase), 2, axis) for phase in taps)
+      x = jnp.where(jax.lax.broadcasted_iota(jnp.int32, even.shape, axis) % 2 == 1, odd, even)
     else:    # out[j] = sum_i k[i] x[2j + i - lo]
-      lo = (p + 1) // 2
-      full = sum(float(k[i]) * _shift(x, i - lo, axis) for i in range(len(k)))
-      x = jax.lax.slice_in_dim(full, 0, None, 2, axis=axis)
+      lo = (n - 1) // 2
+      xp = _pad_axis(x, axis, lo, n - 1 - lo)
+      x = sum(c * jax.lax.slice_in_dim(xp, i, i + size - 1, 2, axis) for i, c in enumerate(k))
   return x
 
 
