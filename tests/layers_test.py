@@ -1,10 +1,12 @@
-"""Tests for cdjax.nets.layers: the CPU sigmoid / SiLU against jax.nn's, remat."""
+"""Tests for cdjax.nets.layers: the CPU sigmoid / SiLU against jax.nn's, remat, the padded
+narrow convolution."""
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
-from cdjax.nets.layers import ResBlock, maybe_remat, sigmoid, silu
+from cdjax.nets.layers import ResBlock, conv_min8_features, maybe_remat, sigmoid, silu
 
 X = jnp.concatenate([jnp.linspace(-100.0, 100.0, 200_001),
                      jnp.array([-1e30, -88.0, 0.0, 88.0, 1e30])])
@@ -72,3 +74,19 @@ def test_remat_recomputes_in_the_backward_pass():
   jax.tree.map(lambda a, b: np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-5 * np.abs(a).max()),
                g0, g1)
   assert temp1 < 0.6 * temp0, (temp1, temp0)
+
+
+@pytest.mark.parametrize("features,kernel,strides", [(4, 3, 1), (2, 3, 2), (1, 1, 1), (8, 3, 1)])
+def test_conv_min8_features_equals_nn_conv(features, kernel, strides):
+  x = jax.random.normal(jax.random.key(0), (2, 12, 10, 5))
+  plain = nn.Conv(features, (kernel, kernel), strides=strides)
+  padded = nn.Conv(features, (kernel, kernel), strides=strides,
+                   conv_general_dilated=conv_min8_features)
+  params = plain.init(jax.random.key(1), x)
+  assert jax.tree.map(jnp.shape, padded.init(jax.random.key(1), x)) == jax.tree.map(jnp.shape,
+                                                                                     params)
+  np.testing.assert_allclose(padded.apply(params, x), plain.apply(params, x), atol=1e-5)
+  loss = lambda module: jax.grad(lambda p, x: jnp.sum(jnp.sin(module.apply(p, x))),
+                                 argnums=(0, 1))(params, x)
+  for got, want in zip(jax.tree.leaves(loss(padded)), jax.tree.leaves(loss(plain))):
+    np.testing.assert_allclose(got, want, atol=1e-4)

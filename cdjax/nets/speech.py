@@ -19,7 +19,8 @@ import numpy as np
 from cdjax import audio
 from cdjax.nets import NETWORKS
 from cdjax.nets.layers import (ConvEncoder, ResBlock, TimeEmbedding, batch_time, check_shape,
-                               group_norm, maybe_remat, silu, sinusoidal_embedding)
+                               conv_min8_features, group_norm, maybe_remat, silu,
+                               sinusoidal_embedding)
 from cdjax.nets.logits import LogitHead
 
 # DDPM/NCSN++ initialisation; SGMSE+'s `init_scale=0` layers are zero-initialised here.
@@ -314,7 +315,8 @@ class NCSNpp(nn.Module):
             jnp.concatenate([h, hs.pop()], axis=-1), temb, train)
       if h.shape[1] in self.attn_resolutions:
         h = attn(name=f"up{i}_attn")(h)
-      out = nn.Conv(4, (3, 3), kernel_init=_zeros, name=f"up{i}_pyramid")(silu(_gn(h)))
+      out = nn.Conv(4, (3, 3), kernel_init=_zeros, conv_general_dilated=conv_min8_features,
+                    name=f"up{i}_pyramid")(silu(_gn(h)))
       pyramid = out if pyramid is None else _fir(pyramid, self.fir_kernel, up=True) + out
       if i > 0:
         h = block(resample="up", name=f"up{i}_upsample")(h, temb, train)
@@ -378,7 +380,8 @@ class ResUNetEnhancer(nn.Module):
       for j in range(self.blocks):
         h = block(self.widths[i], name=f"dec{i}_res{j}")(h, None, train)
     out = _channels_to_complex(
-        nn.Conv(2, (3, 3), name="conv_out")(silu(group_norm(h, self.groups))))
+        nn.Conv(2, (3, 3), conv_general_dilated=conv_min8_features, name="conv_out")(
+            silu(group_norm(h, self.groups))))
     x_hat = out * y if self.output == "mask" else y + out
     return x_hat, latent
 
