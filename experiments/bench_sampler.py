@@ -12,7 +12,7 @@ throughput does not depend on them. Two setups, chosen by the config:
 - speech (`--frames` spectrogram frames; NCSN++ with the enhancer's latent, OUVE predictor +
   corrector, `torch_reference_speech.py`), section `sampler_speech`, entries named `speech_*`:
   PYTHONPATH=. .venv/bin/python experiments/bench_sampler.py --config configs/speech_keywords.py \
-      --config.mesh.host_cpu_devices=2 --paths=scan,loop,torch,torch_fir_sums --batches=1,16 \
+      --config.mesh.host_cpu_devices=2 --paths=scan,loop,torch,torch_fir_sums --batches=1,16,64 \
       --repeats=3 --budget_s=60
   (path torch_fir_sums: the reference with NCSN++'s FIR as shifted sums, as cdjax writes it)
 
