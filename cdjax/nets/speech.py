@@ -50,6 +50,7 @@ def _channels_to_complex(h: jax.Array) -> jax.Array:
 
 
 def _pad_axis(x: jax.Array, axis: int, lo: int, hi: int) -> jax.Array:
+  """x zero-padded by lo entries before and hi after along `axis` (the other axes unchanged)."""
   widths = [(0, 0)] * x.ndim
   widths[axis] = (lo, hi)
   return jnp.pad(x, widths)
