@@ -136,11 +136,17 @@ def init_params(config):
   return params, classifier
 
 
+def params_by_network(params, classifier) -> dict:
+  """{network name (as in `_network_inputs`): its params} from `init_params`' output."""
+  own = dict(params, classifier=classifier)
+  if "score" in params["signal"]:
+    own.update(signal=params["signal"]["score"], enhancer=params["signal"]["enhancer"])
+  return own
+
+
 def jax_flops_per_call(config, params, classifier, b: int) -> dict:
   """XLA cost-analysis FLOPs of one call of each network at batch b."""
-  own = dict(params, classifier=classifier)
-  if is_speech(config):
-    own.update(signal=params["signal"]["score"], enhancer=params["signal"]["enhancer"])
+  own = params_by_network(params, classifier)
   out = {}
   for name, args in _network_inputs(config, b).items():
     apply = functools.partial(lambda net, p, *a: net.apply({"params": p}, *a), _net(config, name))

@@ -1,9 +1,11 @@
 """PyTorch eager reference of the cdjax image networks and the coupled Parallel sampler, for the
 benchmarks of issue 8 (`bench_sampler.py`, `bench_train.py`). Not part of the library.
 
-The modules mirror `cdjax.nets` layer for layer (same convolutions, GroupNorm/LayerNorm, FiLM,
-attention projections, skips), so the FLOPs per call match; weights are random, not the JAX
-ones. Layout is NCHW, as a PyTorch user would write it. The sampler is the official
+The modules mirror `cdjax.nets` layer for layer (same convolutions with flax's "SAME" padding,
+GroupNorm/LayerNorm with flax's eps, FiLM, attention projections, skips), and register their
+parameters in the order flax creates them: `load_flax_params` copies cdjax's weights in, and
+`check_torch_reference.py` checks that both compute the same outputs. The benchmarks time them
+with random weights (throughput does not depend on them). Layout is NCHW, as a PyTorch user would write it. The sampler is the official
 coupled-diffusion style: a Python `for` loop over DDPM steps, per step the logit step
 (posterior mean of q(l_s | l_t, l0_hat), re-standardised l0_hat) and then the ancestral signal
 step conditioned on the l0_hat just computed.
@@ -21,6 +23,29 @@ from torch import nn
 
 def _groups(groups: int, channels: int) -> int:
   return math.gcd(groups, channels)
+
+
+def _group_norm(groups: int, channels: int) -> nn.GroupNorm:
+  """cdjax's `group_norm`: gcd(groups, C) groups, flax's eps 1e-6."""
+  return nn.GroupNorm(_groups(groups, channels), channels, eps=1e-6)
+
+
+class Conv2d(nn.Conv2d):
+  """A kxk convolution (k odd) with flax's "SAME" padding: strided ones pad TensorFlow-style
+  (a stride-2 3x3 convolution of an even size pads 0 before and 1 after, not 1 and 1)."""
+
+  def __init__(self, cin: int, features: int, kernel: int, stride=1):
+    stride = (stride, stride) if isinstance(stride, int) else tuple(stride)
+    super().__init__(cin, features, kernel, stride, 0 if max(stride) > 1 else kernel // 2)
+
+  def forward(self, x):
+    if max(self.stride) > 1:
+      pad = []
+      for n, k, s in reversed(list(zip(x.shape[2:], self.kernel_size, self.stride))):
+        total = max((-(-n // s) - 1) * s + k - n, 0)
+        pad += [total // 2, total - total // 2]
+      x = F.pad(x, pad)
+    return super().forward(x)
 
 
 class TimeEmbedding(nn.Module):
@@ -54,8 +79,8 @@ class FiLM(nn.Module):
 class ConvBlock(nn.Module):
   def __init__(self, cin: int, features: int, stride: int = 1, groups: int = 8):
     super().__init__()
-    self.conv = nn.Conv2d(cin, features, 3, stride, 1)
-    self.norm = nn.GroupNorm(_groups(groups, features), features)
+    self.conv = Conv2d(cin, features, 3, stride)
+    self.norm = _group_norm(groups, features)
 
   def forward(self, x):
     return F.silu(self.norm(self.conv(x)))
@@ -79,12 +104,12 @@ class ResBlock(nn.Module):
   def __init__(self, cin: int, features: int, emb_dim: Optional[int] = None, stride: int = 1,
                groups: int = 8):
     super().__init__()
-    self.norm1 = nn.GroupNorm(_groups(groups, cin), cin)
-    self.conv1 = nn.Conv2d(cin, features, 3, stride, 1)
+    self.norm1 = _group_norm(groups, cin)
+    self.conv1 = Conv2d(cin, features, 3, stride)
     self.film = FiLM(emb_dim, features) if emb_dim else None
-    self.norm2 = nn.GroupNorm(_groups(groups, features), features)
+    self.norm2 = _group_norm(groups, features)
     self.conv2 = nn.Conv2d(features, features, 3, 1, 1)
-    self.shortcut = (nn.Conv2d(cin, features, 1, stride) if cin != features or stride != 1
+    self.shortcut = (Conv2d(cin, features, 1, stride) if cin != features or stride != 1
                      else None)
 
   def forward(self, x, emb=None):
@@ -116,7 +141,7 @@ class AttentionBlock(nn.Module):
 
   def __init__(self, dim: int, heads: int = 4, groups: int = 8, kv_dim: Optional[int] = None):
     super().__init__()
-    self.norm = nn.GroupNorm(_groups(groups, dim), dim)
+    self.norm = _group_norm(groups, dim)
     self.attn = Attention(dim, kv_dim or dim, heads)
 
   def forward(self, x, context=None):
@@ -148,7 +173,7 @@ class UNetEncoder(nn.Module):
         self.blocks.append(None)   # marks "append a skip"
         self.skip_channels.append(c)
       if level < len(ch_mult) - 1:
-        self.blocks.append(nn.Conv2d(c, c, 3, 2, 1))
+        self.blocks.append(Conv2d(c, c, 3, 2))
         self.blocks.append(None)
         self.skip_channels.append(c)
 
@@ -179,7 +204,7 @@ class CoupledUNet(nn.Module):
                attn_levels=attn_levels, heads=heads, groups=groups)
     self.enc_x = UNetEncoder(channels, emb_dim=emb, **enc)
     self.enc_y = UNetEncoder(channels, emb_dim=None, **enc)
-    self.enc_l = UNetEncoder(num_classes, emb_dim=None, **enc)
+    self.enc_l = UNetEncoder(num_classes + 1, emb_dim=None, **enc)
     skips = [3 * c for c in self.enc_x.skip_channels]
     mid = width * ch_mult[-1]
     self.mid = nn.ModuleList([ResBlock(skips[-1], mid, emb, groups=groups),
@@ -196,7 +221,7 @@ class CoupledUNet(nn.Module):
       if level > 0:
         self.up.append(nn.Upsample(scale_factor=2, mode="nearest"))
         self.up.append(nn.Conv2d(c, c, 3, 1, 1))
-    self.out_norm = nn.GroupNorm(_groups(groups, c), c)
+    self.out_norm = _group_norm(groups, c)
     self.out_conv = nn.Conv2d(c, channels, 3, 1, 1)
 
   def forward(self, x_t, t, y, logits):
@@ -204,6 +229,7 @@ class CoupledUNet(nn.Module):
     factor = 2 ** (len(self.ch_mult) - 1)
     pad = (0, -width % factor, 0, -height % factor)
     x_t, y = F.pad(x_t, pad), F.pad(y, pad)
+    logits = torch.cat([logits, torch.ones_like(logits[:, :1])], 1)   # + a ones channel
     logit_map = logits[:, :, None, None].expand(-1, -1, *x_t.shape[2:])
     emb = self.time(t)
     skips = [torch.cat(s, 1) for s in zip(self.enc_x(x_t, emb), self.enc_y(y), self.enc_l(logit_map))]
@@ -222,9 +248,10 @@ class CoupledUNet(nn.Module):
 class LogitBlock(nn.Module):
   def __init__(self, hidden: int, ctx_dim: int, heads: int, groups: int):
     super().__init__()
-    self.ln = nn.LayerNorm(hidden)
-    self.d1, self.d2 = nn.Linear(hidden, hidden), nn.Linear(hidden, hidden)
+    self.ln = nn.LayerNorm(hidden, eps=1e-6)
+    self.d1 = nn.Linear(hidden, hidden)
     self.film = FiLM(hidden, hidden)
+    self.d2 = nn.Linear(hidden, hidden)
     self.attn = AttentionBlock(hidden, heads, groups, kv_dim=ctx_dim)
 
   def forward(self, h, emb, context):
@@ -244,7 +271,7 @@ class LogitNet(nn.Module):
     self.inp = nn.Linear(2 * num_classes, hidden)
     self.blocks = nn.ModuleList([LogitBlock(hidden, self.enc.out_channels, heads, groups)
                                  for _ in range(depth)])
-    self.ln, self.out = nn.LayerNorm(hidden), nn.Linear(hidden, num_classes)
+    self.ln, self.out = nn.LayerNorm(hidden, eps=1e-6), nn.Linear(hidden, num_classes)
 
   def forward(self, l_t, t, cond_logits, cond_signal):
     emb = self.time(t)
@@ -344,6 +371,30 @@ def count_flops(fn, *args) -> int:
   with FlopCounterMode(display=False) as counter, torch.no_grad():
     fn(*args)
   return counter.get_total_flops()
+
+
+def load_flax_params(module: nn.Module, leaves: Sequence[np.ndarray]) -> nn.Module:
+  """Copies flax arrays into `module`'s parameters, matched by position with `named_parameters()`
+  (the modules here register them in the order flax creates its own): conv kernels
+  [kh, kw, in, out] -> [out, in, kh, kw], dense kernels [in..., out...] -> [out, in], the rest
+  reshaped (attention biases [heads, head_dim] -> [dim]). Returns `module`."""
+  named = list(module.named_parameters())
+  if len(named) != len(leaves):
+    raise ValueError(f"{type(module).__name__}: {len(named)} torch parameters, {len(leaves)} flax "
+                     "arrays; the modules no longer mirror each other.")
+  with torch.no_grad():
+    for (name, p), a in zip(named, leaves):
+      a = np.array(a, np.float32)
+      if a.ndim == 4:
+        a = a.transpose(3, 2, 0, 1)
+      elif p.ndim == 2 and a.size == p.numel():
+        a = a.reshape(-1, p.shape[0]).T
+      if a.size != p.numel() or (a.ndim == p.ndim and a.shape != tuple(p.shape)):
+        raise ValueError(f"{type(module).__name__}.{name}: torch shape {tuple(p.shape)}, flax "
+                         f"array {a.shape} at the same position; the modules no longer mirror "
+                         "each other.")
+      p.copy_(torch.from_numpy(np.ascontiguousarray(a)).reshape(p.shape))
+  return module
 
 
 def count_params(module: nn.Module) -> int:

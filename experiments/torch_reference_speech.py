@@ -4,8 +4,9 @@ Not part of the library.
 
 The modules mirror `cdjax.nets.speech` layer for layer (NCSN++ with FIR resampling, logit
 conditioning at the bottleneck and FiLM latent integration; the ResUNet enhancer; the log-mel
-classifier; the speech logit net), so the FLOPs and parameter counts per call match; weights are
-random (NCSN++'s zero-initialised layers too), not the JAX ones. Layout is NCHW with frequency as
+classifier; the speech logit net), so the FLOPs and parameter counts per call match, and with
+cdjax's weights (`torch_reference.load_flax_params`) the outputs too (`check_torch_reference.py`);
+the benchmarks time them with random weights (NCSN++'s zero-initialised layers too). Layout is NCHW with frequency as
 the height; complex spectrograms are complex64 [B, F, T]. FIR resampling is SGMSE+'s
 `upfirdn2d_native` (zero insertion, padding, a depthwise conv2d, subsampling). The sampler is the
 official-code style: a Python `for` loop over the OUVE steps, per step the signal step (annealed
@@ -26,7 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from cdjax import audio
-from torch_reference import CNNClassifier, LogitNet, ResBlock, _groups, standardize_logits
+from torch_reference import CNNClassifier, LogitNet, ResBlock, _group_norm, standardize_logits
 
 
 def _gn(channels: int) -> nn.GroupNorm:
@@ -190,8 +191,9 @@ class NCSNpp(nn.Module):
     attn = lambda c, i: NCSNAttention(c) if freq_bins // 2**i in attn_resolutions else nn.Identity()
     block = lambda cin, out, resample="none": NCSNResBlock(cin, out, temb, resample, fir_kernel)
 
-    self.register_buffer("fourier_w", fourier_scale * torch.randn(
-        nf, generator=torch.Generator().manual_seed(fourier_seed)))
+    import jax   # cdjax's Gaussian Fourier weights, drawn by JAX's generator
+    self.register_buffer("fourier_w", fourier_scale * torch.from_numpy(np.array(
+        jax.random.normal(jax.random.key(fourier_seed), (nf,)))))
     self.temb = nn.Sequential(nn.Linear(2 * nf, temb), nn.SiLU(), nn.Linear(temb, temb))
     self.conv_in = nn.Conv2d(4, nf, 3, 1, 1)
     self.down, self.fir_down, c, skips = nn.ModuleList(), FIR(fir_kernel, False), nf, [nf]
@@ -289,7 +291,7 @@ class ResUNetEnhancer(nn.Module):
         level.append(ResBlock(c, widths[i], groups=groups))
         c = widths[i]
       self.dec.append(level)
-    self.out_norm = nn.GroupNorm(_groups(groups, c), c)
+    self.out_norm = _group_norm(groups, c)
     self.conv_out = nn.Conv2d(c, 2, 3, 1, 1)
 
   def forward(self, y):
