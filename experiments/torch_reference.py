@@ -4,11 +4,11 @@ benchmarks of issue 8 (`bench_sampler.py`, `bench_train.py`). Not part of the li
 The modules mirror `cdjax.nets` layer for layer (same convolutions with flax's "SAME" padding,
 GroupNorm/LayerNorm with flax's eps, FiLM, attention projections, skips), and register their
 parameters in the order flax creates them: `load_flax_params` copies cdjax's weights in, and
-`check_torch_reference.py` checks that both compute the same outputs. The benchmarks time them
-with random weights (throughput does not depend on them). Layout is NCHW, as a PyTorch user would write it. The sampler is the official
-coupled-diffusion style: a Python `for` loop over DDPM steps, per step the logit step
-(posterior mean of q(l_s | l_t, l0_hat), re-standardised l0_hat) and then the ancestral signal
-step conditioned on the l0_hat just computed.
+`check_torch_reference.py` checks that both compute the same outputs. The benchmarks time them with
+random weights (throughput does not depend on them). Layout is NCHW, as a PyTorch user would write
+it. The sampler is the official coupled-diffusion style: a Python `for` loop over DDPM steps, per
+step the logit step (posterior mean of q(l_s | l_t, l0_hat), re-standardised l0_hat) and then the
+ancestral signal step conditioned on the l0_hat just computed.
 
 Needs the `bench` extra: `pip install torch==2.13.0`.
 """

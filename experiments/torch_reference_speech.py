@@ -6,13 +6,13 @@ The modules mirror `cdjax.nets.speech` layer for layer (NCSN++ with FIR resampli
 conditioning at the bottleneck and FiLM latent integration; the ResUNet enhancer; the log-mel
 classifier; the speech logit net), so the FLOPs and parameter counts per call match, and with
 cdjax's weights (`torch_reference.load_flax_params`) the outputs too (`check_torch_reference.py`);
-the benchmarks time them with random weights (NCSN++'s zero-initialised layers too). Layout is NCHW with frequency as
-the height; complex spectrograms are complex64 [B, F, T]. FIR resampling is SGMSE+'s
-`upfirdn2d_native` (zero insertion, padding, a depthwise conv2d, subsampling). The sampler is the
-official-code style: a Python `for` loop over the OUVE steps, per step the signal step (annealed
-Langevin corrector + reverse-diffusion predictor, two score-net calls, conditioned on the previous
-l0_hat) and then the logit step (reverse diffusion on the logit OUVE, conditioned on y and f(y)
-before the switch, on the signal's new x0_hat and f(x0_hat) after it). Shared pieces come from
+the benchmarks time them with random weights (NCSN++'s zero-initialised layers too). Layout is NCHW
+with frequency as the height; complex spectrograms are complex64 [B, F, T]. FIR resampling is
+SGMSE+'s `upfirdn2d_native` (zero insertion, padding, a depthwise conv2d, subsampling). The sampler
+is the official-code style: a Python `for` loop over the OUVE steps, per step the signal step
+(annealed Langevin corrector + reverse-diffusion predictor, two score-net calls, conditioned on the
+previous l0_hat) and then the logit step (reverse diffusion on the logit OUVE, conditioned on y and
+f(y) before the switch, on the signal's new x0_hat and f(x0_hat) after it). Shared pieces come from
 `torch_reference.py`.
 
 Needs the `bench` extra: `pip install torch==2.13.0`. `bench_sampler.py` records its FLOPs per
