@@ -154,25 +154,30 @@ def jax_flops_per_call(config, params, classifier, b: int) -> dict:
   return out
 
 
+def torch_networks(config) -> dict:
+  """{network name (as in `_network_inputs`): the PyTorch reference's module, random weights}."""
+  if is_speech(config):
+    import torch_reference_speech as trs
+    return dict(zip(("signal", "enhancer", "logits", "classifier"), trs.build(config)))
+  import torch_reference as tr
+  return dict(zip(("signal", "logits", "classifier"), tr.build(config)))
+
+
 def torch_flops_per_call(config, b: int) -> dict:
   import torch
   import torch_reference as tr
+  nets = torch_networks(config)
+  l = torch.zeros(b, config.data.num_classes)
   if is_speech(config):
-    import torch_reference_speech as trs
-    score, enhancer, logit_net, classifier = trs.build(config)
     x = torch.zeros((b,) + signal_shape(config), dtype=torch.complex64)
-    l, t = torch.zeros(b, config.data.num_classes), torch.full((b,), 0.5)
-    latent = enhancer(x)[1]
-    return {"signal": float(tr.count_flops(score, x, t, x, l, latent)),
-            "logits": float(tr.count_flops(logit_net, l, t, l, x)),
-            "classifier": float(tr.count_flops(classifier, x)),
-            "enhancer": float(tr.count_flops(enhancer, x))}
-  unet, logit_net, classifier = tr.build(config)
-  x = torch.zeros((b, config.data.shape[-1]) + tuple(config.data.shape[:2]))
-  l, t = torch.zeros(b, config.data.num_classes), torch.zeros(b)
-  return {"signal": float(tr.count_flops(unet, x, t, x, l)),
-          "logits": float(tr.count_flops(logit_net, l, t, l, x)),
-          "classifier": float(tr.count_flops(classifier, x))}
+    t = torch.full((b,), 0.5)
+    args = {"signal": (x, t, x, l, nets["enhancer"](x)[1]), "enhancer": (x,)}
+  else:
+    x = torch.zeros((b, config.data.shape[-1]) + tuple(config.data.shape[:2]))
+    t = torch.zeros(b)
+    args = {"signal": (x, t, x, l)}
+  args.update(logits=(l, t, l, x), classifier=(x,))
+  return {name: float(tr.count_flops(net, *args[name])) for name, net in nets.items()}
 
 
 def signal_calls_per_step(config) -> int:

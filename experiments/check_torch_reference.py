@@ -23,7 +23,6 @@ from absl import flags  # noqa: E402
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 import torch_reference as tr  # noqa: E402
-import torch_reference_speech as trs  # noqa: E402
 
 _BATCH = flags.DEFINE_integer("check_batch", 2, "Batch of the inputs.")
 _TOLERANCE = flags.DEFINE_float("tolerance", 1e-4, "Largest allowed max |jax - torch| over "
@@ -64,14 +63,11 @@ def to_torch_layout(a) -> np.ndarray:
 def check(config, section: str) -> list[dict]:
   """One entry per network: max |jax - torch| over its outputs, baseline max |jax|."""
   torch, _ = bc.setup_torch()
-  if bs.is_speech(config):
-    modules = dict(zip(("signal", "enhancer", "logits", "classifier"), trs.build(config)))
-  else:
-    modules = dict(zip(("signal", "logits", "classifier"), tr.build(config)))
+  modules = bs.torch_networks(config)
   params, classifier = bs.init_params(config)
   weights = bs.params_by_network(params, classifier)
   inputs = random_inputs(config, jax.random.PRNGKey(3), _BATCH.value)
-  entries = []
+  prefix, entries = "speech_" if bs.is_speech(config) else "", []
   for name, module in modules.items():
     net = bs._net(config, name)
     template = net.init(jax.random.PRNGKey(0), *inputs[name])["params"]   # creation order
@@ -82,7 +78,6 @@ def check(config, section: str) -> list[dict]:
     theirs = [t.numpy() for t in (theirs if isinstance(theirs, tuple) else (theirs,))]
     diff = max(float(np.max(np.abs(to_torch_layout(a) - t))) for a, t in zip(ours, theirs))
     scale = max(float(np.max(np.abs(a))) for a in ours)
-    prefix = "speech_" if bs.is_speech(config) else ""
     entries.append(bc.entry(f"{prefix}reference_max_abs_diff_{name}", diff, "abs", scale,
                             section=section))
     print(f"{name}: max |jax - torch| {diff:.3g}, max |jax| {scale:.3g}")

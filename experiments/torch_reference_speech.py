@@ -21,6 +21,7 @@ call next to XLA's for the JAX networks.
 import math
 from typing import Optional, Sequence
 
+import jax
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -191,7 +192,7 @@ class NCSNpp(nn.Module):
     attn = lambda c, i: NCSNAttention(c) if freq_bins // 2**i in attn_resolutions else nn.Identity()
     block = lambda cin, out, resample="none": NCSNResBlock(cin, out, temb, resample, fir_kernel)
 
-    import jax   # cdjax's Gaussian Fourier weights, drawn by JAX's generator
+    # cdjax's Gaussian Fourier weights, drawn by JAX's generator
     self.register_buffer("fourier_w", fourier_scale * torch.from_numpy(np.array(
         jax.random.normal(jax.random.key(fourier_seed), (nf,)))))
     self.temb = nn.Sequential(nn.Linear(2 * nf, temb), nn.SiLU(), nn.Linear(temb, temb))
