@@ -154,11 +154,12 @@ def jax_flops_per_call(config, params, classifier, b: int) -> dict:
   return out
 
 
-def torch_networks(config) -> dict:
-  """{network name (as in `_network_inputs`): the PyTorch reference's module, random weights}."""
+def torch_networks(config, fir_sums: bool = False) -> dict:
+  """{network name (as in `_network_inputs`): the PyTorch reference's module, random weights};
+  `fir_sums` (speech): NCSN++'s FIR as shifted sums instead of SGMSE+'s `upfirdn2d_native`."""
   if is_speech(config):
     import torch_reference_speech as trs
-    return dict(zip(("signal", "enhancer", "logits", "classifier"), trs.build(config)))
+    return dict(zip(("signal", "enhancer", "logits", "classifier"), trs.build(config, fir_sums)))
   import torch_reference as tr
   return dict(zip(("signal", "logits", "classifier"), tr.build(config)))
 
@@ -252,21 +253,27 @@ def make_step_loop(config, params, classifier, y):
   return run, sorted({0, min(switch, len(steps) - 1)})   # the steps that compile every version
 
 
-def torch_sampler(config, y, fir_sums: bool = False):
-  """fn() running the PyTorch eager reference's Parallel trajectory on y (in its layout);
-  `fir_sums` (speech): NCSN++'s FIR as shifted sums instead of SGMSE+'s `upfirdn2d_native`."""
-  torch, device = bc.setup_torch()
-  yt = torch.from_numpy(np.array(y)).to(device)
+def torch_parallel_sampler(config, modules: dict):
+  """The PyTorch reference's Parallel sampler over `modules` (as `torch_networks` returns them):
+  `sampler(y in torch's layout) -> (x0, logits, f(x0))`."""
   if is_speech(config):
     import torch_reference_speech as trs
-    sampler = trs.ParallelSampler(*[m.to(device) for m in trs.build(config, fir_sums)], config)
-  else:
-    import torch_reference as tr
-    sampler = tr.ParallelSampler(*[m.to(device) for m in tr.build(config)],
-                                 n=config.signal.sde_kwargs.N,
-                                 switch_t=config.sampling.switch_t,
-                                 logits_std=config.logits.standardize_std)
+    return trs.ParallelSampler(*modules.values(), config)
+  import torch_reference as tr
+  return tr.ParallelSampler(*modules.values(), n=config.signal.sde_kwargs.N,
+                            switch_t=config.sampling.switch_t,
+                            logits_std=config.logits.standardize_std)
+
+
+def torch_sampler(config, y, fir_sums: bool = False):
+  """fn() running the PyTorch eager reference's Parallel trajectory on y (in its layout), random
+  weights; `fir_sums`: as in `torch_networks`."""
+  torch, device = bc.setup_torch()
+  modules = {k: m.to(device) for k, m in torch_networks(config, fir_sums).items()}
+  yt = torch.from_numpy(np.array(y)).to(device)
+  if not is_speech(config):
     yt = yt.permute(0, 3, 1, 2).contiguous()
+  sampler = torch_parallel_sampler(config, modules)
   return bc.torch_blocking(lambda: sampler(yt))
 
 

@@ -301,6 +301,12 @@ def cosine_alphas_cumprod(n: int, s: float = 0.008, max_beta: float = 0.999) -> 
   return torch.tensor(np.cumprod(1.0 - betas), dtype=torch.float32)
 
 
+def randn_like(x):
+  """N(0, 1) noise shaped like x (complex: E|z|^2 = 1): every draw of both reference samplers, so
+  `check_torch_reference.py` can replace it, as it replaces cdjax's `sde.normal`."""
+  return torch.randn_like(x)
+
+
 def standardize_logits(logits, std: float = 0.8):
   centred = logits - logits.mean(-1, keepdim=True)
   return std * centred / (centred.std(-1, keepdim=True, unbiased=False) + 1e-6)
@@ -331,12 +337,12 @@ class ParallelSampler:
     return standardize_logits(self.classifier(x), self.std)
 
   @torch.no_grad()
-  def __call__(self, y, generator=None):
+  def __call__(self, y):
     b, k = y.shape[0], self.logit_net.out.out_features
     abar = self.abar.to(y.device)
     std_T = (1 - abar[-1]).sqrt()
-    x = std_T * torch.randn(y.shape, generator=generator, device=y.device)
-    l = std_T * torch.randn((b, k), generator=generator, device=y.device)
+    x = std_T * randn_like(y)
+    l = std_T * randn_like(y.new_empty(b, k))
     x0_hat = y
     for i in range(self.n):
       t = self.n - 1 - i
@@ -352,7 +358,7 @@ class ParallelSampler:
       eps = self.unet(x, t_b, y, l0_hat)
       x0_hat = ((x - std_t * eps) / a_t).clamp(-1, 1)
       x_mean, sigma = _posterior(abar, t, x, x0_hat, 1.0)
-      x = x_mean + sigma * torch.randn(x.shape, generator=generator, device=y.device)
+      x = x_mean + sigma * randn_like(x)
     return x_mean, l, self.classifier(x_mean)
 
 

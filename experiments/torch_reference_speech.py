@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from cdjax import audio
+import torch_reference as tr
 from torch_reference import CNNClassifier, LogitNet, ResBlock, _group_norm, standardize_logits
 
 
@@ -411,7 +412,7 @@ class OUVE:
     dt = t - t_next
     g = self.smin * (self.smax / self.smin) ** t * math.sqrt(2 * self.L * dt)
     x_mean = x - (self.theta * (y - x) * dt - g**2 * score)
-    return x_mean + g * torch.randn_like(x), x_mean
+    return x_mean + g * tr.randn_like(x), x_mean
 
 
 class ParallelSampler:
@@ -440,7 +441,7 @@ class ParallelSampler:
     score_fn = lambda x: sde.score(self.score_net(x, t_b, y, l0_hat, latent), t, self.signal_param)
     eps = 2 * (self.snr * sde.coeffs(t)[1]) ** 2
     for _ in range(self.n_corrector):
-      x = x + eps * score_fn(x) + math.sqrt(2 * eps) * torch.randn_like(x)
+      x = x + eps * score_fn(x) + math.sqrt(2 * eps) * tr.randn_like(x)
     score = score_fn(x)
     return (*sde.reverse_diffusion(x, t, t_next, score, y), sde.x0(x, score, t, y))
 
@@ -459,8 +460,8 @@ class ParallelSampler:
     latent = self.enhancer(y)[1]
     f_y = self.class_logits(y)
     ts_x, ts_l = self.signal_sde.timesteps, self.logits_sde.timesteps
-    x = y + self.signal_sde.coeffs(ts_x[0])[1] * torch.randn_like(y)
-    l = f_y + self.logits_sde.coeffs(ts_l[0])[1] * torch.randn_like(f_y)
+    x = y + self.signal_sde.coeffs(ts_x[0])[1] * tr.randn_like(y)
+    l = f_y + self.logits_sde.coeffs(ts_l[0])[1] * tr.randn_like(f_y)
     l0_hat = f_y
     for i in range(self.signal_sde.N):
       x, x_mean, x0_hat = self.signal_step(x, ts_x[i], ts_x[i + 1], y, latent, l0_hat)
