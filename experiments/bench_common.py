@@ -71,7 +71,11 @@ def setup_torch():
   CUDA where JAX runs on a GPU (and torch sees one), else the CPU; on CUDA, TF32 off for matmuls
   and cuDNN convolutions. Returns (torch, device); the caller puts modules and tensors there
   (not `torch.set_default_device`: its function mode slows every eager op, 2x at batch 1)."""
-  import torch
+  try:
+    import torch
+  except ImportError as e:
+    raise ImportError("The PyTorch reference needs the bench extra: .venv/bin/python -m pip install "
+                      "-e '.[bench]' (bench_sampler.py without it: --paths=scan,loop).") from e
   torch.set_num_threads(THREADS)
   torch.manual_seed(0)
   device = "cuda" if backend() == "gpu" and torch.cuda.is_available() else "cpu"

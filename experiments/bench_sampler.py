@@ -165,7 +165,7 @@ def torch_networks(config, fir_sums: bool = False) -> dict:
 
 
 def torch_flops_per_call(config, b: int) -> dict:
-  import torch
+  torch, _ = bc.setup_torch()
   import torch_reference as tr
   nets = torch_networks(config)
   l = torch.zeros(b, config.data.num_classes)

@@ -150,8 +150,8 @@ def torch_runner(config, b: int, steps: int):
   """fn() running `steps` steps of the same signal-branch step in PyTorch eager (gn_replace
   corruption, DDPM eps loss with zero logits, global-norm clip, adam, EMA) and returning the
   last loss; two warm-up steps are run here."""
-  import torch_reference as tr
   torch, device = bc.setup_torch()
+  import torch_reference as tr
   c = config.signal
   net = tr.CoupledUNet(config.data.shape[-1], **dict(c.net_kwargs)).train().to(device)
   ema = [p.detach().clone() for p in net.parameters()]

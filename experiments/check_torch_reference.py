@@ -27,7 +27,8 @@ from absl import flags  # noqa: E402
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
-import torch  # noqa: E402
+
+torch, _ = bc.setup_torch()   # the bench extra (a clear error without it); threads, seed
 import torch_reference as tr  # noqa: E402
 
 from cdjax import coupled  # noqa: E402
@@ -155,7 +156,6 @@ def check_trajectory(config, section: str, modules: dict, params, classifier) ->
 def main(_):
   config = bs._CONFIG.value
   section = bc.section("reference_speech" if bs.is_speech(config) else "reference")
-  bc.setup_torch()   # threads, seed
   modules, weights, params, classifier = load_reference(config)
   networks = check_networks(config, section, modules, weights)
   trajectory = check_trajectory(config, section, modules, params, classifier)
