@@ -6,7 +6,7 @@ Writes experiments/results/fashion_mnist.{json,md,png}. Paper setup: 150-step co
 signal step ancestral, logit step posterior mean (Parallel); deterministic for Alternating/Nested.
 
 `--config configs/fashion_mnist.py:cpu` is the same table at the scale a 2-core CPU finishes in
-about an hour and a half: the demo's network sizes, 25 DDPM steps, a 1,000-step joint stage,
+about an hour: the demo's network sizes, 25 DDPM steps, a 1,000-step joint stage,
 the first 600 test images. Everything else (corruptions, methods, ablations, samplers) is unchanged.
 """
 from configs import default
