@@ -318,10 +318,10 @@ def _write_figure(data: dict) -> bool:
     batches = sorted({b for r in paths.values() for b in r})
     width = 0.8 / len(paths)
     for j, (path, ratios) in enumerate(sorted(paths.items())):
-      xs = [i + (j - (len(paths) - 1) / 2) * width for i, b in enumerate(batches) if b in ratios]
-      ys = [ratios[b] for b in batches if b in ratios]
-      ax.bar(xs, ys, width, label=f"vs {path.replace('_', ' ')}")
-      for x, b in zip(xs, (b for b in batches if b in ratios)):
+      present = [(i, b) for i, b in enumerate(batches) if b in ratios]
+      xs = [i + (j - (len(paths) - 1) / 2) * width for i, _ in present]
+      ax.bar(xs, [ratios[b] for _, b in present], width, label=f"vs {path.replace('_', ' ')}")
+      for x, (_, b) in zip(xs, present):
         if (path, b) in TARGETS:
           ax.hlines(TARGETS[path, b], x - width / 2, x + width / 2, colors="k", linewidth=2)
     ax.axhline(1.0, color="grey", linestyle="--", linewidth=0.8)

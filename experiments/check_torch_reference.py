@@ -74,9 +74,10 @@ def to_torch_layout(a) -> np.ndarray:
   return np.ascontiguousarray(a.transpose(0, 3, 1, 2)) if a.ndim == 4 and a.dtype.kind == "f" else a
 
 
-def relative_entry(name: str, section: str, ours, theirs) -> dict:
-  """bench.json entry: max |jax - torch| over the outputs (JAX arrays, torch's numpy arrays),
-  baseline max |jax|."""
+def relative_entry(config, what: str, section: str, ours, theirs) -> dict:
+  """bench.json entry `[speech_]reference_max_abs_diff_<what>`: max |jax - torch| over the outputs
+  (JAX arrays, torch's numpy arrays), baseline max |jax|."""
+  name = f"{'speech_' if bs.is_speech(config) else ''}reference_max_abs_diff_{what}"
   diff = max(float(np.max(np.abs(to_torch_layout(a) - t))) for a, t in zip(ours, theirs))
   scale = max(float(np.max(np.abs(a))) for a in ours)
   print(f"{name}: max |jax - torch| {diff:.3g}, max |jax| {scale:.3g}")
@@ -84,28 +85,28 @@ def relative_entry(name: str, section: str, ours, theirs) -> dict:
 
 
 def load_reference(config) -> tuple:
-  """(torch modules with the benchmark's JAX weights, {network: its JAX weights}, params,
-  classifier) (`bs.init_params`' random weights)."""
+  """(torch modules with the benchmark's JAX weights, params, classifier): `bs.init_params`'
+  random weights."""
   modules = bs.torch_networks(config)
   params, classifier = bs.init_params(config)
   weights = bs.params_by_network(params, classifier)
-  inputs = random_inputs(config, jax.random.PRNGKey(3), 1)
-  for name, module in modules.items():
-    template = bs._net(config, name).init(jax.random.PRNGKey(0), *inputs[name])["params"]
-    tr.load_flax_params(module, torch_order(same_order(template, weights[name])))   # creation order
-  return modules, weights, params, classifier
+  for name, args in bs._network_inputs(config, 1).items():
+    template = bs._net(config, name).init(jax.random.PRNGKey(0), *args)["params"]   # creation order
+    tr.load_flax_params(modules[name], torch_order(same_order(template, weights[name])))
+  return modules, params, classifier
 
 
-def check_networks(config, section: str, modules: dict, weights: dict) -> list[dict]:
+def check_networks(config, section: str, modules: dict, params, classifier) -> list[dict]:
   """One entry per network, called once on the same random inputs in both frameworks."""
+  weights = bs.params_by_network(params, classifier)
   inputs = random_inputs(config, jax.random.PRNGKey(3), _BATCH.value)
-  prefix, entries = "speech_" if bs.is_speech(config) else "", []
+  entries = []
   for name, module in modules.items():
     ours = jax.tree.leaves(bs._net(config, name).apply({"params": weights[name]}, *inputs[name]))
     with torch.no_grad():
       theirs = module(*(torch.from_numpy(to_torch_layout(a)) for a in inputs[name]))
     theirs = [t.numpy() for t in (theirs if isinstance(theirs, tuple) else (theirs,))]
-    entries.append(relative_entry(f"{prefix}reference_max_abs_diff_{name}", section, ours, theirs))
+    entries.append(relative_entry(config, name, section, ours, theirs))
   return entries
 
 
@@ -146,18 +147,15 @@ def check_trajectory(config, section: str, modules: dict, params, classifier) ->
     ours = fn(params, classifier, jax.random.PRNGKey(1), y)[:3]
   with mock.patch.object(tr, "randn_like", torch_fixed_noise), torch.no_grad():
     theirs = bs.torch_parallel_sampler(config, modules)(torch.from_numpy(to_torch_layout(y)))
-  prefix, entries = "speech_" if bs.is_speech(config) else "", []
-  for name, a, t in zip(("x0", "logits", "classifier_logits"), ours, theirs):
-    entries.append(relative_entry(f"{prefix}reference_max_abs_diff_parallel_{name}", section,
-                                  [a], [t.numpy()]))
-  return entries
+  return [relative_entry(config, f"parallel_{name}", section, [a], [t.numpy()])
+          for name, a, t in zip(("x0", "logits", "classifier_logits"), ours, theirs)]
 
 
 def main(_):
   config = bs._CONFIG.value
   section = bc.section("reference_speech" if bs.is_speech(config) else "reference")
-  modules, weights, params, classifier = load_reference(config)
-  networks = check_networks(config, section, modules, weights)
+  modules, params, classifier = load_reference(config)
+  networks = check_networks(config, section, modules, params, classifier)
   trajectory = check_trajectory(config, section, modules, params, classifier)
   notes = [f"the benchmark's random JAX weights copied into the torch modules; each network "
            f"called once at batch {_BATCH.value} on the same random inputs; value = max |jax - "
