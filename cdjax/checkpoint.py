@@ -146,23 +146,27 @@ def restore_params(directory: str, step: Optional[int] = None, ema: bool = True,
 
   With `classifier_sha256`, raises `CheckpointError` unless the model was trained against that
   frozen classifier."""
-  manager = ocp.CheckpointManager(os.path.abspath(directory), item_names=("state", "data", "meta"),
-                                  options=ocp.CheckpointManagerOptions(read_only=True))
-  step = manager.latest_step() if step is None else step
-  if step is None:
-    raise CheckpointError(f"No checkpoint in {directory}.")
-  path = os.path.join(os.path.abspath(directory), str(step))
   name = "ema_params" if ema else "params"
   here = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+  # create=False: it only reads, as read_only=True would without logging three warnings per load
+  manager = ocp.CheckpointManager(os.path.abspath(directory), item_names=("state", "data", "meta"),
+                                  options=ocp.CheckpointManagerOptions(create=False))
   try:
-    wanted = {name: jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=here),
-                                 _saved_state(path)[name])}
-    out = manager.restore(step, args=ocp.args.Composite(
-        state=ocp.args.PyTreeRestore(wanted, ocp.checkpoint_utils.construct_restore_args(wanted),
-                                     partial_restore=True),
-        meta=ocp.args.JsonRestore()))
-  except Exception as e:
-    raise CheckpointError(f"Checkpoint {path} is unreadable ({type(e).__name__}: {e}).") from e
+    step = manager.latest_step() if step is None else step
+    if step is None:
+      raise CheckpointError(f"No checkpoint in {directory}.")
+    path = os.path.join(os.path.abspath(directory), str(step))
+    try:
+      wanted = {name: jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=here),
+                                   _saved_state(path)[name])}
+      out = manager.restore(step, args=ocp.args.Composite(
+          state=ocp.args.PyTreeRestore(wanted, ocp.checkpoint_utils.construct_restore_args(wanted),
+                                       partial_restore=True),
+          meta=ocp.args.JsonRestore()))
+    except Exception as e:
+      raise CheckpointError(f"Checkpoint {path} is unreadable ({type(e).__name__}: {e}).") from e
+  finally:
+    manager.close()
   if classifier_sha256 is not None:
     check_classifier(out.meta.get("classifier_sha256"), classifier_sha256, path)
   return out.state[name]
