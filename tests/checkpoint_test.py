@@ -95,7 +95,7 @@ def _files(directory: str) -> list:
                 for root, dirs, files in os.walk(directory) for n in dirs + files)
 
 
-def test_restore_params_checks_classifier_hash(tmp_path, caplog):
+def test_restore_params_only_reads_quietly_and_checks_classifier_hash(tmp_path, caplog):
   ckpt = checkpoint.Checkpointer(str(tmp_path), _ckpt_config())
   state = {"params": {"w": jnp.ones(2)}, "ema_params": {"w": jnp.full(2, 2.0)}}
   ckpt.save(4, state, None, {"classifier_sha256": "a" * 64})
