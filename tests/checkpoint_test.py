@@ -88,22 +88,16 @@ def test_frozen_classifier_provenance_and_hash_checks(tmp_path):
     checkpoint.load_classifier(str(tmp_path / "absent"))
 
 
-def _files(directory: str) -> list:
-  """(path, size, mtime) of everything under `directory`."""
-  return sorted((os.path.join(root, n), os.stat(os.path.join(root, n)).st_size,
-                 os.stat(os.path.join(root, n)).st_mtime_ns)
-                for root, dirs, files in os.walk(directory) for n in dirs + files)
-
-
-def test_restore_params_only_reads_quietly_and_checks_classifier_hash(tmp_path, caplog):
+def test_restore_params_only_reads_quietly_and_checks_classifier_hash(tmp_path, caplog,
+                                                                     files_under):
   ckpt = checkpoint.Checkpointer(str(tmp_path), _ckpt_config())
   state = {"params": {"w": jnp.ones(2)}, "ema_params": {"w": jnp.full(2, 2.0)}}
   ckpt.save(4, state, None, {"classifier_sha256": "a" * 64})
   ckpt.close()
-  saved = _files(str(tmp_path))
+  saved = files_under(str(tmp_path))
   with caplog.at_level("WARNING"):
     ema = checkpoint.restore_params(str(tmp_path), classifier_sha256="a" * 64)
-  assert _files(str(tmp_path)) == saved   # it only reads
+  assert files_under(str(tmp_path)) == saved   # it only reads
   assert not caplog.records, [r.getMessage() for r in caplog.records]   # and quietly
   np.testing.assert_array_equal(ema["w"], [2.0, 2.0])
   raw = checkpoint.restore_params(str(tmp_path), ema=False)   # only that subtree, as jax arrays

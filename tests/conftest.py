@@ -2,6 +2,8 @@ import os
 import shutil
 import tempfile
 
+import pytest
+
 # Every test process sees 8 host CPU devices, so sharding tests run on one CPU.
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 
@@ -51,3 +53,13 @@ def pytest_runtest_setup(item):
   optimized = item.get_closest_marker("optimized") is not None
   jax.config.update("jax_disable_most_optimizations", not optimized)
   os.environ["JAX_DISABLE_MOST_OPTIMIZATIONS"] = "0" if optimized else "1"
+
+
+@pytest.fixture
+def files_under():
+  """A function: directory -> sorted (path, size, mtime_ns) of everything under it; equal
+  before and after a call means the call wrote nothing there."""
+  def stamps(directory: str) -> list:
+    paths = [os.path.join(root, n) for root, dirs, files in os.walk(directory) for n in dirs + files]
+    return sorted((p, os.stat(p).st_size, os.stat(p).st_mtime_ns) for p in paths)
+  return stamps

@@ -27,7 +27,7 @@ def tiny_config():
   return c
 
 
-def test_experiment_trains_every_stage_and_writes_the_report(tmp_path):
+def test_experiment_trains_every_stage_and_writes_the_report(tmp_path, files_under):
   config, workdir, out = tiny_config(), str(tmp_path / "work"), str(tmp_path / "results" / "toy")
   rows = experiment.run(config, workdir, out)
   for stage in ("classifier/classifier", "gn30/signal", "gn30/logits", "gn30/joint"):
@@ -47,10 +47,9 @@ def test_experiment_trains_every_stage_and_writes_the_report(tmp_path):
   assert os.path.getsize(out + ".png") > 1000
 
   # Training again reuses every finished stage: no checkpoint is rewritten.
-  stamps = lambda: sorted((p, os.path.getmtime(p)) for p, _, _ in os.walk(workdir))
-  before = stamps()
+  before = files_under(workdir)
   experiment.train_all(config, workdir)
-  assert stamps() == before
+  assert files_under(workdir) == before
 
 
 def test_stage_config_uses_the_stage_learning_rate():
