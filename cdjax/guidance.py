@@ -3,7 +3,8 @@
 Both terms are added to a branch's score:
 - signal: `s_x * grad_x0 sum_c w_c log softmax(f(x0_hat))_c`, with class weights
   `w = softmax(l0_hat / tau)` from the logit branch (the gradient is taken at the Tweedie
-  estimate x0_hat, not through the score network: the usual cheap approximation);
+  estimate x0_hat, not through the score network: the usual cheap approximation; for complex
+  x0_hat (speech spectrograms) it is d/dRe + i d/dIm, the conjugate of what `jax.grad` returns);
 - logits: `s_l * grad_l0 [-0.5 ||l0_hat - f(x0_hat)||^2] = s_l (f(x0_hat) - l0_hat)`, pulling the
   logit branch toward what the classifier says of the signal branch's estimate.
 """
@@ -18,7 +19,7 @@ def signal_guidance(classify, x0_hat, l0_hat, scale: float, temperature: float):
   def log_likelihood(x):
     return jnp.sum(weights * jax.nn.log_softmax(classify(x), axis=-1))
 
-  return scale * jax.grad(log_likelihood)(x0_hat)
+  return scale * jnp.conj(jax.grad(log_likelihood)(x0_hat))   # conj: a no-op for real x0_hat
 
 
 def logits_guidance(l0_hat, classifier_logits, scale: float):

@@ -204,6 +204,19 @@ def test_signal_guidance_moves_toward_the_believed_class():
   np.testing.assert_allclose(g @ MU, [0.5 * float(W @ MU)], rtol=1e-4)   # at x=0, p=1/2: grad = w/2
 
 
+def test_signal_guidance_ascends_on_complex_signals():
+  """Speech x0_hat is complex: the guidance is d/dRe + i d/dIm of log p(c | x) (jax.grad gives
+  its conjugate), so a small step along it raises log p(c | x) in both parts."""
+  a, b = jnp.array([1.0, -2.0, 0.5]), jnp.array([0.5, 1.5, -1.0])
+  classify = lambda x: jnp.stack([jnp.zeros(x.shape[0]), x.real @ a + x.imag @ b], -1)
+  x0 = jnp.zeros((1, 3), jnp.complex64)
+  g = guidance.signal_guidance(classify, x0, jnp.array([[0.0, 10.0]]), 1.0, 1.0)
+  w1 = jax.nn.softmax(jnp.array([0.0, 10.0]))[1]   # the class weights: grad = (w1 - p1) (a + ib)
+  np.testing.assert_allclose(g[0], (w1 - 0.5) * (a + 1j * b), rtol=1e-5)
+  log_p1 = lambda x: float(jax.nn.log_softmax(classify(x))[0, 1])
+  assert log_p1(x0 + 0.1 * g) > log_p1(x0) + 0.05
+
+
 def test_clear_errors():
   _, y = toy_data(4, jax.random.PRNGKey(0))
   model = make_model(10)
