@@ -213,8 +213,8 @@ def parallel_schedule(model: CoupledModel, cfg):
     raise ValueError(f"Unknown sampling.parallel_order {cfg.parallel_order!r}; "
                      "use 'logits_first' or 'signal_first'.")
   ts_x, ts_l = model.signal_sde.timesteps(), model.logits_sde.timesteps()
-  n = model.signal_sde.N
-  return int(round(n * (1.0 - cfg.switch_t))), (np.arange(n), ts_x[:-1], ts_x[1:], ts_l[:-1], ts_l[1:])
+  switch, _ = model.signal_sde.switch_step(cfg.switch_t)
+  return switch, (np.arange(model.signal_sde.N), ts_x[:-1], ts_x[1:], ts_l[:-1], ts_l[1:])
 
 
 def parallel_start(b: _Branches, key):
@@ -244,7 +244,7 @@ def parallel_step(b: _Branches, k_steps, f_y, before_switch: bool, carry, inputs
     out_x = b.signal_update(k_sig, x, tx, tx_next, l if noisy else out_l.x0_hat, out_l.x0_hat)
   else:
     out_x = b.signal_update(k_sig, x, tx, tx_next, l if noisy else l0_hat, l0_hat)
-    out_l = logits_half(out_x.x, out_x.x0_hat)
+    out_l = logits_half(x, out_x.x0_hat)   # noisy: x_t at this step, as in logits_first
   carry = (out_x.x, out_l.x, out_x.x0_hat, out_l.x0_hat, out_x.x_mean, out_l.x_mean)
   return carry, ((out_x.x0_hat, out_l.x0_hat) if cfg.return_trajectory else None)
 

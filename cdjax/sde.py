@@ -67,6 +67,13 @@ class SDE:
     """Training times, uniform over the SDE's time range."""
     raise NotImplementedError
 
+  def switch_step(self, fraction: float) -> tuple[int, float]:
+    """(i, t_i): the first of the last `fraction` of the N sampling steps, i = round(N (1 -
+    fraction)), and its time on the grid; a training time t is on the same side as the sampler's
+    step at t when compared with `t <= t_i`. The samplers' and joint training's `switch_t`."""
+    i = int(round(self.N * (1.0 - fraction)))
+    return i, float(self.timesteps()[i])
+
   reverts_to_y = False   # True when the marginal mean moves toward the observation y
 
   def prior_mean(self, y=None, shape=None):

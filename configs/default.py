@@ -96,7 +96,7 @@ def get_config() -> ml_collections.ConfigDict:
       strategy="parallel",       # parallel | alternating | nested
       signal_predictor="ancestral", logits_predictor="posterior_mean",
       corrector="none", snr=0.16, n_corrector=1,
-      predictor_kwargs=dict(),   # e.g. eta for ddim, clip_x0 for DDPM
+      predictor_kwargs=dict(),   # signal predictor's extra arguments, e.g. eta for ddim
       parallel_order="logits_first",   # images; speech: signal_first
       initial_logits="zeros",    # round-one logits: zeros (images) | classifier = f(y) (speech)
       rounds=5,                  # alternating K
@@ -104,7 +104,7 @@ def get_config() -> ml_collections.ConfigDict:
       final_signal_run=False,    # nested: one more signal run on the final logits (speech)
       return_trajectory=False,
       nested_steps=(39, 19),     # logit steps where nested re-runs the signal trajectory
-      switch_t=0.5,              # fraction of the trajectory after which logits condition on x0_hat
+      switch_t=0.5,              # parallel: the last fraction of steps whose logit step sees x0_hat
       cond_source="clean",       # clean (x0_hat) | noisy (x_t): the paper's ablation
       guidance=dict(signal_scale=0.0, logits_scale=0.0, temperature=1.0),
       num_samples=1,             # per item; majority vote over final logits

@@ -237,6 +237,20 @@ def test_parallel_trajectory_spans_both_sides_of_the_switch():
   np.testing.assert_allclose(x0_traj[-1], out.x0, rtol=1e-5, atol=1e-6)   # last step lands on x0_hat
 
 
+def test_noisy_conditioning_is_the_same_in_either_order():
+  """cond_source='noisy': each branch sees the other's state x_t / l_t at the current step, so
+  with no guidance the two orders compute the same trajectory; with 'clean' they differ."""
+  _, y = toy_data(8, jax.random.PRNGKey(8))
+  model = make_model(10)
+  out = {(src, order): run(model, sampling_config(strategy="parallel", switch_t=0.3, cond_source=src,
+                                                  parallel_order=order), y, key=3)
+         for src in ("noisy", "clean") for order in ("logits_first", "signal_first")}
+  for field in ("x0", "logits"):
+    np.testing.assert_array_equal(getattr(out["noisy", "logits_first"], field),
+                                  getattr(out["noisy", "signal_first"], field))
+  assert np.abs(np.asarray(out["clean", "logits_first"].x0 - out["clean", "signal_first"].x0)).max() > 1e-3
+
+
 @pytest.mark.parametrize("order", ["logits_first", "signal_first"])
 def test_parallel_steps_from_a_python_loop_equal_the_scan(order):
   """`parallel_schedule` / `parallel_start` / `parallel_step` called step by step (the benchmark's
