@@ -85,10 +85,11 @@ def _langevin(step_size_fn, sde, key, x, t, y, score_fn, snr, n_steps):
 
 @CORRECTORS.register("langevin")
 def langevin(sde, key, x, t, y, score_fn, snr, n_steps):
-  """score_sde's Langevin corrector: eps = 2 (snr ||z|| / ||score||)^2, norms per example."""
+  """score_sde's Langevin corrector: eps = 2 alpha_t (snr ||z|| / ||score||)^2, norms per
+  example, alpha_t = `sde.langevin_alpha(t)` (DDPM: 1 - beta_t, else 1)."""
   def step_size(x, score):
     norm = lambda v: jnp.sqrt(jnp.sum(jnp.abs(v.reshape(v.shape[0], -1)) ** 2, axis=-1))
-    return 2 * (snr * jnp.sqrt(x[0].size) / norm(score)) ** 2
+    return 2 * sde.langevin_alpha(t) * (snr * jnp.sqrt(x[0].size) / norm(score)) ** 2
   return _langevin(step_size, sde, key, x, t, y, score_fn, snr, n_steps)
 
 

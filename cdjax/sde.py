@@ -74,6 +74,10 @@ class SDE:
     i = int(round(self.N * (1.0 - fraction)))
     return i, float(self.timesteps()[i])
 
+  def langevin_alpha(self, t):
+    """score_sde's factor of the Langevin corrector's step size, shaped like `t`: 1 here."""
+    return jnp.ones_like(jnp.asarray(t, jnp.float32))
+
   reverts_to_y = False   # True when the marginal mean moves toward the observation y
 
   def prior_mean(self, y=None, shape=None):
@@ -199,6 +203,10 @@ class VPDiscrete(SDE):
 
   def _index(self, t):
     return jnp.clip(jnp.asarray(t).astype(jnp.int32), 0, self.N - 1)
+
+  def langevin_alpha(self, t):
+    """1 - beta_t (score_sde's VP factor of the Langevin step size)."""
+    return 1.0 - self.betas[self._index(t)]
 
   def coeffs(self, t):
     t = jnp.asarray(t, jnp.float32)

@@ -135,3 +135,17 @@ def test_unknown_predictor_and_corrector():
     sampling.get_step_fn(sde, "heun")
   with pytest.raises(KeyError, match="Known: annealed_langevin, langevin, none"):
     sampling.get_step_fn(sde, "ddim", "ald")
+
+
+@pytest.mark.parametrize("sde_name,alpha", [("vp_discrete", lambda sde, t: 1 - float(sde.betas[t])),
+                                            ("ouve", lambda sde, t: 1.0)])
+def test_langevin_step_size_is_score_sdes(sde_name, alpha):
+  """eps = 2 alpha_t (snr ||z|| / ||score||)^2 with score_sde's alpha_t: 1 - beta_t for DDPM (at
+  the cosine schedule's last step 0.001: a thousand times smaller than without it), else 1."""
+  sde = sde_lib.get_sde(sde_name, N=10)
+  t = float(sde.timesteps()[0])
+  score = jnp.full((2, 4), 0.5)   # ||score|| = 1 = ||z|| / 2 per example
+  _, x_mean = sampling.CORRECTORS.get("langevin")(sde, jax.random.PRNGKey(0), jnp.zeros((2, 4)),
+                                                   jnp.full((2,), t), None, lambda x, t: score, 0.1, 1)
+  eps = 2 * alpha(sde, int(t)) * (0.1 * 2.0) ** 2
+  np.testing.assert_allclose(x_mean, eps * score, rtol=1e-5)
