@@ -176,12 +176,26 @@ class Frontend:
 
   @classmethod
   def from_config(cls, config) -> "Frontend":
-    """From the `audio` section of a config (fields n_fft, hop_length, alpha, beta, frame_multiple)."""
+    """From the `audio` section of a config (fields n_fft, hop_length, alpha, beta,
+    frame_multiple). A `speech_classifier` inverts the signal branch's spectrograms with its
+    net_kwargs spec_n_fft, spec_hop_length, spec_alpha, spec_beta (defaults: the SGMSE+ ones,
+    as here); a ValueError names any that differ from the audio section."""
     a = config.audio
+    if config.classifier.net == "speech_classifier":
+      kwargs = config.classifier.net_kwargs
+      differ = [f"classifier.net_kwargs.spec_{f}={kwargs.get('spec_' + f, getattr(cls, f))} vs "
+                f"audio.{f}={a[f]}" for f in ("n_fft", "hop_length", "alpha", "beta")
+                if kwargs.get("spec_" + f, getattr(cls, f)) != a[f]]
+      if differ:
+        raise ValueError(f"The speech classifier would read spectrograms made with other STFT "
+                         f"settings: {'; '.join(differ)}. Set the classifier's spec_* net_kwargs "
+                         "to the audio section's values (they only affect that inversion).")
     return cls(a.n_fft, a.hop_length, a.alpha, a.beta, a.frame_multiple)
 
   def padded_length(self, length: int) -> int:
-    """The fewest samples >= length whose centered STFT has a multiple of frame_multiple frames."""
+    """The fewest samples (frames - 1) * hop >= length, frames a multiple of frame_multiple:
+    the centered STFT of the zero-padded wave has `frames` frames and its inverse (of exactly
+    (frames - 1) * hop samples, `synthesize`) covers every sample of the input."""
     needed = 1 - (-length // self.hop_length)   # (frames - 1) * hop >= length
     frames = -(-needed // self.frame_multiple) * self.frame_multiple
     return frames_to_samples(frames, self.hop_length)

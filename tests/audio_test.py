@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from cdjax import audio
+from configs import speech_keywords
 
 
 @pytest.fixture(scope="module")
@@ -77,3 +78,13 @@ def test_center_and_random_crops_are_windows_of_each_row():
   assert starts.min() >= 0 and starts.max() <= 90 and len(np.unique(starts)) > 10
   assert len(np.unique(starts[0])) > 1   # rows get independent starts
   assert audio.random_crop(jax.random.PRNGKey(0), wave, 100) is wave
+
+
+def test_frontend_from_config_checks_the_classifiers_stft_settings():
+  config = speech_keywords.get_config()
+  assert audio.Frontend.from_config(config) == audio.Frontend(frame_multiple=32)
+  config.audio.alpha = 0.667   # e.g. the EARS setting, with the classifier left at SGMSE+'s
+  with pytest.raises(ValueError, match=r"spec_alpha=0.5 vs audio.alpha=0.667"):
+    audio.Frontend.from_config(config)
+  config.classifier.net_kwargs.spec_alpha = 0.667
+  assert audio.Frontend.from_config(config).alpha == 0.667
