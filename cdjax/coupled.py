@@ -29,7 +29,9 @@ def standardize_logits(logits, std: float):
   """Per-sample re-standardisation of logits [B, K] to mean 0 and standard deviation `std`.
 
   The official logit branch re-standardises its x0 estimate (std 0.8) in every reverse step;
-  its training targets and conditioning logits go through the same map. `std <= 0`: identity.
+  here the training targets and conditioning logits go through the same map too (the official
+  code trains on raw logits). The std is the population one (ddof 0, eps 1e-6; the official
+  `torch.std` is unbiased, eps 1e-5: 5% more spread at K = 10). `std <= 0`: identity.
   """
   if std <= 0:
     return logits

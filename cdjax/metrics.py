@@ -9,11 +9,13 @@ invariance): with reference s, noise n = y - s and estimate e,
   SI-SAR = 10 log10 |s_target|^2 / |e_art|^2.
 (The projections onto s and n are separate, not a joint least-squares fit, as in SGMSE+.)
 """
+import math
 from typing import Callable, NamedTuple
 
 import numpy as np
 import pesq as pesq_lib
 import pystoi
+import scipy.signal
 import scipy.stats
 
 
@@ -69,8 +71,14 @@ def _per_item(fn: Callable[[np.ndarray, np.ndarray], float], reference: np.ndarr
 
 
 def pesq_wb(reference: np.ndarray, estimate: np.ndarray, sample_rate: int = 16_000) -> np.ndarray:
-  """Wide-band PESQ (ITU-T P.862.2, `pesq` package), [..., L] -> [...]; needs 16 kHz audio."""
-  return _per_item(lambda s, e: pesq_lib.pesq(sample_rate, s, e, "wb"), reference, estimate)
+  """Wide-band PESQ (ITU-T P.862.2, `pesq` package), [..., L] -> [...]. P.862.2 is defined at
+  16 kHz: audio at another rate (e.g. 48 kHz) is resampled to 16 kHz first (polyphase)."""
+  if sample_rate != 16_000:
+    g = math.gcd(16_000, sample_rate)
+    reference, estimate = (scipy.signal.resample_poly(np.asarray(a, np.float64), 16_000 // g,
+                                                      sample_rate // g, axis=-1)
+                           for a in (reference, estimate))
+  return _per_item(lambda s, e: pesq_lib.pesq(16_000, s, e, "wb"), reference, estimate)
 
 
 def estoi(reference: np.ndarray, estimate: np.ndarray, sample_rate: int = 16_000) -> np.ndarray:

@@ -162,9 +162,11 @@ class Trainer:
 
 def _network(config, section) -> nn.Module:
   """The network of a config section (`net`, `net_kwargs`), rematerialised when
-  `config.train.remat` is set (the module must have a `remat` field)."""
+  `config.train.remat` is set and the module has a `remat` field (the classifiers have none:
+  one config trains every stage, and the frozen classifier only runs forward)."""
   kwargs = dict(section.net_kwargs)
-  if config.train.remat:
+  fields = {f.name for f in dataclasses.fields(nets.NETWORKS.get(section.net))}
+  if config.train.remat and "remat" in fields:
     kwargs["remat"] = True
   try:
     return nets.get_network(section.net, **kwargs)
@@ -270,8 +272,10 @@ def classifier_trainer(config) -> Trainer:
   evaluate = _classifier_accuracy(config, net, input_key)
 
   def export(workdir, params, metrics):
-    accuracy = metrics.get("eval_accuracy", evaluate(params)["eval_accuracy"])
-    checkpoint.save_classifier(os.path.join(workdir, "classifier"), params, accuracy, config)
+    if "eval_accuracy" not in metrics:   # the last checkpoint's evaluation, else one now
+      metrics = evaluate(params)
+    checkpoint.save_classifier(os.path.join(workdir, "classifier"), params,
+                               metrics["eval_accuracy"], config)
 
   return Trainer(
       loss_fn=functools.partial(losses.classifier_loss, apply=_train_apply(net), input_key=input_key,

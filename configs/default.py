@@ -117,7 +117,7 @@ def get_config() -> ml_collections.ConfigDict:
                                            # entry picks another corruption than corruption.name)
       methods={   # name -> overrides of `sampling` (nested dicts merge); params: pretrained | joint
           "noisy": dict(strategy="noisy"),
-          "enhance_then_classify": dict(strategy="enhance_then_classify"),
+          "enhance_then_classify": dict(strategy="enhance_then_classify", params="pretrained"),
           "parallel": dict(strategy="parallel"),
       },
       figure_methods=("enhance_then_classify", "parallel"),

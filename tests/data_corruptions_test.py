@@ -157,6 +157,15 @@ def test_corruption_from_config(tmp_path):
   clean = _speech(batch=4)
   noisy = corruptions.corruption_from_config(config, "test")(KEY, clean)
   np.testing.assert_allclose(_snr_db(clean, noisy), 2.0, atol=1e-3)
+  # Reverberation at the audio section's rate: at 48 kHz an RT60 of 0.25 s is 3x the samples.
+  config.audio.sample_rate = 48_000
+  config.corruption.name, config.corruption.kwargs = "reverb", dict(rt60=0.25, drr_db=0.0)
+  impulse = jnp.zeros((1, 24000)).at[:, 0].set(1.0)
+  h = np.asarray(corruptions.corruption_from_config(config, "test")(KEY, impulse))[0]
+  assert abs(_rt60_schroeder(h[1:12000], sample_rate=48_000) / 0.25 - 1) < 0.1
+  config.corruption.kwargs = dict(rt60=0.25, drr_db=0.0, sample_rate=16_000)   # named: kept
+  h = np.asarray(corruptions.corruption_from_config(config, "test")(KEY, impulse))[0]
+  assert abs(_rt60_schroeder(h[1:4000]) / 0.25 - 1) < 0.1
 
 
 def test_unknown_corruption_lists_known():

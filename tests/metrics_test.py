@@ -2,6 +2,7 @@
 import fast_bss_eval.numpy as fbe
 import numpy as np
 import pytest
+import scipy.signal
 
 from cdjax import metrics
 
@@ -53,6 +54,10 @@ def test_pesq_and_estoi(voiced):
   scores = metrics.pesq_wb(both, np.stack([voiced, noisy]))
   assert scores.shape == (2,) and scores[1] < scores[0] - 1
   assert metrics.estoi(voiced, noisy) < 0.9
+  # Another rate is scored at 16 kHz (P.862.2's rate): 48 kHz gives the 16 kHz scores.
+  up = lambda a: scipy.signal.resample_poly(a, 3, 1, axis=-1)
+  np.testing.assert_allclose(metrics.pesq_wb(up(both), up(np.stack([voiced, noisy])), 48_000),
+                             scores, atol=0.05)
 
 
 def test_accuracy_intervals():

@@ -16,6 +16,7 @@ from cdjax import checkpoint
 from cdjax import data
 from cdjax import losses
 from cdjax import main
+from cdjax import nets
 from cdjax import parallel
 from cdjax import sde as sde_lib
 from cdjax import train
@@ -339,7 +340,11 @@ def test_remat_from_config_reaches_the_networks():
   config = mnist_classifier.get_config()
   config.train.remat = True
   assert train._network(config, config.signal).remat
-  with pytest.raises(TypeError, match="'cnn_classifier' rejected its net_kwargs.*remat=True"):
+  # One config trains every stage: the classifier (no remat field) is built as configured.
+  assert train._network(config, config.classifier) == nets.get_network(
+      config.classifier.net, **config.classifier.net_kwargs)
+  config.classifier.net_kwargs.widht = 8
+  with pytest.raises(TypeError, match="'cnn_classifier' rejected its net_kwargs.*widht"):
     train._network(config, config.classifier)
 
 

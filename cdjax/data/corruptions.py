@@ -28,11 +28,15 @@ def get_corruption(name: str, **kwargs) -> Corruption:
 
 def corruption_from_config(config: ml_collections.ConfigDict, split: str) -> Corruption:
   """The corruption of `config.corruption`; noise corruptions get the clips of `split` of
-  `config.corruption.noise_dataset` (in `config.data.data_dir`) as float32 [N, Ln]."""
+  `config.corruption.noise_dataset` (in `config.data.data_dir`) as float32 [N, Ln], and
+  reverberation `config.audio.sample_rate` unless its kwargs name a sample_rate."""
   c = config.corruption
   kwargs = dict(c.kwargs)
-  if "noise" in inspect.signature(CORRUPTIONS.get(c.name)).parameters:
+  parameters = inspect.signature(CORRUPTIONS.get(c.name)).parameters
+  if "noise" in parameters:
     kwargs["noise"] = load_split(c.noise_dataset, split, config.data.data_dir)["audio"]
+  if "sample_rate" in parameters:
+    kwargs.setdefault("sample_rate", config.audio.sample_rate)
   return get_corruption(c.name, **kwargs)
 
 
