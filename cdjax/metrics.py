@@ -129,8 +129,10 @@ def paired_bootstrap(a: np.ndarray, b: np.ndarray, num_resamples: int = 10_000,
     raise ValueError(f"paired_bootstrap: a {list(a.shape)} and b {list(b.shape)} must be the "
                      "same 1-D shape.")
   d = a - b
-  idx = np.random.default_rng(seed).integers(0, d.size, (num_resamples, d.size))
-  means = d[idx].mean(axis=1)
+  rng = np.random.default_rng(seed)
+  block = max(1, 2**22 // max(d.size, 1))   # resamples per draw: indices of ~32 MB at any N
+  means = np.concatenate([d[rng.integers(0, d.size, (min(block, num_resamples - s), d.size))].mean(1)
+                          for s in range(0, num_resamples, block)])
   lo, hi = np.quantile(means, [0.5 - confidence / 2, 0.5 + confidence / 2])
   return PairedDifference(float(d.mean()), float(lo), float(hi), int((d > 0).sum()),
                           int((d < 0).sum()), int((d == 0).sum()))

@@ -79,6 +79,10 @@ def test_paired_bootstrap():
   assert res.lo < res.diff < res.hi and res.hi - res.lo < 0.05
   same = metrics.paired_bootstrap(a, a, num_resamples=100)
   assert (same.diff, same.lo, same.hi, same.ties) == (0.0, 0.0, 0.0, 2000)
+  # Drawn in blocks of resamples (here 3: bounded memory at any N), the CI of one [R, N] draw.
+  means = (a - b)[np.random.default_rng(0).integers(0, 2000, (5000, 2000))].mean(1)
+  blocks = metrics.paired_bootstrap(a, b, num_resamples=5000)
+  assert (blocks.lo, blocks.hi) == tuple(np.quantile(means, [0.025, 0.975]))
 
 
 def test_real_time_factor():
