@@ -364,7 +364,8 @@ def card(b: _Branches, key):
 # ---- entry points -------------------------------------------------------------------------------
 def run(model: CoupledModel, cfg, params, classifier_params, key, y) -> CoupledOutput:
   """Runs `cfg.strategy` on observations y [B, ...]; with `cfg.num_samples > 1` the final logits
-  are a majority vote (ties broken by the mean logits) over independent samples. With
+  are a majority vote (ties broken by the mean logits) over independent samples (x0, f(x0) and
+  the trajectory are the first sample's; NFE counts every sample). With
   0 < `cfg.micro_batch` < B, the batch runs as B / micro_batch sequential chunks (`lax.map`)
   of micro_batch items, chunk i with key fold_in(key, i) and items i, i + B / micro_batch, ...
   (so a batch sharded over devices stays spread over them); XLA:CPU runs these networks faster

@@ -82,7 +82,7 @@ def pesq_wb(reference: np.ndarray, estimate: np.ndarray, sample_rate: int = 16_0
 
 
 def estoi(reference: np.ndarray, estimate: np.ndarray, sample_rate: int = 16_000) -> np.ndarray:
-  """Extended STOI (pystoi, extended=True), [..., L] -> [...] in [0, 1]."""
+  """Extended STOI (pystoi, extended=True), [..., L] -> [...], at most 1 (can dip below 0)."""
   return _per_item(lambda s, e: pystoi.stoi(s, e, sample_rate, extended=True), reference,
                    estimate)
 
