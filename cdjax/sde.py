@@ -68,11 +68,13 @@ class SDE:
     raise NotImplementedError
 
   def switch_step(self, fraction: float) -> tuple[int, float]:
-    """(i, t_i): the first of the last `fraction` of the N sampling steps, i = round(N (1 -
-    fraction)), and its time on the grid; a training time t is on the same side as the sampler's
-    step at t when compared with `t <= t_i`. The samplers' and joint training's `switch_t`."""
+    """(i, t_b): the first of the last `fraction` of the N sampling steps, i = round(N (1 -
+    fraction)), and the time halfway between its grid time and the previous step's (inf when
+    i = 0): a training time t < t_b is nearer a step after the switch than one before it. The
+    samplers' and joint training's `switch_t`."""
     i = int(round(self.N * (1.0 - fraction)))
-    return i, float(self.timesteps()[i])
+    ts = self.timesteps()
+    return i, (float("inf") if i == 0 else (float(ts[i - 1]) + float(ts[i])) / 2)
 
   def langevin_alpha(self, t):
     """score_sde's factor of the Langevin corrector's step size, shaped like `t`: 1 here."""

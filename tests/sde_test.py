@@ -135,3 +135,13 @@ def test_unknown_names_list_the_known_ones():
     sde_lib.get_sde("ouv")
   with pytest.raises(ValueError, match="schedule"):
     sde_lib.get_sde("vp_discrete", schedule="quadratic")
+
+
+def test_switch_step_boundary_is_halfway_to_the_previous_step():
+  """Joint training uses x0_hat conditioning at times nearer a sampler step after the switch."""
+  vp = sde_lib.get_sde("vp_discrete", N=150)
+  assert vp.switch_step(0.5) == (75, 74.5)   # DDPM: t <= 74 (t < T/2), steps 75..149
+  ouve = sde_lib.get_sde("ouve", N=10, t_eps=0.03)   # grid 1, 0.892, ..., 0.138, 0.03, 0
+  i, t_b = ouve.switch_step(0.1)
+  assert i == 9 and t_b == pytest.approx((0.03 + 0.03 + 0.97 / 9) / 2)
+  assert vp.switch_step(1.0) == (0, float("inf")) and vp.switch_step(0.0)[1] == -0.5
