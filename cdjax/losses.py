@@ -167,10 +167,10 @@ def joint_loss(params, frozen, batch, rng, *, signal_apply: Callable, logits_app
   logit branch's stop-gradient l0_hat [B, K] from its observation-conditioned pass; or
   "noised_clean" (speech): the noised clean logits or f(y), by t (`noised_clean_logits`,
   `switch_t`). The logit term is conditioned, by `signal_cond`, on "observation": (f(y), y) as
-  in pre-training; or "estimate": at times of the sampler's steps after its switch
-  (`signal_sde.switch_step(signal_switch_t)`, the sampler's `switch_t`), the signal's
+  in pre-training; or "estimate": at times nearer a sampler step after its switch than one
+  before it (`signal_sde.switch_step(signal_switch_t)`, the sampler's `switch_t`), the signal's
   stop-gradient x0_hat (clipped to `x0_range`) and f(x0_hat), as the sampler's logit branch sees
-  them; before it (f(y), y).
+  them; else (f(y), y).
   Ex-Diff (`latent` given): the signal net also reads `latent(frozen["enhancer"], y)`.
   Loss: weights["signal"] L_x + weights["logits"] L_l."""
   _check_choice(logits_cond, JOINT_LOGITS_CONDS, "joint logits conditioning (train.joint_logits_cond)")
@@ -192,7 +192,7 @@ def joint_loss(params, frozen, batch, rng, *, signal_apply: Callable, logits_app
                            k_x, k_xnet, x0, y, signal_conditioning(y, logits, latent, frozen), t_x)
   if signal_cond == "estimate":
     x0_hat = jax.lax.stop_gradient(x0_hat if x0_range is None else jnp.clip(x0_hat, *x0_range))
-    below = t_x <= signal_sde.switch_step(signal_switch_t)[1]   # as the sampler's step at t_x
+    below = t_x < signal_sde.switch_step(signal_switch_t)[1]   # as the sampler's nearest step
     c = jnp.where(sde_lib.bcast(below, y), x0_hat, y)
     f_x0_hat = standardize_logits(classify(frozen["classifier"], x0_hat), std)
     f_c = jax.lax.stop_gradient(jnp.where(below[:, None], f_x0_hat, f_y))

@@ -82,7 +82,7 @@ def get_config() -> ml_collections.ConfigDict:
       joint_logits_cond="estimate",   # joint signal net's logits: estimate | noised_clean (speech)
       joint_switch_t=0.5,        # noised_clean: noised l0 below this fraction of T, else f(y)
       joint_lr_scales=dict(signal=1.0, logits=1.0),   # per-branch factors of the learning rate
-      joint_signal_cond="estimate",   # joint logit net's signal: estimate (x0_hat below sampling.switch_t) | observation
+      joint_signal_cond="estimate",   # joint logit net's signal: estimate (x0_hat nearer the steps after sampling.switch_t) | observation
       tensorboard=True,          # also TensorBoard scalars (workdir/tensorboard), if installed
   ))
 
