@@ -183,9 +183,9 @@ class Frontend:
     a = config.audio
     if config.classifier.net == "speech_classifier":
       kwargs = config.classifier.net_kwargs
-      differ = [f"classifier.net_kwargs.spec_{f}={kwargs.get('spec_' + f, getattr(cls, f))} vs "
-                f"audio.{f}={a[f]}" for f in ("n_fft", "hop_length", "alpha", "beta")
-                if kwargs.get("spec_" + f, getattr(cls, f)) != a[f]]
+      given = {f: kwargs.get("spec_" + f, getattr(cls, f)) for f in ("n_fft", "hop_length", "alpha", "beta")}
+      differ = [f"classifier.net_kwargs.spec_{f}={v} vs audio.{f}={a[f]}"
+                for f, v in given.items() if v != a[f]]
       if differ:
         raise ValueError(f"The speech classifier would read spectrograms made with other STFT "
                          f"settings: {'; '.join(differ)}. Set the classifier's spec_* net_kwargs "
