@@ -100,7 +100,7 @@ def torch_blocking(fn):
 
 def machine() -> str:
   """CPU model with its widest vector ISA (this VM's bare "AMD EPYC" has been machines whose
-  2048^2 matmul ran at 87 to 447 GFLOP/s), cores, memory and OS; plus the accelerators where
+  2048^2 matmul ran at 87 to 475 GFLOP/s), cores, memory and OS; plus the accelerators where
   JAX's backend is not the CPU."""
   cpu = platform.processor() or platform.machine()
   try:
