@@ -24,6 +24,7 @@ which replaces the config's flags ("none": no flags), e.g.
 `--xla_variants=none,--xla_force_host_platform_device_count=2`: the scan path shards its batch
 over every device it sees.
 """
+import contextlib
 import functools
 import json
 import os
@@ -38,6 +39,7 @@ import bench_common as bc  # noqa: E402  (pins threads before jax / torch are im
 from absl import app  # noqa: E402
 from absl import flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
+import flax.linen as nn  # noqa: E402
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
@@ -50,16 +52,18 @@ from cdjax import sampling  # noqa: E402
 from cdjax import sde as sde_lib  # noqa: E402
 from cdjax import speech  # noqa: E402
 from cdjax.nets import layers  # noqa: E402
+from cdjax.nets import speech as speech_nets  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/mnist_demo.py", "Experiment config.")
 _STEPS = flags.DEFINE_integer("steps", 0, "Steps of every trajectory (both branches); 0: the config's.")
 _FRAMES = flags.DEFINE_integer("frames", 256, "Spectrogram frames of the speech setup (16 kHz, hop "
                                "128: 256 frames = 2 s).")
 _BATCHES = flags.DEFINE_list("batches", ["1", "16", "64"], "Batch sizes of the Parallel benchmark.")
-_PATHS = flags.DEFINE_list("paths", ["scan", "xla_sigmoid", "loop", "torch"],
+_PATHS = flags.DEFINE_list("paths", ["scan", "xla_sigmoid", "flax_groupnorm", "loop", "torch"],
                            "Which of scan, xla_sigmoid (scan with XLA's logistic in the SiLUs), "
-                           "loop, torch, torch_fir_sums (speech: the reference with NCSN++'s FIR "
-                           "as shifted sums) to run.")
+                           "flax_groupnorm (scan with flax's GroupNorm), loop, torch, "
+                           "torch_fir_sums (speech: the reference with NCSN++'s FIR as shifted "
+                           "sums) to run.")
 _REPEATS = flags.DEFINE_integer("repeats", 3, "Timed rounds (each path once per round; median).")
 _BUDGET = flags.DEFINE_float("budget_s", 20.0, "Stop after the round whose timed calls passed "
                              "this many seconds per path (at least one round).")
@@ -277,10 +281,22 @@ def torch_sampler(config, y, fir_sums: bool = False):
   return bc.torch_blocking(lambda: sampler(yt))
 
 
+def _flax_group_norm(num_groups: int, epsilon: float = 1e-6):
+  return nn.GroupNorm(num_groups=num_groups, epsilon=epsilon)
+
+
+# Paths that trace the scan with one of cdjax's CPU speed-ups undone (the before of that change):
+# name -> patches (module, attribute, replacement).
+_UNDONE = {
+    "xla_sigmoid": ((layers, "sigmoid", jax.nn.sigmoid),),
+    "flax_groupnorm": ((layers, "GroupNorm", _flax_group_norm),
+                       (speech_nets, "GroupNorm", _flax_group_norm)),
+}
+
+
 def bench_parallel(config, params, classifier, b: int, paths, repeats: int, budget: float) -> dict:
   """Items/s, compile time and peak memory of each path at batch b, all timed side by side
-  (`bc.interleaved_runs`). Path `xla_sigmoid`: the scan path with XLA's logistic in place of
-  `layers.sigmoid` (the before of that change)."""
+  (`bc.interleaved_runs`). The `_UNDONE` paths: the scan path with a speed-up undone."""
   runs, info = {}, {}
   y = make_y(config, jax.random.PRNGKey(2), b)
   key = jax.random.PRNGKey(1)
@@ -303,9 +319,11 @@ def bench_parallel(config, params, classifier, b: int, paths, repeats: int, budg
     for m in map(int, _MICRO_BATCHES.value):
       if 0 < m < b and b % m == 0:
         add_scan(f"scan_micro{m}", m)
-  if "xla_sigmoid" in paths:
-    with mock.patch.object(layers, "sigmoid", jax.nn.sigmoid):
-      add_scan("xla_sigmoid")
+  for name in (p for p in _UNDONE if p in paths):
+    with contextlib.ExitStack() as patched:
+      for module, attribute, replacement in _UNDONE[name]:
+        patched.enter_context(mock.patch.object(module, attribute, replacement))
+      add_scan(name)
   if "loop" in paths:
     run_loop, first = make_step_loop(config, *sharded, sharded_y)   # on the scan's devices
     tic = time.perf_counter()
@@ -330,7 +348,7 @@ def bench_parallel(config, params, classifier, b: int, paths, repeats: int, budg
     res[name] = dict(r, items_per_s=b / r["sec"], **info.get(name, {}))
     if not name.startswith("torch"):
       res[name]["nfe"] = int(out.nfe)
-      if scan_x0 is not None and name in ("xla_sigmoid", "loop"):   # same keys: equal up to rounding
+      if scan_x0 is not None and (name in _UNDONE or name == "loop"):   # same keys: equal up to rounding
         res[name]["max_abs_diff_vs_scan"] = float(jnp.max(jnp.abs(out.x0 - scan_x0)))
   return res
 
@@ -559,11 +577,10 @@ def write(results: dict, config) -> None:
                           float("nan"), **S))
     if "scan" in r and "torch_fir_sums" in r:
       versus(f"sampler_jit_scan_vs_torch_fir_sums_b{b}", r["scan"], r["torch_fir_sums"])
-    if "scan" in r and "xla_sigmoid" in r:
-      versus(f"sampler_jit_scan_vs_xla_sigmoid_b{b}", r["scan"], r["xla_sigmoid"])
-      e.append(bc.entry(f"sampler_xla_sigmoid_max_abs_diff_vs_scan_b{b}",
-                        r["xla_sigmoid"]["max_abs_diff_vs_scan"], "abs", "x0 of the scan, same keys",
-                        float("nan"), **S))
+    for path in (p for p in _UNDONE if "scan" in r and p in r):
+      versus(f"sampler_jit_scan_vs_{path}_b{b}", r["scan"], r[path])
+      e.append(bc.entry(f"sampler_{path}_max_abs_diff_vs_scan_b{b}", r[path]["max_abs_diff_vs_scan"],
+                        "abs", "x0 of the scan, same keys", float("nan"), **S))
     if "scan" in r and "loop" in r:
       versus(f"sampler_jit_scan_vs_step_loop_b{b}", r["scan"], r["loop"])
       e.append(bc.entry(f"sampler_step_loop_compile_s_b{b}", r["loop"]["compile_s"], "s",

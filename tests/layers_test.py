@@ -1,12 +1,14 @@
-"""Tests for cdjax.nets.layers: the CPU sigmoid / SiLU against jax.nn's, remat, the padded
-narrow convolution."""
+"""Tests for cdjax.nets.layers: the CPU sigmoid / SiLU against jax.nn's, GroupNorm against flax's,
+remat, the padded narrow convolution."""
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from cdjax.nets.layers import ResBlock, conv_min8_features, maybe_remat, sigmoid, silu
+from cdjax.nets import layers
+from cdjax.nets.layers import (GroupNorm, ResBlock, conv_min8_features, maybe_remat, sigmoid,
+                               silu)
 
 X = jnp.concatenate([jnp.linspace(-100.0, 100.0, 200_001),
                      jnp.array([-1e30, -88.0, 0.0, 88.0, 1e30])])
@@ -44,6 +46,43 @@ def test_non_finite_inputs():
   got = np.asarray(silu(jnp.array([np.nan, np.inf, -1.0], jnp.float32)))
   assert np.isnan(got[0]) and got[1] == np.inf
   np.testing.assert_allclose(got[2], jax.nn.silu(-1.0), rtol=1e-6)
+
+
+@pytest.mark.parametrize("shape, groups", [((2, 28, 28, 32), 8), ((3, 10, 16), 4),
+                                           ((1, 7, 7, 64), 32), ((2, 5, 6, 3), 1)])
+def test_group_norm_equals_flax_values_params_and_gradients(shape, groups):
+  x = 3.0 * jax.random.normal(jax.random.PRNGKey(0), shape) + 2.0   # mean far from 0
+  ref = nn.GroupNorm(num_groups=groups)
+  params = ref.init(jax.random.PRNGKey(1), x)
+  assert jax.tree.map(jnp.shape, GroupNorm(groups).init(jax.random.PRNGKey(1), x)) == \
+      jax.tree.map(jnp.shape, params)   # flax's checkpoints load as they are
+  params = jax.tree.map(lambda p: p + jax.random.normal(jax.random.PRNGKey(2), p.shape), params)
+  np.testing.assert_allclose(GroupNorm(groups).apply(params, x), ref.apply(params, x),
+                             rtol=0, atol=2e-5)
+  loss = lambda module: lambda p, x: jnp.sum(jnp.sin(module.apply(p, x)))
+  got = jax.grad(loss(GroupNorm(groups)), argnums=(0, 1))(params, x)
+  want = jax.grad(loss(ref), argnums=(0, 1))(params, x)
+  for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+    np.testing.assert_allclose(g, w, rtol=0, atol=2e-5 * float(jnp.max(jnp.abs(w))))
+
+
+def test_group_norm_statistics_dots_equal_reductions_and_run_on_cpu():
+  x = jax.random.normal(jax.random.PRNGKey(0), (3, 50, 8)) + 1.0
+  for got, want in zip(layers._sums_by_dots(x), layers._sums_by_reduction(x)):
+    np.testing.assert_allclose(got, want, rtol=1e-5)
+  hlo = jax.jit(GroupNorm(4).apply).lower(GroupNorm(4).init(jax.random.PRNGKey(0), x), x) \
+      .compile().as_text()
+  assert hlo.count(" dot(") == 2   # the CPU program: two matrix-vector products per GroupNorm
+
+
+def test_group_norm_bfloat16_statistics_in_float32_and_bad_groups():
+  x = jax.random.normal(jax.random.PRNGKey(0), (2, 64, 16)) * 4 + 100.0   # bf16 sums would drift
+  params = nn.GroupNorm(num_groups=4).init(jax.random.PRNGKey(0), x)
+  np.testing.assert_allclose(GroupNorm(4).apply(params, x.astype(jnp.bfloat16)),
+                             nn.GroupNorm(num_groups=4).apply(params, x.astype(jnp.bfloat16)),
+                             atol=2e-2)
+  with pytest.raises(ValueError, match="16 channels do not split into 3 groups"):
+    GroupNorm(3).init(jax.random.PRNGKey(0), x)
 
 
 class _Stack(nn.Module):

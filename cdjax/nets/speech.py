@@ -18,7 +18,7 @@ import numpy as np
 
 from cdjax import audio
 from cdjax.nets import NETWORKS
-from cdjax.nets.layers import (ConvEncoder, ResBlock, TimeEmbedding, batch_time, check_shape,
+from cdjax.nets.layers import (ConvEncoder, GroupNorm, ResBlock, TimeEmbedding, batch_time, check_shape,
                                conv_min8_features, group_norm, maybe_remat, silu,
                                sinusoidal_embedding)
 from cdjax.nets.logits import LogitHead
@@ -36,7 +36,7 @@ def _conv(features: int, kernel: int = 3, zero: bool = False, name: Optional[str
 
 def _gn(x: jax.Array) -> jax.Array:
   """NCSN++'s GroupNorm: min(C // 4, 32) groups, eps 1e-6."""
-  return nn.GroupNorm(num_groups=max(1, min(x.shape[-1] // 4, 32)), epsilon=1e-6)(x)
+  return GroupNorm(max(1, min(x.shape[-1] // 4, 32)))(x)
 
 
 def _complex_to_channels(*specs: jax.Array) -> jax.Array:
