@@ -143,25 +143,12 @@ def silu(x: jax.Array) -> jax.Array:
   return lax.mul(x, sigmoid(x))
 
 
-def _sums_by_dots(x: jax.Array) -> tuple[jax.Array, jax.Array]:
-  """Sums of x and x^2 over the middle axis, [B, P, C] -> ([B, C], [B, C]), as batched
-  matrix-vector products with ones. XLA:CPU's reductions over P took most of a GroupNorm's time:
-  with these, GroupNorm + SiLU runs 1.2-2.8x faster (experiments/results/bench_notes.md,
-  session 38)."""
-  ones = jnp.ones((x.shape[0], 1, x.shape[1]), x.dtype)
-  dot = lambda v: jnp.einsum("bqp,bpc->bc", ones, v, precision=lax.Precision.HIGHEST)
-  return dot(x), dot(lax.mul(x, x))
-
-
-def _sums_by_reduction(x: jax.Array) -> tuple[jax.Array, jax.Array]:
-  """`_sums_by_dots` as reductions (every backend but the CPU)."""
-  return jnp.sum(x, 1), jnp.sum(lax.mul(x, x), 1)
-
-
 class GroupNorm(nn.Module):
   """flax's `nn.GroupNorm` (the same `scale` / `bias` params, statistics in float32 with the fast
-  variance E[x^2] - E[x]^2) over the last axis of x [B, ..., C] -> x's shape: the statistics
-  per sample and group, then one multiply-add per element with a per-channel scale and shift."""
+  variance E[x^2] - E[x]^2) over the last axis of x [B, ..., C] -> x's shape. The sums run over
+  positions per channel first, then over each group's channels, and the normalisation is one
+  multiply-add per element with a per-channel scale and shift: on XLA:CPU the whole trajectory
+  ran 1.06-1.16x faster than with flax's (experiments/results/bench_notes.md, session 38)."""
   num_groups: int
   epsilon: float = 1e-6
 
@@ -174,8 +161,7 @@ class GroupNorm(nn.Module):
     scale = self.param("scale", nn.initializers.ones, (c,))
     bias = self.param("bias", nn.initializers.zeros, (c,))
     positions = x.reshape(b, -1, c).astype(jnp.promote_types(x.dtype, jnp.float32))
-    sum_x, sum_x2 = lax.platform_dependent(positions, cpu=_sums_by_dots,
-                                           default=_sums_by_reduction)
+    sum_x, sum_x2 = jnp.sum(positions, 1), jnp.sum(lax.mul(positions, positions), 1)   # [B, C]
     n = x.size // (b * g)
     mean = sum_x.reshape(b, g, -1).sum(-1) / n
     var = jnp.maximum(sum_x2.reshape(b, g, -1).sum(-1) / n - mean * mean, 0.0)
