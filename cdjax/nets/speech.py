@@ -18,8 +18,8 @@ import numpy as np
 
 from cdjax import audio
 from cdjax.nets import NETWORKS
-from cdjax.nets.layers import (ConvEncoder, GroupNorm, ResBlock, TimeEmbedding, batch_time, check_shape,
-                               conv_min8_features, group_norm, maybe_remat, silu,
+from cdjax.nets.layers import (ConvEncoder, GroupNorm, ResBlock, TimeEmbedding, batch_time,
+                               check_shape, conv_min8_features, group_norm, maybe_remat, silu,
                                sinusoidal_embedding)
 from cdjax.nets.logits import LogitHead
 
