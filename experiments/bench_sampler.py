@@ -282,16 +282,12 @@ def torch_sampler(config, y, fir_sums: bool = False):
   return bc.torch_blocking(lambda: sampler(yt))
 
 
-def _flax_group_norm(num_groups: int, epsilon: float = 1e-6):
-  return nn.GroupNorm(num_groups=num_groups, epsilon=epsilon)
-
-
 # Paths that trace the scan with one of cdjax's CPU speed-ups undone (the before of that change):
 # name -> patches (module, attribute, replacement).
 _UNDONE = {
     "xla_sigmoid": ((layers, "sigmoid", jax.nn.sigmoid),),
-    "flax_groupnorm": ((layers, "GroupNorm", _flax_group_norm),
-                       (speech_nets, "GroupNorm", _flax_group_norm)),
+    "flax_groupnorm": ((layers, "GroupNorm", nn.GroupNorm),   # GroupNorm(groups): same fields
+                       (speech_nets, "GroupNorm", nn.GroupNorm)),
 }
 
 
