@@ -60,9 +60,11 @@ _STEPS = flags.DEFINE_integer("steps", 0, "Steps of every trajectory (both branc
 _FRAMES = flags.DEFINE_integer("frames", 256, "Spectrogram frames of the speech setup (16 kHz, hop "
                                "128: 256 frames = 2 s).")
 _BATCHES = flags.DEFINE_list("batches", ["1", "16", "64"], "Batch sizes of the Parallel benchmark.")
-_PATHS = flags.DEFINE_list("paths", ["scan", "xla_sigmoid", "flax_groupnorm", "loop", "torch"],
+_PATHS = flags.DEFINE_list("paths", ["scan", "xla_sigmoid", "flax_groupnorm", "flax_attention",
+                                     "loop", "torch"],
                            "Which of scan, xla_sigmoid (scan with XLA's logistic in the SiLUs), "
-                           "flax_groupnorm (scan with flax's GroupNorm), loop, torch, "
+                           "flax_groupnorm (scan with flax's GroupNorm), flax_attention (scan with "
+                           "flax's dot_product_attention), loop, torch, "
                            "torch_fir_sums (speech: the reference with NCSN++'s FIR as shifted "
                            "sums) to run.")
 _REPEATS = flags.DEFINE_integer("repeats", 3, "Timed rounds (each path once per round; median).")
@@ -288,6 +290,8 @@ _UNDONE = {
     "xla_sigmoid": ((layers, "sigmoid", jax.nn.sigmoid),),
     "flax_groupnorm": ((layers, "GroupNorm", nn.GroupNorm),   # GroupNorm(groups): same fields
                        (speech_nets, "GroupNorm", nn.GroupNorm)),
+    "flax_attention": ((layers, "dot_product_attention", nn.dot_product_attention),
+                       (speech_nets, "dot_product_attention", nn.dot_product_attention)),
 }
 
 

@@ -1,13 +1,15 @@
-"""Tests for cdjax.nets.layers: the CPU sigmoid / SiLU against jax.nn's, GroupNorm against flax's,
-remat, the padded narrow convolution."""
+"""Tests for cdjax.nets.layers: the CPU sigmoid / SiLU against jax.nn's, GroupNorm and attention
+against flax's, remat, the padded narrow convolution."""
+from unittest import mock
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from cdjax.nets.layers import (GroupNorm, ResBlock, conv_min8_features, maybe_remat, sigmoid,
-                               silu)
+from cdjax.nets.layers import (AttentionBlock, GroupNorm, ResBlock, conv_min8_features,
+                               dot_product_attention, maybe_remat, sigmoid, silu)
 
 X = jnp.concatenate([jnp.linspace(-100.0, 100.0, 200_001),
                      jnp.array([-1e30, -88.0, 0.0, 88.0, 1e30])])
@@ -73,6 +75,32 @@ def test_group_norm_bfloat16_statistics_in_float32_and_bad_groups():
                              atol=2e-2)
   with pytest.raises(ValueError, match="16 channels do not split into 3 groups"):
     GroupNorm(3).init(jax.random.PRNGKey(0), x)
+
+
+@pytest.mark.parametrize("q_shape, kv_len", [((2, 49, 4, 8), 49), ((3, 1, 2, 16), 5)])
+def test_dot_product_attention_equals_flax_values_and_gradients(q_shape, kv_len):
+  keys = jax.random.split(jax.random.PRNGKey(0), 3)
+  q = 2.0 * jax.random.normal(keys[0], q_shape)
+  k, v = (2.0 * jax.random.normal(key, (q_shape[0], kv_len) + q_shape[2:]) for key in keys[1:])
+  np.testing.assert_allclose(dot_product_attention(q, k, v), nn.dot_product_attention(q, k, v),
+                             rtol=0, atol=1e-5)
+  loss = lambda f: lambda *a: jnp.sum(jnp.sin(f(*a)))
+  got = jax.grad(loss(dot_product_attention), argnums=(0, 1, 2))(q, k, v)
+  want = jax.grad(loss(nn.dot_product_attention), argnums=(0, 1, 2))(q, k, v)
+  for g, w in zip(got, want):
+    np.testing.assert_allclose(g, w, rtol=0, atol=1e-5 * float(jnp.max(jnp.abs(w))))
+  with pytest.raises(ValueError, match="masks are not supported"):
+    dot_product_attention(q, k, v, mask=jnp.ones(q_shape[:1] + (1, q_shape[1], kv_len), bool))
+
+
+def test_attention_block_equals_flax_attention():
+  x = jax.random.normal(jax.random.PRNGKey(0), (2, 7, 7, 32))
+  block = AttentionBlock(heads=4)
+  params = block.init(jax.random.PRNGKey(1), x)
+  with mock.patch("cdjax.nets.layers.dot_product_attention", nn.dot_product_attention):
+    want = block.apply(params, x)
+  np.testing.assert_allclose(block.apply(params, x), want, rtol=0, atol=1e-5)
+  assert not np.allclose(want, x, atol=1e-3)   # the attention term is not negligible
 
 
 class _Stack(nn.Module):

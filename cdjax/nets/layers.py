@@ -165,7 +165,11 @@ class GroupNorm(nn.Module):
     n = x.size // (b * g)
     mean = sum_x.reshape(b, g, -1).sum(-1) / n
     var = jnp.maximum(sum_x2.reshape(b, g, -1).sum(-1) / n - mean * mean, 0.0)
-    per_channel = lambda v: jnp.repeat(v, c // g, axis=1)   # [B, G] -> [B, C]
+    # [B, G] -> [B, C] as a one-hot matmul (exact): XLA fuses no dot into its consumers, so the
+    # normalisation reads per-channel values. Spread by a broadcast inside that fusion, per-group
+    # values left XLA:CPU's loops C/G lanes wide or scalar (the trajectory ran 1.15-1.2x slower).
+    one_hot = jnp.repeat(jnp.eye(g, dtype=jnp.float32), c // g, axis=1)   # [G, C]
+    per_channel = lambda v: jnp.dot(v, one_hot, precision=lax.Precision.HIGHEST)
     a = scale * per_channel(lax.rsqrt(var + self.epsilon))
     shift = bias - per_channel(mean) * a
     expand = (slice(None),) + (None,) * (x.ndim - 2)
@@ -281,6 +285,20 @@ class ResBlock(nn.Module):
     return x + h
 
 
+def dot_product_attention(query: jax.Array, key: jax.Array, value: jax.Array,
+                          mask: Optional[jax.Array] = None) -> jax.Array:
+  """softmax(Q K^T / sqrt(D)) V per head: query [B, Nq, H, D], key and value [B, Nk, H, D] ->
+  [B, Nq, H, D]; flax's `nn.dot_product_attention` without masks or dropout (an `attention_fn`
+  for `nn.MultiHeadDotProductAttention`). The scores are laid out [B, H, Nk, Nq], so the softmax
+  reduces over a major axis, which XLA:CPU vectorises; over the minor axis (flax's [B, H, Nq, Nk])
+  the image trajectory ran 1.05-1.1x slower."""
+  if mask is not None:
+    raise ValueError("dot_product_attention: attention masks are not supported.")
+  query = query / np.sqrt(query.shape[-1]).astype(query.dtype)
+  weights = jax.nn.softmax(jnp.einsum("bqhd,bkhd->bhkq", query, key), axis=-2)
+  return jnp.einsum("bhkq,bkhd->bqhd", weights, value)
+
+
 class AttentionBlock(nn.Module):
   """Residual multi-head attention: x + Attn(GN(x), context).
 
@@ -295,7 +313,8 @@ class AttentionBlock(nn.Module):
     tokens = x.reshape(x.shape[0], -1, x.shape[-1])
     q = group_norm(tokens, self.groups)
     kv = q if context is None else context
-    h = nn.MultiHeadDotProductAttention(num_heads=self.heads, out_features=x.shape[-1])(q, kv)
+    h = nn.MultiHeadDotProductAttention(num_heads=self.heads, out_features=x.shape[-1],
+                                        attention_fn=dot_product_attention)(q, kv)
     return x + h.reshape(x.shape)
 
 

@@ -19,8 +19,8 @@ import numpy as np
 from cdjax import audio
 from cdjax.nets import NETWORKS
 from cdjax.nets.layers import (ConvEncoder, GroupNorm, ResBlock, TimeEmbedding, batch_time,
-                               check_shape, conv_min8_features, group_norm, maybe_remat, silu,
-                               sinusoidal_embedding)
+                               check_shape, conv_min8_features, dot_product_attention, group_norm,
+                               maybe_remat, silu, sinusoidal_embedding)
 from cdjax.nets.logits import LogitHead
 
 # DDPM/NCSN++ initialisation; SGMSE+'s `init_scale=0` layers are zero-initialised here.
@@ -126,8 +126,8 @@ class _NCSNAttention(nn.Module):
     dense = lambda name, init: nn.Dense(c, kernel_init=init, name=name)
     small = nn.initializers.variance_scaling(0.1, "fan_avg", "uniform")
     q, k, v = (dense(n, small)(tokens) for n in ("q", "k", "v"))
-    w = jax.nn.softmax(jnp.einsum("bic,bjc->bij", q, k) / np.sqrt(c), axis=-1)
-    h = dense("out", _zeros)(jnp.einsum("bij,bjc->bic", w, v))
+    one_head = lambda a: a[:, :, None]   # [B, N, C] -> [B, N, 1, C]
+    h = dense("out", _zeros)(dot_product_attention(*map(one_head, (q, k, v)))[:, :, 0])
     return (x + h.reshape(x.shape)) / np.sqrt(2.0)
 
 
