@@ -161,15 +161,15 @@ class GroupNorm(nn.Module):
     scale = self.param("scale", nn.initializers.ones, (c,))
     bias = self.param("bias", nn.initializers.zeros, (c,))
     positions = x.reshape(b, -1, c).astype(jnp.promote_types(x.dtype, jnp.float32))
-    # Both sums as one reduction, [2, B, P, C] -> [2, B, C]: the trajectory ran 1.07-1.09x faster
-    # on XLA:CPU than with a reduction each.
+    # Both sums as one reduction, [2, B, P, C] -> [2, B, C]: the image trajectory ran 1.07-1.09x
+    # faster on XLA:CPU than with a reduction each.
     sum_x, sum_x2 = jnp.sum(jnp.stack([positions, lax.mul(positions, positions)]), axis=2)
     n = x.size // (b * g)
     mean = sum_x.reshape(b, g, -1).sum(-1) / n
     var = jnp.maximum(sum_x2.reshape(b, g, -1).sum(-1) / n - mean * mean, 0.0)
     # [B, G] -> [B, C] as a one-hot matmul (exact): XLA fuses no dot into its consumers, so the
     # normalisation reads per-channel values. Spread by a broadcast inside that fusion, per-group
-    # values left XLA:CPU's loops C/G lanes wide or scalar (the trajectory ran 1.15-1.2x slower).
+    # values left XLA:CPU's loops C/G lanes wide or scalar (the image trajectory: 1.15-1.2x slower).
     one_hot = jnp.repeat(jnp.eye(g, dtype=jnp.float32), c // g, axis=1)   # [G, C]
     per_channel = lambda v: jnp.dot(v, one_hot, precision=lax.Precision.HIGHEST)
     a = scale * per_channel(lax.rsqrt(var + self.epsilon))
@@ -293,7 +293,7 @@ def dot_product_attention(query: jax.Array, key: jax.Array, value: jax.Array,
   [B, Nq, H, D]; flax's `nn.dot_product_attention` without masks or dropout (an `attention_fn`
   for `nn.MultiHeadDotProductAttention`). The scores are laid out [B, H, Nk, Nq], so the softmax
   reduces over a major axis, which XLA:CPU vectorises; over the minor axis (flax's [B, H, Nq, Nk])
-  the image trajectory ran 1.05-1.1x slower."""
+  the image trajectory ran 1.04-1.1x slower."""
   if mask is not None:
     raise ValueError("dot_product_attention: attention masks are not supported.")
   query = query / np.sqrt(query.shape[-1]).astype(query.dtype)
