@@ -12,10 +12,12 @@ throughput does not depend on them. Two setups, chosen by the config:
 - speech (`--frames` spectrogram frames; NCSN++ with the enhancer's latent, OUVE predictor +
   corrector, `torch_reference_speech.py`), section `sampler_speech`, entries named `speech_*`:
   PYTHONPATH=. .venv/bin/python experiments/bench_sampler.py --config configs/speech_keywords.py \
-      --config.mesh.host_cpu_devices=2 --paths=scan,flax_groupnorm,loop,torch,torch_fir_sums \
+      --config.mesh.host_cpu_devices=2 \
+      --paths=scan,flax_groupnorm,flax_attention,loop,torch,torch_fir_sums \
       --batches=1,16,64 --repeats=3 --budget_s=60
   (path torch_fir_sums: the reference with NCSN++'s FIR as shifted sums, as cdjax writes it;
-  flax_groupnorm: the scan with flax's GroupNorm, the before of `layers.GroupNorm`)
+  flax_groupnorm / flax_attention: the scan with flax's GroupNorm / dot_product_attention, the
+  befores of `layers.GroupNorm` / `layers.dot_product_attention`)
 
 Writes experiments/results/bench.{json,md} (merged with bench_train.py's entries).
 The JAX paths run with the XLA flags the config asks for (`parallel.configure_xla`: the
