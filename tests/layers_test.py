@@ -50,7 +50,8 @@ def test_non_finite_inputs():
 
 
 @pytest.mark.parametrize("shape, groups", [((2, 28, 28, 32), 8), ((3, 10, 16), 4),
-                                           ((1, 7, 7, 64), 32), ((2, 5, 6, 3), 1)])
+                                           ((1, 7, 7, 64), 32), ((2, 5, 6, 3), 1),
+                                           ((2, 70, 70, 8), 4)])   # 4900 positions: chunked sums
 def test_group_norm_equals_flax_values_params_and_gradients(shape, groups):
   x = 3.0 * jax.random.normal(jax.random.PRNGKey(0), shape) + 2.0   # mean far from 0
   ref = nn.GroupNorm(num_groups=groups)
