@@ -181,8 +181,9 @@ def _sums_over_positions(stacked: jax.Array) -> jax.Array:
   ran 1.07-1.09x faster on XLA:CPU than with a reduction each. XLA:CPU splits a reduction over
   more than 32 elements into windows of 32, writing its input (x and x^2) out first; from 4096
   positions on, the sums first run over chunks of k <= 32 positions inside one fusion with x^2,
-  and the barrier keeps XLA from merging the two reductions back into one. The speech trajectory
-  (NCSN++ at 256 x 256) ran 1.06-1.08x faster; below 4096 positions chunks were slower."""
+  and `optimization_barrier` keeps XLA from merging the two reductions back into one. The speech
+  trajectory (NCSN++ at 256 x 256) ran 1.07-1.09x faster at batch 1-4; with chunks below 4096
+  positions the image trajectory ran 0.86-0.89x (experiments/results/bench_notes.md, s40)."""
   _, b, p, c = stacked.shape
   if p < 4096:
     return jnp.sum(stacked, axis=2)
