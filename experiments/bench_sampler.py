@@ -1,10 +1,10 @@
 """Sampler benchmark (issue 8): the coupled Parallel trajectory, compared in one process as
 (a) cdjax's whole trajectory = one jit + lax.scan call, (b) the same step (`coupled.parallel_step`,
 the scan body) jitted once and called from a Python loop, (c) the PyTorch eager reference
-(official-code-style loop), (d) path (a) with XLA's logistic in place of `layers.sigmoid` in every
-SiLU (before / after that change), all timed side by side in rounds
-(`bench_common.interleaved_runs`); plus the matmul peak of the machine. Random weights:
-throughput does not depend on them. Two setups, chosen by the config:
+(official-code-style loop), (d) path (a) with flax's GroupNorm or dot_product_attention in place of
+cdjax's (the befores of `layers.GroupNorm` / `layers.dot_product_attention`), all timed side by
+side in rounds (`bench_common.interleaved_runs`); plus the matmul peak of the machine. Random
+weights: throughput does not depend on them. Two setups, chosen by the config:
 
 - images (28x28, `torch_reference.py`), section `sampler`; also the batch-1 step breakdown, the
   strategy cost ratios (NFE and wall time relative to enhancement alone) and `--xla_variants`:
@@ -15,9 +15,7 @@ throughput does not depend on them. Two setups, chosen by the config:
       --config.mesh.host_cpu_devices=2 \
       --paths=scan,flax_groupnorm,flax_attention,loop,torch,torch_fir_sums \
       --batches=1,16,64 --repeats=3 --budget_s=60
-  (path torch_fir_sums: the reference with NCSN++'s FIR as shifted sums, as cdjax writes it;
-  flax_groupnorm / flax_attention: the scan with flax's GroupNorm / dot_product_attention, the
-  befores of `layers.GroupNorm` / `layers.dot_product_attention`)
+  (path torch_fir_sums: the reference with NCSN++'s FIR as shifted sums, as cdjax writes it)
 
 Writes experiments/results/bench.{json,md} (merged with bench_train.py's entries).
 The JAX paths run with the XLA flags the config asks for (`parallel.configure_xla`: the
@@ -62,11 +60,9 @@ _STEPS = flags.DEFINE_integer("steps", 0, "Steps of every trajectory (both branc
 _FRAMES = flags.DEFINE_integer("frames", 256, "Spectrogram frames of the speech setup (16 kHz, hop "
                                "128: 256 frames = 2 s).")
 _BATCHES = flags.DEFINE_list("batches", ["1", "16", "64"], "Batch sizes of the Parallel benchmark.")
-_PATHS = flags.DEFINE_list("paths", ["scan", "xla_sigmoid", "flax_groupnorm", "flax_attention",
-                                     "loop", "torch"],
-                           "Which of scan, xla_sigmoid (scan with XLA's logistic in the SiLUs), "
-                           "flax_groupnorm (scan with flax's GroupNorm), flax_attention (scan with "
-                           "flax's dot_product_attention), loop, torch, "
+_PATHS = flags.DEFINE_list("paths", ["scan", "flax_groupnorm", "flax_attention", "loop", "torch"],
+                           "Which of scan, flax_groupnorm (scan with flax's GroupNorm), "
+                           "flax_attention (scan with flax's dot_product_attention), loop, torch, "
                            "torch_fir_sums (speech: the reference with NCSN++'s FIR as shifted "
                            "sums) to run.")
 _REPEATS = flags.DEFINE_integer("repeats", 3, "Timed rounds (each path once per round; median).")
@@ -289,7 +285,6 @@ def torch_sampler(config, y, fir_sums: bool = False):
 # Paths that trace the scan with one of cdjax's CPU speed-ups undone (the before of that change):
 # name -> patches (module, attribute, replacement).
 _UNDONE = {
-    "xla_sigmoid": ((layers, "sigmoid", jax.nn.sigmoid),),
     "flax_groupnorm": ((layers, "GroupNorm", nn.GroupNorm),   # GroupNorm(groups): same fields
                        (speech_nets, "GroupNorm", nn.GroupNorm)),
     "flax_attention": ((layers, "dot_product_attention", nn.dot_product_attention),

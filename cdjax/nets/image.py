@@ -11,8 +11,7 @@ import jax.numpy as jnp
 
 from cdjax.nets import NETWORKS
 from cdjax.nets.layers import (AttentionBlock, ConvEncoder, ResBlock, TimeEmbedding, batch_time,
-                               check_shape, downsample, group_norm, maybe_remat, silu,
-                               upsample)
+                               check_shape, downsample, group_norm, maybe_remat, upsample)
 
 
 def _check_image(name: str, net: str, x: jax.Array) -> None:
@@ -65,7 +64,7 @@ class ResNetClassifier(nn.Module):
         stride = 2 if i > 0 and j == 0 else 1
         h = block(width, stride, self.dropout, self.groups, name=f"stage{i}_block{j}")(
             h, None, train)
-    h = silu(group_norm(h, self.groups)).mean(axis=(1, 2))
+    h = nn.silu(group_norm(h, self.groups)).mean(axis=(1, 2))
     return nn.Dense(self.num_classes)(h)
 
 
@@ -170,5 +169,5 @@ class CoupledUNet(nn.Module):
           h = attn(self.heads, self.groups, name=f"up{level}_attn{j}")(h)
       if level > 0:
         h = upsample(h)
-    h = nn.Conv(x_t.shape[-1], (3, 3))(silu(group_norm(h, self.groups)))
+    h = nn.Conv(x_t.shape[-1], (3, 3))(nn.silu(group_norm(h, self.groups)))
     return h[:, :height, :width, :]

@@ -99,50 +99,6 @@ def maybe_remat(cls, remat: bool, static_argnums: tuple[int, ...] = ()):
   return Remat
 
 
-_LOG2_E = 1.4426950408889634
-_LN_2_HI, _LN_2_LO = 0.693359375, -2.12194440e-4   # ln 2 = hi + lo, hi exact in 9 bits
-
-
-def _exp_f32(x: jax.Array) -> jax.Array:
-  """exp(x) for float32 to within 3e-7 relative on [-87, 88]; e^-87 below, inf above 88.03:
-  2^n * p(f) with n = round(x log2 e), f = x - n ln 2 (Cody-Waite, ln 2 in two parts),
-  p a degree-6 Taylor polynomial of e^f on |f| <= ln(2) / 2, and 2^n built in the exponent bits
-  (n = 128 gives inf). Only mul / add / round / shift, which XLA:CPU vectorises inside a fusion;
-  a SiLU loop with its own exp ran 2.7x slower (experiments/results/bench_notes.md, session 14).
-  Written in `lax`: with jnp's operators (each a jitted ufunc) the same program took twice as
-  long to trace, in every network."""
-  x = lax.min(lax.max(x, -87.0), 89.0)
-  n = lax.round(lax.mul(x, _LOG2_E), lax.RoundingMethod.TO_NEAREST_EVEN)
-  f = lax.sub(lax.sub(x, lax.mul(n, _LN_2_HI)), lax.mul(n, _LN_2_LO))
-  p = lax.add(1 / 120, lax.div(f, 720.0))   # Horner: 1 + f (1 + f (1/2 + ... f (1/120 + f / 720)))
-  for c in (1 / 24, 1 / 6, 1 / 2, 1.0, 1.0):
-    p = lax.add(c, lax.mul(f, p))
-  two_n = lax.shift_left(lax.add(lax.convert_element_type(n, jnp.int32), 127), 23)
-  return lax.mul(p, lax.bitcast_convert_type(two_n, jnp.float32))
-
-
-@jax.custom_jvp
-def sigmoid(x: jax.Array) -> jax.Array:
-  """jax.nn.sigmoid, elementwise; float32 on CPU as 1 / (1 + `_exp_f32`(-x)) (within 3e-7
-  relative for x >= -87, exactly 0 below -88.03; faster there), XLA's logistic on every other
-  backend and dtype."""
-  if x.dtype != jnp.float32:
-    return jax.nn.sigmoid(x)
-  return lax.platform_dependent(x, cpu=lambda x: lax.div(1.0, lax.add(1.0, _exp_f32(lax.neg(x)))),
-                               default=jax.nn.sigmoid)
-
-
-@sigmoid.defjvp
-def _sigmoid_jvp(primals, tangents):
-  s = sigmoid(primals[0])
-  return s, lax.mul(lax.mul(tangents[0], s), lax.sub(1.0, s))
-
-
-def silu(x: jax.Array) -> jax.Array:
-  """SiLU x * sigmoid(x) with the `sigmoid` above: every cdjax network's activation."""
-  return lax.mul(x, sigmoid(x))
-
-
 class GroupNorm(nn.Module):
   """flax's `nn.GroupNorm` (the same `scale` / `bias` params, statistics in float32 with the fast
   variance E[x^2] - E[x]^2) over the last axis of x [B, ..., C] -> x's shape. The sums run over
@@ -232,7 +188,7 @@ class TimeEmbedding(nn.Module):
       h = nn.Embed(self.num_steps, self.dim)(idx)
     else:
       h = sinusoidal_embedding(self.scale * t, self.dim)
-    return nn.Dense(self.dim)(silu(nn.Dense(self.dim)(h)))
+    return nn.Dense(self.dim)(nn.silu(nn.Dense(self.dim)(h)))
 
 
 class FiLM(nn.Module):
@@ -240,7 +196,7 @@ class FiLM(nn.Module):
 
   @nn.compact
   def __call__(self, h: jax.Array, cond: jax.Array) -> jax.Array:
-    scale, shift = jnp.split(nn.Dense(2 * h.shape[-1])(silu(cond)), 2, axis=-1)
+    scale, shift = jnp.split(nn.Dense(2 * h.shape[-1])(nn.silu(cond)), 2, axis=-1)
     expand = (slice(None),) + (None,) * (h.ndim - 2)
     return h * (1.0 + scale[expand]) + shift[expand]
 
@@ -254,7 +210,7 @@ class ConvBlock(nn.Module):
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
     x = nn.Conv(self.features, (3, 3), strides=self.stride)(x)
-    return silu(group_norm(x, self.groups))
+    return nn.silu(group_norm(x, self.groups))
 
 
 class ConvEncoder(nn.Module):
@@ -291,10 +247,10 @@ class ResBlock(nn.Module):
   @nn.compact
   def __call__(self, x: jax.Array, emb: Optional[jax.Array] = None,
                train: bool = False) -> jax.Array:
-    h = nn.Conv(self.features, (3, 3), strides=self.stride)(silu(group_norm(x, self.groups)))
+    h = nn.Conv(self.features, (3, 3), strides=self.stride)(nn.silu(group_norm(x, self.groups)))
     if emb is not None:
       h = FiLM()(h, emb)
-    h = silu(group_norm(h, self.groups))
+    h = nn.silu(group_norm(h, self.groups))
     h = nn.Dropout(self.dropout, deterministic=not train)(h)
     h = nn.Conv(self.features, (3, 3))(h)
     if x.shape[-1] != self.features or self.stride != 1:

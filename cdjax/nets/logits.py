@@ -5,7 +5,7 @@ import jax.numpy as jnp
 
 from cdjax.nets import NETWORKS
 from cdjax.nets.layers import (AttentionBlock, ConvEncoder, FiLM, TimeEmbedding, batch_time,
-                               check_shape, maybe_remat, silu)
+                               check_shape, maybe_remat)
 
 
 class LogitBlock(nn.Module):
@@ -19,8 +19,8 @@ class LogitBlock(nn.Module):
   @nn.compact
   def __call__(self, h: jax.Array, emb: jax.Array, context: jax.Array,
                train: bool = False) -> jax.Array:
-    r = nn.Dense(self.hidden)(silu(nn.LayerNorm()(h)))
-    r = silu(FiLM()(r, emb))
+    r = nn.Dense(self.hidden)(nn.silu(nn.LayerNorm()(h)))
+    r = nn.silu(FiLM()(r, emb))
     r = nn.Dropout(self.dropout, deterministic=not train)(r)
     h = h + nn.Dense(self.hidden)(r)
     return AttentionBlock(self.heads, self.groups)(h[:, None, :], context)[:, 0]
@@ -70,7 +70,7 @@ class LogitHead(nn.Module):
     for i in range(self.depth):
       h = block(self.hidden, self.heads, self.dropout, self.groups, name=f"block{i}")(
           h, emb, context, train)
-    return nn.Dense(self.num_classes)(silu(nn.LayerNorm()(h)))
+    return nn.Dense(self.num_classes)(nn.silu(nn.LayerNorm()(h)))
 
 
 @NETWORKS.register("logit_net")

@@ -20,7 +20,7 @@ from cdjax import audio
 from cdjax.nets import NETWORKS
 from cdjax.nets.layers import (ConvEncoder, GroupNorm, ResBlock, TimeEmbedding, batch_time,
                                check_shape, conv_min8_features, dot_product_attention, group_norm,
-                               maybe_remat, silu, sinusoidal_embedding)
+                               maybe_remat, sinusoidal_embedding)
 from cdjax.nets.logits import LogitHead
 
 # DDPM/NCSN++ initialisation; SGMSE+'s `init_scale=0` layers are zero-initialised here.
@@ -103,12 +103,12 @@ class _NCSNResBlock(nn.Module):
   @nn.compact
   def __call__(self, x: jax.Array, temb: jax.Array, train: bool = False) -> jax.Array:
     out_ch = self.out_ch or x.shape[-1]
-    h = silu(_gn(x))
+    h = nn.silu(_gn(x))
     if self.resample != "none":
       h, x = (_fir(a, self.fir_kernel, self.resample == "up") for a in (h, x))
     h = _conv(out_ch)(h)
-    h = h + nn.Dense(out_ch, kernel_init=_default_init)(silu(temb))[:, None, None]
-    h = nn.Dropout(self.dropout, deterministic=not train)(silu(_gn(h)))
+    h = h + nn.Dense(out_ch, kernel_init=_default_init)(nn.silu(temb))[:, None, None]
+    h = nn.Dropout(self.dropout, deterministic=not train)(nn.silu(_gn(h)))
     h = _conv(out_ch, zero=True)(h)
     if x.shape[-1] != out_ch or self.resample != "none":
       x = _conv(out_ch, 1, name="shortcut")(x)
@@ -156,7 +156,7 @@ class LogitConditioning(nn.Module):
     if logits.ndim != 3 or logits.shape[0] != b:
       raise ValueError(f"ncsnpp: logits must be [B, K] or [B, L, K] with B={b}, got "
                        f"{list(logits.shape)}.")
-    e = nn.Dense(self.hidden)(silu(nn.Dense(self.hidden)(logits.astype(h.dtype))))
+    e = nn.Dense(self.hidden)(nn.silu(nn.Dense(self.hidden)(logits.astype(h.dtype))))
     e = jax.image.resize(e, (b, t, self.hidden), "linear")
     e = jnp.broadcast_to(e[:, None], (b, f, t, self.hidden))
     e = _conv(c, 1, zero=True)(e)
@@ -246,7 +246,7 @@ class NCSNpp(nn.Module):
       raise ValueError(f"ncsnpp: embedding must be 'fourier' or 'sinusoidal', got "
                        f"{self.embedding!r}.")
     emb = nn.Dense(4 * self.nf, kernel_init=_default_init)(emb)
-    return nn.Dense(4 * self.nf, kernel_init=_default_init)(silu(emb))
+    return nn.Dense(4 * self.nf, kernel_init=_default_init)(nn.silu(emb))
 
   def _latent_level(self, f: int, t: int, latent: jax.Array) -> int:
     if self.latent_level is not None:
@@ -317,7 +317,7 @@ class NCSNpp(nn.Module):
       if h.shape[1] in self.attn_resolutions:
         h = attn(name=f"up{i}_attn")(h)
       out = nn.Conv(4, (3, 3), kernel_init=_zeros, conv_general_dilated=conv_min8_features,
-                    name=f"up{i}_pyramid")(silu(_gn(h)))
+                    name=f"up{i}_pyramid")(nn.silu(_gn(h)))
       pyramid = out if pyramid is None else _fir(pyramid, self.fir_kernel, up=True) + out
       if i > 0:
         h = block(resample="up", name=f"up{i}_upsample")(h, temb, train)
@@ -382,7 +382,7 @@ class ResUNetEnhancer(nn.Module):
         h = block(self.widths[i], name=f"dec{i}_res{j}")(h, None, train)
     out = _channels_to_complex(
         nn.Conv(2, (3, 3), conv_general_dilated=conv_min8_features, name="conv_out")(
-            silu(group_norm(h, self.groups))))
+            nn.silu(group_norm(h, self.groups))))
     x_hat = out * y if self.output == "mask" else y + out
     return x_hat, latent
 
