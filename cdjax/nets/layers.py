@@ -104,8 +104,8 @@ class GroupNorm(nn.Module):
   variance E[x^2] - E[x]^2) over the last axis of x [B, ..., C] -> x's shape. The sums run over
   positions per channel first, then over each group's channels, and the normalisation is one
   multiply-add per element with a per-channel scale and shift: on XLA:CPU the whole trajectory
-  ran 1.18-1.38x (image) and 1.24-1.32x (speech) as fast as with flax's, side by side in the
-  tables (experiments/results/bench_notes.md, sessions 38-40)."""
+  ran 1.23-1.42x (image) and 1.34-1.36x (speech) as fast as with flax's, side by side in the
+  tables (experiments/results/bench_notes.md, sessions 38-41)."""
   num_groups: int
   epsilon: float = 1e-6
 
