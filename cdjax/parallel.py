@@ -39,10 +39,7 @@ def configure_xla(mesh_config: ml_collections.ConfigDict) -> None:
   small convolutions of these networks on about one core per device); accelerator backends are
   not affected. A flag already in XLA_FLAGS wins. Takes effect only before JAX's backends start;
   afterwards it warns and does nothing. Warns about flag combinations known to be wrong."""
-  wanted = mesh_config.xla_flags.split()
-  bad = [f for f in wanted if not f.startswith("--")]
-  if bad:
-    raise ValueError(f"mesh.xla_flags: {bad} are not XLA flags; write them as --name=value.")
+  wanted = _flags("mesh.xla_flags", mesh_config.xla_flags)
   if mesh_config.host_cpu_devices > 0:
     wanted.append(f"--xla_force_host_platform_device_count={mesh_config.host_cpu_devices}")
   current = os.environ.get("XLA_FLAGS", "")
@@ -56,6 +53,27 @@ def configure_xla(mesh_config: ml_collections.ConfigDict) -> None:
                     "running (set XLA_FLAGS='%s' before starting instead).", " ".join(missing))
     return
   os.environ["XLA_FLAGS"] = " ".join([current] + missing).strip()
+
+
+def _flags(name: str, flags: str) -> list:
+  """The flags of the config string `name` ("--name=value ..."); ValueError for anything else."""
+  flags = flags.split()
+  bad = [f for f in flags if not f.startswith("--")]
+  if bad:
+    raise ValueError(f"{name}: {bad} are not XLA flags; write them as --name=value.")
+  return flags
+
+
+def train_compiler_options(mesh_config: ml_collections.ConfigDict, mesh: Mesh) -> dict:
+  """XLA options of the train step's program alone (`jax.jit(compiler_options=...)`):
+  `mesh_config.cpu_train_xla_flags` as {name: value} where `mesh` is made of CPU devices, else
+  {}. Their default, YNNPACK for reductions only (XLA's own convolutions), makes train steps
+  1.2-1.4x faster than `mesh.xla_flags`' YNNPACK convolutions, which suit sampling (image U-Net
+  and speech enhancer steps on 1 and 2 devices; experiments/results/bench_notes.md)."""
+  flags = _flags("mesh.cpu_train_xla_flags", mesh_config.cpu_train_xla_flags)
+  if any(d.platform != "cpu" for d in mesh.devices.flat):
+    return {}
+  return dict(f[2:].partition("=")[::2] for f in flags)
 
 
 def _warn_on_known_xla_bugs(xla_flags: list) -> None:

@@ -109,7 +109,8 @@ def make_train_step(loss_fn: LossFn, optimizer: optax.GradientTransformation,
   optimizer update per step. The micro-batch loop is unrolled at trace time (XLA:CPU runs the
   gradient convolutions inside a `while` loop (scan) ~10x slower) and micro-batch i + 1 starts
   after all of micro-batch i's gradient (`nets.layers.after`), so one micro-batch's activations
-  are live at a time. The state is donated.
+  are live at a time. The state is donated. XLA compiles it with
+  `parallel.train_compiler_options` (on CPU devices: its own convolutions).
   metrics: the loss's metrics (means over micro-batches) and `grad_norm`.
   """
   accum, decay = config.train.grad_accum_steps, config.train.ema_decay
@@ -142,7 +143,8 @@ def make_train_step(loss_fn: LossFn, optimizer: optax.GradientTransformation,
 
   rep, shard = parallel.replicated(mesh), parallel.data_sharded(mesh)
   return jax.jit(step, in_shardings=(rep, shard, rep), out_shardings=(rep, rep),
-                 donate_argnums=0)
+                 donate_argnums=0,
+                 compiler_options=parallel.train_compiler_options(config.mesh, mesh))
 
 
 # ---- trainers -----------------------------------------------------------------------------------

@@ -1,10 +1,13 @@
 """Training benchmark (issue 8): steps/s and examples/s of the image signal branch through
 `cdjax.train.make_train_step` (the `signal` trainer's loss, adam + clipping + EMA, donated
 state) vs the PyTorch eager equivalent (`torch_reference.CoupledUNet`, the same loss, clipping,
-adam and EMA in a plain loop), timed side by side with the step's memory variants (the compiled
-peak memory of a step with and without rematerialisation and gradient accumulation); and the
-data-parallel path on the CPU host split into 2 and 8 devices (a subprocess each,
-XLA_FLAGS=--xla_force_host_platform_device_count=N) vs 1 device.
+adam and EMA in a plain loop), timed side by side with the step's variants (the compiled peak
+memory of a step with and without rematerialisation and gradient accumulation; the step with
+the process's flags alone, `mesh.cpu_train_xla_flags=''`, as every step ran before session 42);
+and the data-parallel path on the CPU host split into 2 and 8 devices (a subprocess each,
+XLA_FLAGS=--xla_force_host_platform_device_count=N) vs 1 device. Every JAX step runs with the
+config's `mesh.xla_flags` (`parallel.configure_xla`; XLA_FLAGS in the environment win) and the
+train step's own `mesh.cpu_train_xla_flags` (`parallel.train_compiler_options`).
 
 PYTHONPATH=. .venv/bin/python experiments/bench_train.py --config configs/mnist_demo.py
 
@@ -31,13 +34,14 @@ from cdjax import train  # noqa: E402
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/mnist_demo.py", "Experiment config.")
 _BATCH = flags.DEFINE_integer("batch", 0, "Global batch; 0: config.signal.batch_size.")
 _STEPS = flags.DEFINE_integer("steps", 10, "Timed train steps per measurement (after 2 warm-up).")
-_MEMORY_VARIANTS = flags.DEFINE_list(
-    "memory_variants", ["net_remat", "accum2", "accum4", "train_remat"],
+_VARIANTS = flags.DEFINE_list(
+    "variants", ["net_remat", "accum2", "accum4", "train_remat", "ynnpack"],
     "Variants of the JAX step, compiled and timed side by side with the baseline on 1 device: "
     "net_remat (signal.net_kwargs.remat), accumK (train.grad_accum_steps=K), train_remat "
-    "(config.train.remat).")
+    "(config.train.remat), ynnpack (mesh.cpu_train_xla_flags='': the process's XLA flags "
+    "alone, i.e. mesh.xla_flags' YNNPACK convolutions, as the sampler runs them).")
 _ROUNDS = flags.DEFINE_integer("rounds", 4, "Timed rounds of the side-by-side timing (1-device "
-                                "step, its memory variants, PyTorch eager).")
+                                "step, its variants, PyTorch eager).")
 _HOST_DEVICES = flags.DEFINE_list(
     "host_devices", ["2", "8"], "Also run the data-parallel path with the CPU host split into "
     "each of these device counts (mesh.host_cpu_devices; a subprocess each).")
@@ -66,8 +70,10 @@ def _variant(config, name: str):
     config.train.grad_accum_steps = int(name[len("accum"):])
   elif name == "train_remat":
     config.train.remat = True
+  elif name == "ynnpack":
+    config.mesh.cpu_train_xla_flags = ""
   elif name != "baseline":
-    raise ValueError(f"Unknown memory variant {name!r}.")
+    raise ValueError(f"Unknown variant {name!r}.")
   return config
 
 
@@ -194,6 +200,9 @@ def main(argv):
   del argv
   config = _CONFIG.value
   b = _BATCH.value or config.signal.batch_size
+  one_device = config.mesh.copy_and_resolve_references()
+  one_device.host_cpu_devices = 0   # the N-device runs below split the host themselves
+  parallel.configure_xla(one_device)
   bc.full_float32()
   if _WORKER.value:
     print(json.dumps(time_jax(config, b, _STEPS.value)))
@@ -220,7 +229,7 @@ def main(argv):
     print(f"jax {n} devices:", results[f"jax_{n}dev"], file=sys.stderr, flush=True)
     _save(results)
   if "side_by_side" not in results:
-    results["side_by_side"] = time_variants(config, b, _MEMORY_VARIANTS.value, _STEPS.value,
+    results["side_by_side"] = time_variants(config, b, _VARIANTS.value, _STEPS.value,
                                             _ROUNDS.value, _TORCH.value)
     _save(results)
   results["load_after"] = bc.load_average()

@@ -66,7 +66,7 @@ flax.__version__, '| torch', torch.__version__, torch.cuda.is_available())"
     --batches=1,16,64 --paths=scan,loop,torch --repeats=5 --budget_s=10 --strategy_repeats=3 \
     2>&1 | tee "$out/sampler.log" || status=1
   timeout "${TRAIN_S:-200}" $PYTHON experiments/bench_train.py --config configs/mnist_demo.py \
-    --rounds=3 --memory_variants=net_remat,accum2 2>&1 | tee "$out/train.log" || status=1
+    --rounds=3 --variants=net_remat,accum2 2>&1 | tee "$out/train.log" || status=1
   cp experiments/results/bench.json experiments/results/bench.md "$out"/
   cp experiments/results/bench_*_gpu_raw.json "$out"/ 2>/dev/null || true   # 8 files at most come back
   return $status

@@ -4,6 +4,7 @@ import json
 import os
 import subprocess
 import sys
+import types
 
 import jax
 import numpy as np
@@ -101,6 +102,24 @@ def test_configure_xla_rejects_what_is_not_a_flag():
   with pytest.raises(ValueError, match="mesh.xla_flags.*--name=value"):
     parallel.configure_xla(c.mesh)
 
+
+
+def test_train_compiler_options_on_cpu_devices_only():
+  c = _config(1)
+  one, two = parallel.make_mesh(c), parallel.make_mesh(_config(2))
+  ynn_reduce = {"xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_REDUCE"}
+  assert parallel.train_compiler_options(c.mesh, one) == ynn_reduce
+  assert parallel.train_compiler_options(c.mesh, two) == ynn_reduce
+  gpus = types.SimpleNamespace(devices=np.array([types.SimpleNamespace(platform="gpu")] * 2))
+  assert parallel.train_compiler_options(c.mesh, gpus) == {}
+  c.mesh.cpu_train_xla_flags = "--xla_cpu_enable_fast_math=false --xla_cpu_ftz=true"
+  assert parallel.train_compiler_options(c.mesh, one) == {"xla_cpu_enable_fast_math": "false",
+                                                          "xla_cpu_ftz": "true"}
+  c.mesh.cpu_train_xla_flags = ""
+  assert parallel.train_compiler_options(c.mesh, one) == {}
+  c.mesh.cpu_train_xla_flags = "xla_cpu_ftz=true"
+  with pytest.raises(ValueError, match="mesh.cpu_train_xla_flags.*--name=value"):
+    parallel.train_compiler_options(c.mesh, one)
 
 def test_configure_xla_after_start_changes_nothing(monkeypatch):
   assert jax.device_count() == 8     # backends are running

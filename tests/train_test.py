@@ -105,6 +105,42 @@ def test_sharded_training_equals_one_device():
   assert not np.allclose(s8.params["Dense_0"]["kernel"], params["Dense_0"]["kernel"])
 
 
+
+def _ynnpack_ops(hlo: str) -> set:
+  """The HLO op kinds that a compiled program's YNNPACK fusions hold."""
+  called = {re.search(r"calls=(%[\w.\-]+)", line).group(1) for line in hlo.splitlines()
+            if '"kind":"__ynn_fusion"' in line}
+  ops = set()
+  for block in hlo.split("\n\n"):
+    name = block.split(" ", 1)[0]
+    if name in called:
+      ops |= set(re.findall(r"= \S+ ([a-z\-]+)\(", block))
+  return ops
+
+
+def test_train_step_on_cpu_compiles_with_mesh_cpu_train_xla_flags():
+  """The default cpu_train_xla_flags reach the train step's program, on one device and sharded:
+  YNNPACK runs its reductions, XLA its convolutions. Without them (XLA's defaults here) YNNPACK
+  runs the convolutions too. All give the same step."""
+  net = nn.Conv(32, (3, 3))
+  loss_fn = lambda p, f, b, r: (jnp.mean(net.apply({"params": p}, b["image"]) ** 2), {})
+  batch = {"image": np.random.default_rng(0).normal(size=(4, 8, 8, 32)).astype(np.float32)}
+  params = net.init(jax.random.PRNGKey(0), batch["image"][:1])["params"]
+  c = default.get_config()
+  kernels = []
+  for devices, flags in ((1, c.mesh.cpu_train_xla_flags), (2, c.mesh.cpu_train_xla_flags), (1, "")):
+    c.mesh.data, c.mesh.cpu_train_xla_flags = devices, flags
+    mesh = parallel.make_mesh(c)
+    optimizer = train.make_optimizer(c.optim, 10)
+    state = parallel.replicate(train.TrainState.create(params, optimizer, jax.random.PRNGKey(1)), mesh)
+    gb = parallel.global_batch(batch, mesh)
+    compiled = train.make_train_step(loss_fn, optimizer, c, mesh).lower(state, gb, None).compile()
+    ops = _ynnpack_ops(compiled.as_text())
+    assert "reduce" in ops and ("convolution" in ops) == (flags == ""), (flags, ops)
+    kernels.append(compiled(state, gb, None)[0].params["kernel"])
+  for k in kernels[1:]:
+    np.testing.assert_allclose(k, kernels[0], rtol=1e-5, atol=1e-7)
+
 def test_grad_accumulation_equals_full_batch():
   c = default.get_config()
   c.optim.lr = 1e-2
