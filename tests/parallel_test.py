@@ -103,7 +103,6 @@ def test_configure_xla_rejects_what_is_not_a_flag():
     parallel.configure_xla(c.mesh)
 
 
-
 def test_train_compiler_options_on_cpu_devices_only():
   c = _config(1)
   one, two = parallel.make_mesh(c), parallel.make_mesh(_config(2))
@@ -120,6 +119,7 @@ def test_train_compiler_options_on_cpu_devices_only():
   c.mesh.cpu_train_xla_flags = "xla_cpu_ftz=true"
   with pytest.raises(ValueError, match="mesh.cpu_train_xla_flags.*--name=value"):
     parallel.train_compiler_options(c.mesh, one)
+
 
 def test_configure_xla_after_start_changes_nothing(monkeypatch):
   assert jax.device_count() == 8     # backends are running

@@ -105,7 +105,6 @@ def test_sharded_training_equals_one_device():
   assert not np.allclose(s8.params["Dense_0"]["kernel"], params["Dense_0"]["kernel"])
 
 
-
 def _ynnpack_ops(hlo: str) -> set:
   """The HLO op kinds that a compiled program's YNNPACK fusions hold."""
   called = {re.search(r"calls=(%[\w.\-]+)", line).group(1) for line in hlo.splitlines()
@@ -140,6 +139,7 @@ def test_train_step_on_cpu_compiles_with_mesh_cpu_train_xla_flags():
     kernels.append(compiled(state, gb, None)[0].params["kernel"])
   for k in kernels[1:]:
     np.testing.assert_allclose(k, kernels[0], rtol=1e-5, atol=1e-7)
+
 
 def test_grad_accumulation_equals_full_batch():
   c = default.get_config()
