@@ -10,6 +10,7 @@ import functools
 import hashlib
 import os
 import time
+from typing import Optional
 import zipfile
 
 from absl import logging
@@ -95,13 +96,14 @@ def _save_progress(path: str, **arrays) -> None:
 
 def run_method(name: str, model: coupled.CoupledModel, cfg: ml_collections.ConfigDict, params,
                classifier_params, y: np.ndarray, key, batch_size: int, mesh,
-               cache_dir: str = "") -> MethodResult:
+               cache_dir: str = "", compiler_options: Optional[dict] = None) -> MethodResult:
   """Runs one sampling config over y [N, ...] in batches (batch b uses fold_in(key, b)), each
   batch sharded over the mesh's `data` axis and the parameters replicated (as in training).
 
   With `cache_dir`, progress is saved there after every batch (`<name>-<fingerprint>.npz`, see
   `_fingerprint`): a rerun goes on from the last saved batch, or reads a finished one back
-  without compiling. seconds_per_item sums the batches' times over the runs."""
+  without compiling. seconds_per_item sums the batches' times over the runs. `compiler_options`:
+  XLA's for the sampler's program (`parallel.sample_compiler_options`)."""
   n = len(y)
   num_batches, batch = parallel.sharded_batches(y, batch_size, mesh)
   path = ""
@@ -117,7 +119,7 @@ def run_method(name: str, model: coupled.CoupledModel, cfg: ml_collections.Confi
   if first < num_batches:
     if first:
       tqdm.write(f"{name}: resuming at batch {first + 1}/{num_batches} ({path})")
-    fn = jax.jit(coupled.get_coupled_fn(model, cfg))
+    fn = jax.jit(coupled.get_coupled_fn(model, cfg), compiler_options=compiler_options)
     params, classifier_params = parallel.replicate((params, classifier_params), mesh)
     start = time.perf_counter()
     compiled = fn.lower(params, classifier_params, key, batch(0)).compile()

@@ -166,7 +166,8 @@ def evaluate_corruption(config, workdir: str, corruption: str, methods: dict, to
     results.append(evaluate.run_method(
         name, model, sampling_cfg, branch_params, classifier_params, y,
         jax.random.PRNGKey(cfg.evaluation.sampling_seed), cfg.sampling.batch_size, mesh,
-        cache_dir=os.path.join(workdir, corruption, "eval")))
+        cache_dir=os.path.join(workdir, corruption, "eval"),
+        compiler_options=parallel.sample_compiler_options(cfg.mesh, mesh.devices.flat)))
     print(f"[{corruption}] {name}: accuracy {np.mean(results[-1].predictions == labels):.4f}")
   rows = evaluate.result_rows(results, labels, corruption=corruption)
   return rows, dict(clean=clean, y=y, labels=labels, results=results)

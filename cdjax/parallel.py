@@ -64,16 +64,33 @@ def _flags(name: str, flags: str) -> list:
   return flags
 
 
-def train_compiler_options(mesh_config: ml_collections.ConfigDict, mesh: Mesh) -> dict:
-  """XLA options of the train step's program alone (`jax.jit(compiler_options=...)`):
-  `mesh_config.cpu_train_xla_flags` as {name: value} where `mesh` is made of CPU devices, else
-  {}. Their default, YNNPACK for reductions only (XLA's own convolutions), makes train steps
-  1.2-1.4x faster than `mesh.xla_flags`' YNNPACK convolutions, which suit sampling (image U-Net
-  and speech enhancer steps on 1 and 2 devices; experiments/results/bench_notes.md)."""
-  flags = _flags("mesh.cpu_train_xla_flags", mesh_config.cpu_train_xla_flags)
-  if any(d.platform != "cpu" for d in mesh.devices.flat):
+def _cpu_options(name: str, flags: str, devices) -> dict:
+  """The config string `name`'s flags as {name: value} where `devices` are all CPUs, else {}."""
+  flags = _flags(name, flags)
+  if any(d.platform != "cpu" for d in devices):
     return {}
   return dict(f[2:].partition("=")[::2] for f in flags)
+
+
+def train_compiler_options(mesh_config: ml_collections.ConfigDict, devices) -> dict:
+  """XLA options of a train step's program alone (`jax.jit(compiler_options=...)`) on `devices`
+  (all CPUs: `mesh_config.cpu_train_xla_flags`, else {}). Their default, YNNPACK for reductions
+  only (XLA's own convolutions), makes train steps 1.0-1.4x faster than `mesh.xla_flags`' YNNPACK
+  convolutions, which suit sharded sampling (experiments/results/bench_notes.md)."""
+  return _cpu_options("mesh.cpu_train_xla_flags", mesh_config.cpu_train_xla_flags, devices)
+
+
+def sample_compiler_options(mesh_config: ml_collections.ConfigDict, devices) -> dict:
+  """XLA options of a sampler's program alone on `devices`: `mesh_config.cpu_sample_xla_flags`
+  where that is the one device of an unsplit CPU host, else {}. The image default (XLA's own
+  convolutions, which use every core) samples 1.1x faster there than `mesh.xla_flags`; on a
+  split host those convolutions compute wrong samples when sharded (the XLA bug
+  `_warn_on_known_xla_bugs` names) and run erratically when not, and the speech configs keep
+  YNNPACK's (faster for NCSN++)."""
+  devices = list(devices)
+  if len(devices) != 1 or jax.device_count() != 1:
+    return {}
+  return _cpu_options("mesh.cpu_sample_xla_flags", mesh_config.cpu_sample_xla_flags, devices)
 
 
 def _warn_on_known_xla_bugs(xla_flags: list) -> None:

@@ -144,7 +144,7 @@ def make_train_step(loss_fn: LossFn, optimizer: optax.GradientTransformation,
   rep, shard = parallel.replicated(mesh), parallel.data_sharded(mesh)
   return jax.jit(step, in_shardings=(rep, shard, rep), out_shardings=(rep, rep),
                  donate_argnums=0,
-                 compiler_options=parallel.train_compiler_options(config.mesh, mesh))
+                 compiler_options=parallel.train_compiler_options(config.mesh, mesh.devices.flat))
 
 
 # ---- trainers -----------------------------------------------------------------------------------

@@ -44,6 +44,7 @@ def get_config(signal_branch: str = "exdiff"):
   c.data = se.data                # all 360 test clips: 95% CIs about +-0.05
   c.audio = se.audio
   c.audio.update(train_crop_frames=64, frame_multiple=32)
+  c.mesh.cpu_sample_xla_flags = ""   # NCSN++ samples faster with YNNPACK's convolutions
   c.corruption = se.corruption
   set_fields(c.classifier, net="speech_classifier",
                       net_kwargs=dict(num_classes=10, width=16, depth=3, input_peak=0.5),

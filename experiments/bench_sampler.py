@@ -19,7 +19,9 @@ weights: throughput does not depend on them. Two setups, chosen by the config:
 
 Writes experiments/results/bench.{json,md} (merged with bench_train.py's entries).
 The JAX paths run with the XLA flags the config asks for (`parallel.configure_xla`: the
-config's `mesh.host_cpu_devices` split and `mesh.xla_flags`; XLA_FLAGS in the environment win).
+config's `mesh.host_cpu_devices` split and `mesh.xla_flags`; XLA_FLAGS in the environment win),
+and their programs on one device with the sampler's own options, as evaluation compiles them
+(`parallel.sample_compiler_options`: `mesh.cpu_sample_xla_flags`).
 `--xla_variants` re-runs the scan path at one batch size in a subprocess per XLA_FLAGS value,
 which replaces the config's flags ("none": no flags), e.g.
 `--xla_variants=none,--xla_force_host_platform_device_count=2`: the scan path shards its batch
@@ -209,10 +211,16 @@ def with_steps(config, n: int):
 
 
 # ---- (a) the compiled trajectory ----------------------------------------------------------------
+def compiler_options(config, y) -> dict:
+  """The sampler's own XLA options for a program on y's devices, as evaluation compiles it."""
+  return parallel.sample_compiler_options(config.mesh, y.sharding.device_set)
+
+
 def compile_coupled(config, strategy, params, classifier, y):
   """(compiled fn(params, classifier, key, y), compile seconds, memory analysis)."""
   model = speech.coupled_model(config)
-  fn = jax.jit(coupled.get_coupled_fn(model, sampling_config(config, strategy)))
+  fn = jax.jit(coupled.get_coupled_fn(model, sampling_config(config, strategy)),
+               compiler_options=compiler_options(config, y))
   tic = time.perf_counter()
   compiled = fn.lower(params, classifier, jax.random.PRNGKey(1), y).compile()
   return compiled, time.perf_counter() - tic, compiled.memory_analysis()
@@ -233,18 +241,19 @@ def make_step_loop(config, params, classifier, y):
   switch, steps = coupled.parallel_schedule(model, cfg)
   steps = [tuple(a[i] for a in steps) for i in range(len(steps[0]))]
   branches = functools.partial(coupled._Branches, model, cfg)
+  jit = functools.partial(jax.jit, compiler_options=compiler_options(config, y))
 
-  @jax.jit
+  @jit
   def start(params, classifier, y, key):   # + the signal's conditioning (Ex-Diff: the latent), once
     b = branches(params, classifier, y)
     return coupled.parallel_start(b, key), b.signal_cond
 
-  @functools.partial(jax.jit, static_argnums=0)
+  @functools.partial(jit, static_argnums=0)
   def step(before_switch, params, classifier, y, cond, k_steps, f_y, carry, inputs):
     return coupled.parallel_step(branches(params, classifier, y, cond), k_steps, f_y,
                                  before_switch, carry, inputs)[0]
 
-  @jax.jit
+  @jit
   def final(params, classifier, y, cond, carry):
     b = branches(params, classifier, y, cond)
     return b.output(carry[4], carry[5], b.signal_nfe + b.logits_nfe)
@@ -357,16 +366,18 @@ def unet_scan_vs_outside(config, params, b: int, calls: int = 10) -> dict:
   net = coupled.model_from_config(config).signal_net
   x = jnp.zeros((b,) + tuple(config.data.shape))
   t, l = jnp.full((b,), 10.0), jnp.zeros((b, config.data.num_classes))
-  one = jax.jit(lambda p, x: net(p, x, t, x, l))
-  scanned = jax.jit(lambda p, x: jax.lax.scan(lambda x, _: (net(p, x, t, x, l), None), x, None,
+  jit = functools.partial(jax.jit, compiler_options=compiler_options(config, x))
+  one = jit(lambda p, x: net(p, x, t, x, l))
+  scanned = jit(lambda p, x: jax.lax.scan(lambda x, _: (net(p, x, t, x, l), None), x, None,
                                               length=calls)[0])
   outside, _ = bc.timeit(lambda: jax.block_until_ready(one(params["signal"], x)), calls, warmup=2)
   inside, _ = bc.timeit(lambda: jax.block_until_ready(scanned(params["signal"], x)), 3, warmup=1)
   return dict(outside_s=outside, inside_s=inside / calls, batch=b)
 
 
-def _ms_per_step(fn, args, steps: int, repeats: int) -> float:
-  compiled = jax.jit(fn).lower(*args).compile()
+def _ms_per_step(config, fn, args, steps: int, repeats: int) -> float:
+  """ms per step of `fn(*args)`, compiled as the sampler (`compiler_options` on args[-1], y)."""
+  compiled = jax.jit(fn, compiler_options=compiler_options(config, args[-1])).lower(*args).compile()
   sec, _ = bc.timeit(lambda: jax.block_until_ready(compiled(*args)), repeats, warmup=1)
   return sec / steps * 1e3
 
@@ -428,8 +439,8 @@ def step_breakdown(config, params, classifier, b: int, repeats: int) -> dict:
          f"--repeats={repeats}", "--strategy_batch=0", "--breakdown_batch=0", "--json_only"]
   one_core = bc.run_json_subprocess(cmd, {})
   return dict(batch=b, full_ms=full / n * 1e3,
-              networks_ms=_ms_per_step(networks, (params, classifier, y), n, repeats),
-              unet_ms=_ms_per_step(unet, (params, y), n, repeats),
+              networks_ms=_ms_per_step(config, networks, (params, classifier, y), n, repeats),
+              unet_ms=_ms_per_step(config, unet, (params, y), n, repeats),
               profile=_profile_ms_per_step(run, n),
               one_core=one_core.get("parallel", {}).get(str(b), {}).get("scan", one_core))
 
@@ -454,7 +465,8 @@ def run_variants(argv0: str, variants, b: int) -> dict:
     cmd = [sys.executable, argv0, f"--config={_CONFIG_PATH}", f"--steps={_STEPS.value}",
            f"--batches={b}", "--paths=scan", f"--repeats={_REPEATS.value}", "--strategy_batch=0",
            f"--micro_batches={','.join(_MICRO_BATCHES.value)}", "--json_only",
-           "--config.mesh.host_cpu_devices=0", "--config.mesh.xla_flags="]
+           "--config.mesh.host_cpu_devices=0", "--config.mesh.xla_flags=",
+           "--config.mesh.cpu_sample_xla_flags="]   # the variant's XLA_FLAGS alone
     flags_env = {"default": os.environ.get("XLA_FLAGS", ""), "none": ""}.get(v, v)
     r = bc.run_json_subprocess(cmd, {"XLA_FLAGS": flags_env})
     out[v] = r.get("parallel", {}).get(str(b), r)   # {path: result}, or the error

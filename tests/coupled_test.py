@@ -312,16 +312,21 @@ def test_run_method_resumes_an_interrupted_evaluation(tmp_path, monkeypatch):
 
 def test_run_method_sharded_over_8_devices_equals_one_device():
   """Batches sharded over the mesh (2 items per device, the last batch padded) give one device's
-  samples and predictions."""
+  samples and predictions; so do the sampler's own XLA options, which reach its program."""
   _, y = toy_data(20, jax.random.PRNGKey(4))
   model, cfg, config = make_model(30), sampling_config(strategy="parallel"), default.get_config()
 
-  def run(devices):
+  def run(devices, compiler_options=None):
     config.mesh.data = devices
     return evaluate.run_method("parallel", model, cfg, {"signal": {}, "logits": {}}, {}, y,
-                               jax.random.PRNGKey(0), 16, parallel.make_mesh(config))
+                               jax.random.PRNGKey(0), 16, parallel.make_mesh(config),
+                               compiler_options=compiler_options)
 
   one, sharded = run(1), run(8)
+  own = run(1, {"xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_REDUCE"})
+  np.testing.assert_allclose(own.x0, one.x0, atol=1e-5)   # the sampler's own XLA options
+  with pytest.raises(Exception, match="xla_no_such_option"):
+    run(1, {"xla_no_such_option": "1"})                     # reach XLA
   assert len(sharded.predictions) == 20
   np.testing.assert_allclose(sharded.x0, one.x0, atol=1e-5)
   np.testing.assert_array_equal(sharded.predictions, one.predictions)

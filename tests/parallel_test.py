@@ -13,6 +13,7 @@ import pytest
 from cdjax import nets
 from cdjax import parallel
 from configs import default
+from configs import speech_keywords
 
 
 def _config(data):
@@ -103,22 +104,29 @@ def test_configure_xla_rejects_what_is_not_a_flag():
     parallel.configure_xla(c.mesh)
 
 
-def test_train_compiler_options_on_cpu_devices_only():
-  c = _config(1)
-  one, two = parallel.make_mesh(c), parallel.make_mesh(_config(2))
+def test_compiler_options_of_train_steps_and_samplers(monkeypatch):
+  """Train steps: on any CPU devices; samplers: on an unsplit CPU host only (on a split host XLA's
+  own convolutions compute wrong sharded samples); the speech configs keep the process's flags."""
+  c = default.get_config()
+  one, two = jax.devices()[:1], jax.devices()[:2]
+  gpus = [types.SimpleNamespace(platform="gpu")]
   ynn_reduce = {"xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_REDUCE"}
   assert parallel.train_compiler_options(c.mesh, one) == ynn_reduce
   assert parallel.train_compiler_options(c.mesh, two) == ynn_reduce
-  gpus = types.SimpleNamespace(devices=np.array([types.SimpleNamespace(platform="gpu")] * 2))
-  assert parallel.train_compiler_options(c.mesh, gpus) == {}
+  assert parallel.sample_compiler_options(c.mesh, one) == {}      # this host is split in 8
+  monkeypatch.setattr(jax, "device_count", lambda: 1)
+  assert parallel.sample_compiler_options(c.mesh, one) == ynn_reduce
+  assert parallel.sample_compiler_options(c.mesh, two) == {}
+  assert parallel.train_compiler_options(c.mesh, gpus) == parallel.sample_compiler_options(c.mesh, gpus) == {}
+  assert parallel.sample_compiler_options(speech_keywords.get_config().mesh, one) == {}
   c.mesh.cpu_train_xla_flags = "--xla_cpu_enable_fast_math=false --xla_cpu_ftz=true"
   assert parallel.train_compiler_options(c.mesh, one) == {"xla_cpu_enable_fast_math": "false",
                                                           "xla_cpu_ftz": "true"}
   c.mesh.cpu_train_xla_flags = ""
   assert parallel.train_compiler_options(c.mesh, one) == {}
-  c.mesh.cpu_train_xla_flags = "xla_cpu_ftz=true"
-  with pytest.raises(ValueError, match="mesh.cpu_train_xla_flags.*--name=value"):
-    parallel.train_compiler_options(c.mesh, one)
+  c.mesh.cpu_sample_xla_flags = "xla_cpu_ftz=true"
+  with pytest.raises(ValueError, match="mesh.cpu_sample_xla_flags.*--name=value"):
+    parallel.sample_compiler_options(c.mesh, one)
 
 
 def test_configure_xla_after_start_changes_nothing(monkeypatch):
