@@ -20,7 +20,7 @@ weights: throughput does not depend on them. Two setups, chosen by the config:
 Writes experiments/results/bench.{json,md} (merged with bench_train.py's entries).
 The JAX paths run with the XLA flags the config asks for (`parallel.configure_xla`: the
 config's `mesh.host_cpu_devices` split and `mesh.xla_flags`; XLA_FLAGS in the environment win),
-and their programs on one device with the sampler's own options, as evaluation compiles them
+and, where the host is one device, with the sampler's own options, as evaluation compiles them
 (`parallel.sample_compiler_options`: `mesh.cpu_sample_xla_flags`).
 `--xla_variants` re-runs the scan path at one batch size in a subprocess per XLA_FLAGS value,
 which replaces the config's flags ("none": no flags), e.g.
