@@ -158,6 +158,7 @@ def evaluate_corruption(config, workdir: str, corruption: str, methods: dict, to
   if to_model is not None:
     y = to_model(y)
   mesh = parallel.make_mesh(cfg)
+  options = parallel.sample_compiler_options(cfg.mesh, mesh.devices.flat)
   results = []
   for name in method_order(methods):
     branch_params, overrides = method_params(params, name, methods[name])
@@ -167,7 +168,7 @@ def evaluate_corruption(config, workdir: str, corruption: str, methods: dict, to
         name, model, sampling_cfg, branch_params, classifier_params, y,
         jax.random.PRNGKey(cfg.evaluation.sampling_seed), cfg.sampling.batch_size, mesh,
         cache_dir=os.path.join(workdir, corruption, "eval"),
-        compiler_options=parallel.sample_compiler_options(cfg.mesh, mesh.devices.flat)))
+        compiler_options=options))
     print(f"[{corruption}] {name}: accuracy {np.mean(results[-1].predictions == labels):.4f}")
   rows = evaluate.result_rows(results, labels, corruption=corruption)
   return rows, dict(clean=clean, y=y, labels=labels, results=results)
