@@ -84,9 +84,9 @@ def sample_compiler_options(mesh_config: ml_collections.ConfigDict, devices) -> 
   """XLA options of a sampler's program alone on `devices`: `mesh_config.cpu_sample_xla_flags`
   where that is the one device of an unsplit CPU host, else {}. The image default (XLA's own
   convolutions, which use every core) samples 1.1x faster there than `mesh.xla_flags`; on a
-  split host those convolutions compute wrong samples when sharded (the XLA bug
-  `_warn_on_known_xla_bugs` names) and run erratically when not, and the speech configs keep
-  YNNPACK's (faster for NCSN++)."""
+  split host those convolutions compute wrong samples whenever two programs run on its devices
+  at once, sharded or not (the XLA bug `_warn_on_known_xla_bugs` names), and the speech configs
+  keep YNNPACK's (faster for NCSN++)."""
   devices = list(devices)
   if len(devices) != 1 or jax.device_count() != 1:
     return {}
@@ -97,13 +97,14 @@ def _warn_on_known_xla_bugs(xla_flags: list) -> None:
   """Warns about XLA flag combinations known to compute wrong results on this project's jaxlib."""
   value = dict(f.partition("=")[::2] for f in xla_flags)
   devices = int(value.get("--xla_force_host_platform_device_count") or 1)
-  if value.get("--xla_cpu_experimental_ynn_fusion_type") == "" and devices > 1:
+  ynn = value.get("--xla_cpu_experimental_ynn_fusion_type")
+  if ynn is not None and "CONVOLUTION" not in ynn and devices > 1:
     logging.warning(
-        "XLA_FLAGS turn YNNPACK off (--xla_cpu_experimental_ynn_fusion_type=) on a host split into "
-        "%d devices: with jaxlib 0.10.2 a sampler sharded over them computes wrong samples (the "
-        "first item of every shard, after about 20 steps of a U-Net trajectory; see "
-        "experiments/results/bench_notes.md). Keep the default mesh.xla_flags, or set "
-        "mesh.host_cpu_devices=0.", devices)
+        "XLA_FLAGS leave convolutions to XLA's own kernels (--xla_cpu_experimental_ynn_fusion_type"
+        "=%s) on a host split into %d devices: with jaxlib 0.10.2 two programs running on them at "
+        "once (a sampler sharded over them, or one per device) compute wrong samples (after about "
+        "20 steps of a U-Net trajectory; see experiments/results/bench_notes.md). Keep the "
+        "default mesh.xla_flags, or set mesh.host_cpu_devices=0.", ynn, devices)
 
 
 def make_mesh(config: ml_collections.ConfigDict) -> Mesh:

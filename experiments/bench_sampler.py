@@ -79,6 +79,11 @@ _MICRO_BATCHES = flags.DEFINE_list("micro_batches", [], "Also time the scan path
                                    "sampling.micro_batch = each of these (path scan_micro<m>).")
 _BREAKDOWN_BATCH = flags.DEFINE_integer("breakdown_batch", 1, "Batch of the per-step breakdown "
                                         "(networks only, U-Net only, XLA profile, one core); 0: skip.")
+_UNSPLIT = flags.DEFINE_list("unsplit_batches", [], "Batch sizes timed (every path, and the "
+                             "breakdown if its batch is one of them) in a subprocess whose CPU host "
+                             "is one device (--config.mesh.host_cpu_devices=0), where evaluation "
+                             "compiles samplers with mesh.cpu_sample_xla_flags; only where the "
+                             "config splits the host. A batch that does not shard loses nothing.")
 _JSON_ONLY = flags.DEFINE_bool("json_only", False, "Print results as one JSON line; write nothing.")
 
 
@@ -434,9 +439,8 @@ def step_breakdown(config, params, classifier, b: int, repeats: int) -> dict:
   compiled, _, _ = compile_coupled(config, "parallel", params, classifier, y)
   run = _runner(compiled, params, classifier, jax.random.PRNGKey(1), y)
   full, _ = bc.timeit(run, repeats, warmup=1)
-  cmd = ["taskset", "-c", "0", sys.executable, os.path.abspath(__file__),
-         f"--config={_CONFIG_PATH}", f"--steps={n}", f"--batches={b}", "--paths=scan",
-         f"--repeats={repeats}", "--strategy_batch=0", "--breakdown_batch=0", "--json_only"]
+  cmd = ["taskset", "-c", "0", *self_command(f"--steps={n}", f"--batches={b}", "--paths=scan",
+                                              f"--repeats={repeats}", "--breakdown_batch=0")]
   one_core = bc.run_json_subprocess(cmd, {})
   return dict(batch=b, full_ms=full / n * 1e3,
               networks_ms=_ms_per_step(config, networks, (params, classifier, y), n, repeats),
@@ -459,18 +463,37 @@ def bench_strategies(config, params, classifier, b: int, repeats: int, budget: f
           for name, r in bc.interleaved_runs(runs, repeats, budget).items()}
 
 
-def run_variants(argv0: str, variants, b: int) -> dict:
+def self_command(*args: str) -> list:
+  """This script as a subprocess printing JSON: the same config file and `--config.*` overrides,
+  strategy costs and XLA variants off, then `args` (later flags win)."""
+  overrides = [a for a in sys.argv[1:] if a.startswith("--config.")]
+  return [sys.executable, os.path.abspath(__file__), f"--config={_CONFIG_PATH}", *overrides,
+          "--strategy_batch=0", "--json_only", *args]
+
+
+def run_variants(variants, b: int) -> dict:
   out = {}
   for v in ["default"] + list(variants):   # default: the flags of this run
-    cmd = [sys.executable, argv0, f"--config={_CONFIG_PATH}", f"--steps={_STEPS.value}",
-           f"--batches={b}", "--paths=scan", f"--repeats={_REPEATS.value}", "--strategy_batch=0",
-           f"--micro_batches={','.join(_MICRO_BATCHES.value)}", "--json_only",
-           "--config.mesh.host_cpu_devices=0", "--config.mesh.xla_flags=",
-           "--config.mesh.cpu_sample_xla_flags="]   # the variant's XLA_FLAGS alone
+    cmd = self_command(f"--steps={_STEPS.value}", f"--batches={b}", "--paths=scan",
+                       f"--repeats={_REPEATS.value}", "--breakdown_batch=0",
+                       f"--micro_batches={','.join(_MICRO_BATCHES.value)}",
+                       "--config.mesh.host_cpu_devices=0", "--config.mesh.xla_flags=",
+                       "--config.mesh.cpu_sample_xla_flags=")   # the variant's XLA_FLAGS alone
     flags_env = {"default": os.environ.get("XLA_FLAGS", ""), "none": ""}.get(v, v)
     r = bc.run_json_subprocess(cmd, {"XLA_FLAGS": flags_env})
     out[v] = r.get("parallel", {}).get(str(b), r)   # {path: result}, or the error
   return out
+
+
+def run_unsplit(b: int, breakdown: bool, xla_flags_before: str) -> dict:
+  """`bench_parallel` at batch b (and the breakdown) in a subprocess whose host is one device;
+  XLA_FLAGS as this process found them, before the config's split was added."""
+  cmd = self_command(f"--steps={_STEPS.value}", f"--batches={b}", f"--paths={','.join(_PATHS.value)}",
+                     f"--repeats={_REPEATS.value}", f"--budget_s={_BUDGET.value}",
+                     f"--micro_batches={','.join(_MICRO_BATCHES.value)}",
+                     f"--breakdown_batch={b if breakdown else 0}",
+                     "--config.mesh.host_cpu_devices=0")
+  return bc.run_json_subprocess(cmd, {"XLA_FLAGS": xla_flags_before}, timeout=3600)
 
 
 _CONFIG_PATH = "configs/mnist_demo.py"
@@ -481,6 +504,7 @@ def main(argv):
   global _CONFIG_PATH
   _CONFIG_PATH = flags.FLAGS["config"].config_filename
   config = with_steps(_CONFIG.value, _STEPS.value)
+  xla_flags_before = os.environ.get("XLA_FLAGS", "")
   parallel.configure_xla(config.mesh)
   bc.full_float32()
   load_before = bc.load_average()
@@ -512,14 +536,25 @@ def main(argv):
       results["flops_torch"] = torch_flops_per_call(config, 1)
     if image:
       results["scan_vs_outside"] = unet_scan_vs_outside(config, params, 16)
+  unsplit = [b for b in batches if str(b) in _UNSPLIT.value and on_cpu and jax.device_count() > 1]
   for b in batches:
-    results["parallel"][str(b)] = bench_parallel(config, params, classifier, b, _PATHS.value,
-                                                 _REPEATS.value, _BUDGET.value)
+    if b in unsplit:
+      child = run_unsplit(b, image and b == _BREAKDOWN_BATCH.value, xla_flags_before)
+      if "error" in child:
+        raise RuntimeError(f"the unsplit-host run of batch {b} failed: {child['error']}")
+      results["parallel"][str(b)] = child["parallel"][str(b)]
+      results.setdefault("unsplit", {})[str(b)] = dict(xla_flags=child["xla_flags"],
+                                                       devices=child["devices"])
+      if "breakdown" in child:
+        results["breakdown"] = child["breakdown"]
+    else:
+      results["parallel"][str(b)] = bench_parallel(config, params, classifier, b, _PATHS.value,
+                                                   _REPEATS.value, _BUDGET.value)
     print(f"batch {b}:", json.dumps({k: round(v["items_per_s"], 3)
                                      for k, v in results["parallel"][str(b)].items()}),
           file=sys.stderr, flush=True)
     save()
-  if image and on_cpu and _BREAKDOWN_BATCH.value > 0:
+  if image and on_cpu and _BREAKDOWN_BATCH.value > 0 and "breakdown" not in results:
     results["breakdown"] = step_breakdown(config, params, classifier, _BREAKDOWN_BATCH.value,
                                           _REPEATS.value)
     save()
@@ -528,8 +563,7 @@ def main(argv):
                                              _STRATEGY_REPEATS.value, _BUDGET.value)
     save()
   if image and on_cpu and _XLA_VARIANTS.value:
-    results["xla_variants"] = run_variants(os.path.abspath(__file__), _XLA_VARIANTS.value,
-                                           _VARIANT_BATCH.value)
+    results["xla_variants"] = run_variants(_XLA_VARIANTS.value, _VARIANT_BATCH.value)
   save(finished=True)
 
 
@@ -653,6 +687,12 @@ def write(results: dict, config) -> None:
            f"= achieved GFLOP/s over the best measured {mm}^2 matmul",
            "flops_per_call_*: value = XLA cost_analysis (all ops), baseline = torch FlopCounterMode "
            "(conv/matmul/attention only, 2 FLOPs per MAC)"]
+  for b, u in results.get("unsplit", {}).items():
+    notes.append(f"batch {b}{' and the breakdown' if bd and str(bd['batch']) == b else ''}: every "
+                 f"path timed side by side in a subprocess whose host is one device "
+                 f"(--config.mesh.host_cpu_devices=0; XLA_FLAGS='{u['xla_flags']}', "
+                 f"{u['devices']} device), where samplers compile with mesh.cpu_sample_xla_flags, "
+                 "as evaluation does there (`--unsplit_batches`)")
   notes += bc.accelerator_note("rss_delta_mib is host memory, the device's: xla_temp_mib (JAX), "
                                "cuda_peak_mib (torch); no XLA:CPU breakdown or flag variants")
   if is_speech(config):

@@ -142,9 +142,11 @@ def test_configure_xla_after_start_changes_nothing(monkeypatch):
     ("--xla_cpu_experimental_ynn_fusion_type=", 2, True),    # YNNPACK off, split host: wrong samples
     ("--xla_cpu_experimental_ynn_fusion_type= --xla_force_host_platform_device_count=3", 0, True),
     ("--xla_cpu_experimental_ynn_fusion_type=", 0, False),   # one device
+    ("--xla_cpu_experimental_ynn_fusion_type=LIBRARY_FUSION_TYPE_REDUCE", 2, True),  # XLA's convs
+    ("--xla_cpu_experimental_ynn_fusion_type=LIBRARY_FUSION_TYPE_REDUCE", 0, False),
     ("", 2, False),                                          # the default flags
 ])
-def test_configure_xla_warns_about_ynnpack_off_on_a_split_host(monkeypatch, xla_flags,
+def test_configure_xla_warns_about_xla_convolutions_on_a_split_host(monkeypatch, xla_flags,
                                                               host_cpu_devices, warns):
   messages = []
   monkeypatch.setattr(parallel.logging, "warning", lambda msg, *args: messages.append(msg % args))
