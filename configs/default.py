@@ -134,7 +134,8 @@ def get_config() -> ml_collections.ConfigDict:
   # (parallel.train_compiler_options): YNNPACK for reductions, XLA's own convolutions, 1.0-1.4x
   # faster train steps than with xla_flags' YNNPACK convolutions. cpu_sample_xla_flags: the same
   # for samplers' programs where the CPU host is one device (parallel.sample_compiler_options):
-  # image sampling 1.1x faster there (the speech configs set "": 0.92x).
+  # image sampling 1.1x faster there (the speech configs set "": 0.92x). Both are written as
+  # XLA_FLAGS are; a name or value XLA does not take raises a ValueError naming the field.
   ynn_reductions = "--xla_cpu_experimental_ynn_fusion_type=LIBRARY_FUSION_TYPE_REDUCE"
   c.mesh = ml_collections.ConfigDict(dict(data=-1, host_cpu_devices=0, xla_flags=(
       "--xla_cpu_experimental_ynn_fusion_type=LIBRARY_FUSION_TYPE_INDIVIDUAL_CONVOLUTION"),

@@ -120,13 +120,19 @@ def test_compiler_options_of_train_steps_and_samplers(monkeypatch):
   assert parallel.train_compiler_options(c.mesh, gpus) == parallel.sample_compiler_options(c.mesh, gpus) == {}
   assert parallel.sample_compiler_options(speech_keywords.get_config().mesh, one) == {}
   c.mesh.cpu_train_xla_flags = "--xla_cpu_enable_fast_math=false --xla_cpu_ftz=true"
-  assert parallel.train_compiler_options(c.mesh, one) == {"xla_cpu_enable_fast_math": "false",
-                                                          "xla_cpu_ftz": "true"}
+  assert parallel.train_compiler_options(c.mesh, one) == {"xla_cpu_enable_fast_math": False,
+                                                          "xla_cpu_ftz": True}
   c.mesh.cpu_train_xla_flags = ""
   assert parallel.train_compiler_options(c.mesh, one) == {}
   c.mesh.cpu_sample_xla_flags = "xla_cpu_ftz=true"
   with pytest.raises(ValueError, match="mesh.cpu_sample_xla_flags.*--name=value"):
     parallel.sample_compiler_options(c.mesh, one)
+  for bad, xla_says in (("--xla_cpu_experimental_ynn_fusion_typo=LIBRARY_FUSION_TYPE_REDUCE",
+                         "No such compile option"),
+                        ("--xla_cpu_enable_fast_math=maybe", "not a valid bool")):
+    c.mesh.cpu_train_xla_flags = bad
+    with pytest.raises(ValueError, match=f"mesh.cpu_train_xla_flags='{bad}'.*{xla_says}"):
+      parallel.train_compiler_options(c.mesh, one)
 
 
 def test_configure_xla_after_start_changes_nothing(monkeypatch):
