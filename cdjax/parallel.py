@@ -4,7 +4,6 @@ The batch is sharded over `data`, parameters are replicated; under `jax.jit` the
 global-batch mean is then averaged across devices (pmap semantics, no explicit `pmean`).
 """
 import functools
-import functools
 import os
 
 import jax

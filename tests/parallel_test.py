@@ -106,7 +106,8 @@ def test_configure_xla_rejects_what_is_not_a_flag():
 
 def test_compiler_options_of_train_steps_and_samplers(monkeypatch):
   """Train steps: on any CPU devices; samplers: on an unsplit CPU host only (on a split host XLA's
-  own convolutions compute wrong sharded samples); the speech configs keep the process's flags."""
+  own convolutions compute wrong samples when two programs run at once); the speech configs keep
+  the process's flags. What XLA does not take raises, naming the config field."""
   c = default.get_config()
   one, two = jax.devices()[:1], jax.devices()[:2]
   gpus = [types.SimpleNamespace(platform="gpu")]
@@ -153,7 +154,7 @@ def test_configure_xla_after_start_changes_nothing(monkeypatch):
     ("", 2, False),                                          # the default flags
 ])
 def test_configure_xla_warns_about_xla_convolutions_on_a_split_host(monkeypatch, xla_flags,
-                                                              host_cpu_devices, warns):
+                                                                    host_cpu_devices, warns):
   messages = []
   monkeypatch.setattr(parallel.logging, "warning", lambda msg, *args: messages.append(msg % args))
   monkeypatch.setenv("XLA_FLAGS", xla_flags)
