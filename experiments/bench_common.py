@@ -1,7 +1,7 @@
 """Shared helpers of the issue-8 benchmarks: thread pinning (import this before jax and torch),
 the PyTorch reference's device, timing (alone, or side by side in rounds), peak-RSS sampling, the
 machine's matmul peak, and merging entries into experiments/results/bench.{json,md} (and the
-figure bench.png).
+figure bench.png; another folder with BENCH_RESULTS_DIR).
 
 Threads: BENCH_THREADS (default 2) sets OMP_NUM_THREADS / MKL_NUM_THREADS and torch's intra-op
 threads; XLA:CPU keeps its default Eigen pool (`--xla_cpu_multi_thread_eigen` on), which is one
@@ -29,7 +29,8 @@ for _var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
 
 import psutil  # noqa: E402
 
-RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+RESULTS_DIR = os.environ.get("BENCH_RESULTS_DIR") or os.path.join(
+    os.path.dirname(os.path.abspath(__file__)), "results")
 
 
 def load_average() -> str:

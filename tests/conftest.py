@@ -31,6 +31,7 @@ def pytest_unconfigure(config):
 # run does not end with one worker busy on a long file while the other idles.
 SLOWEST_FILES = ("paper_configs_test.py",        # 237 s
                  "speech_test.py",               # 186
+                 "bench_test.py",                # 170
                  "speech_enhancement_test.py",   # 157
                  "train_test.py",                # 125
                  "nets_image_test.py",           # 121
