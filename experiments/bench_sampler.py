@@ -449,15 +449,34 @@ def step_breakdown(config, params, classifier, b: int, repeats: int) -> dict:
               one_core=one_core.get("parallel", {}).get(str(b), {}).get("scan", one_core))
 
 
+# (name, sampling.strategy, sampling.rounds) of the strategy-cost runs
+STRATEGY_RUNS = (("enhance", "enhance_then_classify", 1), ("parallel", "parallel", 1),
+                 ("alternating5", "alternating", 5), ("nested", "nested", 1))
+
+
+def with_rounds(config, rounds: int):
+  config = config.copy_and_resolve_references()
+  config.sampling.rounds = rounds
+  return config
+
+
+def check_strategies(config, params, classifier, b: int) -> None:
+  """Traces (does not compile) each strategy-cost run at batch b, so that a config they reject
+  (e.g. `sampling.nested_steps` off the grid of `--steps`) fails before the timed stages."""
+  y = jax.ShapeDtypeStruct((b,) + tuple(config.data.shape), jnp.float32)
+  model = speech.coupled_model(config)
+  for _, strategy, rounds in STRATEGY_RUNS:
+    fn = coupled.get_coupled_fn(model, sampling_config(with_rounds(config, rounds), strategy))
+    jax.eval_shape(fn, params, classifier, jax.random.PRNGKey(1), y)
+
+
 def bench_strategies(config, params, classifier, b: int, repeats: int, budget: float) -> dict:
   """Wall time (side by side) and NFE of each strategy's compiled trajectory at batch b."""
   y = jax.random.uniform(jax.random.PRNGKey(3), (b,) + tuple(config.data.shape), minval=-1, maxval=1)
   runs, compile_s = {}, {}
-  for name, strategy, rounds in (("enhance", "enhance_then_classify", 1), ("parallel", "parallel", 1),
-                                 ("alternating5", "alternating", 5), ("nested", "nested", 1)):
-    c = config.copy_and_resolve_references()
-    c.sampling.rounds = rounds
-    compiled, compile_s[name], _ = compile_coupled(c, strategy, params, classifier, y)
+  for name, strategy, rounds in STRATEGY_RUNS:
+    compiled, compile_s[name], _ = compile_coupled(with_rounds(config, rounds), strategy, params,
+                                                   classifier, y)
     runs[name] = _runner(compiled, params, classifier, jax.random.PRNGKey(1), y)
   return {name: dict(sec=r["sec"], times=r["times"], nfe=int(r["out"].nfe), compile_s=compile_s[name])
           for name, r in bc.interleaved_runs(runs, repeats, budget).items()}
@@ -529,6 +548,8 @@ def main(argv):
       json.dump(results, f, indent=2)
     write(results, config)
 
+  if image and _STRATEGY_BATCH.value > 0:
+    check_strategies(config, params, classifier, _STRATEGY_BATCH.value)
   if not _JSON_ONLY.value:
     results["matmul_gflops"] = bc.matmul_peak()
     results["flops_jax"] = jax_flops_per_call(config, params, classifier, 1)
