@@ -455,6 +455,7 @@ STRATEGY_RUNS = (("enhance", "enhance_then_classify", 1), ("parallel", "parallel
 
 
 def with_rounds(config, rounds: int):
+  """The config with `sampling.rounds` = rounds (Alternating's K)."""
   config = config.copy_and_resolve_references()
   config.sampling.rounds = rounds
   return config
