@@ -68,7 +68,7 @@ def _flags(name: str, flags: str) -> list:
 def _cpu_options(name: str, flags: str, devices) -> dict:
   """The config string `name`'s flags as {name: value} where `devices` are all CPUs, else {};
   ValueError naming `name` for what XLA does not take as a compile option."""
-  _flags(name, flags)
+  flags = tuple(_flags(name, flags))
   devices = list(devices)
   if any(d.platform != "cpu" for d in devices):
     return {}
@@ -76,20 +76,21 @@ def _cpu_options(name: str, flags: str, devices) -> dict:
 
 
 @functools.lru_cache(maxsize=None)
-def _checked_cpu_options(name: str, flags: str, device) -> tuple:
-  """`flags` as ((name, value), ...), after XLA compiled a one-op program with them on `device`;
-  true / false become Python bools (compile options take no lower-case bools, XLA_FLAGS does)."""
+def _checked_cpu_options(name: str, flags: tuple, device) -> tuple:
+  """`flags` ("--name=value", ...) as ((name, value), ...), after XLA compiled a one-op program
+  with them on `device`; true / false become Python bools (compile options take no lower-case
+  bools, XLA_FLAGS does)."""
   bools = {"true": True, "false": False}
   options = tuple((k, bools.get(v.lower(), v))
-                  for k, v in (f[2:].partition("=")[::2] for f in flags.split()))
+                  for k, v in (f[2:].partition("=")[::2] for f in flags))
   if options:
     try:
       jax.jit(lambda v: v + 1, compiler_options=dict(options)).lower(
           jax.device_put(np.float32(0), device)).compile()
     except jax.errors.JaxRuntimeError as e:
-      raise ValueError(f"{name}='{flags}': XLA does not take it as compile options ({e}). Fix "
-                       f"the flag's name or value, or set --config.{name}= to compile with the "
-                       "process's XLA flags alone.") from e
+      raise ValueError(f"{name}='{' '.join(flags)}': XLA does not take it as compile options "
+                       f"({e}). Fix the flag's name or value, or set --config.{name}= to compile "
+                       "with the process's XLA flags alone.") from e
   return options
 
 
