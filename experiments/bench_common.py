@@ -1,7 +1,8 @@
 """Shared helpers of the issue-8 benchmarks: thread pinning (import this before jax and torch),
 the PyTorch reference's device, timing (alone, or side by side in rounds), peak-RSS sampling, the
 machine's matmul peak, and merging entries into experiments/results/bench.{json,md} (and the
-figure bench.png; another folder with BENCH_RESULTS_DIR).
+figure bench.png; another folder with BENCH_RESULTS_DIR). `python experiments/bench_common.py`
+re-renders bench.md and bench.png from bench.json and bench_notes.md.
 
 Threads: BENCH_THREADS (default 2) sets OMP_NUM_THREADS / MKL_NUM_THREADS and torch's intra-op
 threads; XLA:CPU keeps its default Eigen pool (`--xla_cpu_multi_thread_eigen` on), which is one
@@ -380,6 +381,14 @@ def _write_md(data: dict) -> None:
     f.write("\n".join(lines))
 
 
+def render() -> None:
+  """Rewrites results/bench.md and bench.png from bench.json and bench_notes.md as they stand
+  (after a hand edit of the notes, or bench.json copied back from a lent GPU)."""
+  with open(os.path.join(RESULTS_DIR, "bench.json")) as f:
+    _write_md(json.load(f))
+
+
+
 def run_json_subprocess(argv: list[str], env_extra: dict, timeout: float = 600) -> dict:
   """Runs a python command whose last stdout line is JSON; returns it (or {"error": ...})."""
   env = dict(os.environ, **env_extra)
@@ -388,3 +397,7 @@ def run_json_subprocess(argv: list[str], env_extra: dict, timeout: float = 600) 
   if proc.returncode or not lines:
     return {"error": (proc.stderr or proc.stdout)[-2000:]}
   return json.loads(lines[-1])
+
+
+if __name__ == "__main__":
+  render()

@@ -12,7 +12,8 @@
 #       64, scan vs step loop vs PyTorch eager on CUDA, strategy costs; it writes after each
 #       stage) and bench_train.py, each under its own time limit (about 9 minutes in all); results
 #       go to the sections sampler_gpu / train_gpu of experiments/results/bench.json, copied to
-#       $OUT with bench.md, the raw files and the logs.
+#       $OUT with bench.md, the raw files and the logs. Back here: copy $OUT's bench.json over
+#       experiments/results/bench.json and re-render with `python experiments/bench_common.py`.
 #
 # Locally (PYTHON=.venv/bin/python SKIP_INSTALL=1 OUT=/tmp/out experiments/device_bench.sh run)
 # the same run checks the script on the CPU (sections sampler / train: it rewrites the CPU tables).

@@ -68,3 +68,19 @@ def test_speech_sampler_benchmark(tmp_path):
   assert speech["speech_sampler_step_loop_max_abs_diff_vs_scan_b1"]["value"] < 1e-5
   assert speech["speech_flops_per_call_enhancer_b1"]["value"] > 0   # Ex-Diff's latent, once
   assert "## sampler_speech" in (tmp_path / "bench.md").read_text()
+
+
+def test_committed_bench_md_is_the_rendering_of_bench_json_and_the_notes(tmp_path):
+  """bench.md is generated: after a hand edit of bench_notes.md, or bench.json copied back from a
+  lent GPU, `python experiments/bench_common.py` must have re-rendered it."""
+  committed = os.path.join(ROOT, "experiments", "results")
+  for name in ("bench.json", "bench_notes.md"):
+    with open(os.path.join(committed, name)) as f:
+      (tmp_path / name).write_text(f.read())
+  env = dict(os.environ, BENCH_RESULTS_DIR=str(tmp_path))
+  out = subprocess.run([sys.executable, os.path.join("experiments", "bench_common.py")], cwd=ROOT,
+                       env=env, capture_output=True, text=True, timeout=300)
+  assert out.returncode == 0, out.stderr[-3000:]
+  with open(os.path.join(committed, "bench.md")) as f:
+    assert (tmp_path / "bench.md").read_text() == f.read(), \
+        "experiments/results/bench.md is stale: run `python experiments/bench_common.py`"
