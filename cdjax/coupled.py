@@ -107,6 +107,7 @@ class _Branches:
     self.logits_step = sampling.get_step_fn(
         model.logits_sde, cfg.logits_predictor, "none", x0_transform=self.standardize)
     self.zero_logits = jnp.zeros((y.shape[0], model.num_classes), jnp.float32)
+    self.f_y = self.class_logits(y)   # XLA drops it from a program that never reads it
     self.signal_cond = (model.signal_context(params["signal"], y) if signal_cond is None
                         else signal_cond)
 
@@ -160,9 +161,10 @@ class _Branches:
   def signal_init(self, key):
     return self.model.signal_sde.prior_sample(key, self.y.shape, self.y)
 
-  def logits_init(self, key, cond_signal):
-    return self.model.logits_sde.prior_sample(
-        key, self.zero_logits.shape, self.class_logits(cond_signal))
+  def logits_init(self, key):
+    """l_T, centred on f(y) where the logit SDE reverts to its conditioning (speech; as the
+    official code starts every logit trajectory, whatever it is conditioned on)."""
+    return self.model.logits_sde.prior_sample(key, self.zero_logits.shape, self.f_y)
 
   def signal_trajectory(self, key, logits_cond):
     """A full signal trajectory from fresh noise, conditioned on fixed logits -> x0 [B, ...]."""
@@ -178,7 +180,7 @@ class _Branches:
     cond_logits = self.class_logits(cond_signal)
     score_fn = self.logits_score_fn(cond_signal, cond_logits, cond_signal)
     l0, _ = sampling.sample(self.logits_step, self.model.logits_sde, score_fn, k_steps,
-                            self.logits_init(k_init, cond_signal), cond_logits)
+                            self.logits_init(k_init), cond_logits)
     return l0
 
   @property
@@ -198,7 +200,7 @@ def _initial_logits(b: _Branches):
   if b.cfg.initial_logits == "zeros":
     return b.zero_logits
   if b.cfg.initial_logits == "classifier":
-    return b.class_logits(b.y)
+    return b.f_y
   raise ValueError(f"Unknown sampling.initial_logits {b.cfg.initial_logits!r}; use 'zeros' or 'classifier'.")
 
 
@@ -221,10 +223,10 @@ def parallel_schedule(model: CoupledModel, cfg):
 
 def parallel_start(b: _Branches, key):
   """(carry, k_steps, f_y): the Parallel carry before the first step, the key of the steps and
-  f(y) on the logit scale (the logit branch's conditioning before the switch, computed once)."""
+  f(y) on the logit scale (the conditioning before the switch, computed once)."""
   k_x, k_l, k_steps = jax.random.split(key, 3)
-  x, l = b.signal_init(k_x), b.logits_init(k_l, b.y)
-  return (x, l, b.y, _initial_logits(b), x, l), k_steps, b.class_logits(b.y)
+  x, l = b.signal_init(k_x), b.logits_init(k_l)
+  return (x, l, b.y, _initial_logits(b), x, l), k_steps, b.f_y
 
 
 def parallel_step(b: _Branches, k_steps, f_y, before_switch: bool, carry, inputs):
@@ -244,8 +246,9 @@ def parallel_step(b: _Branches, k_steps, f_y, before_switch: bool, carry, inputs
   if cfg.parallel_order == "logits_first":
     out_l = logits_half(x, x0_hat)
     out_x = b.signal_update(k_sig, x, tx, tx_next, l if noisy else out_l.x0_hat, out_l.x0_hat)
-  else:
-    out_x = b.signal_update(k_sig, x, tx, tx_next, l if noisy else l0_hat, l0_hat)
+  else:   # the official speech sampler: the signal sees f(y) until the switch, then l0_hat
+    l_cond = l if noisy else (f_y if before_switch else l0_hat)
+    out_x = b.signal_update(k_sig, x, tx, tx_next, l_cond, l0_hat)
     out_l = logits_half(x, out_x.x0_hat)   # noisy: x_t at this step, as in logits_first
   carry = (out_x.x, out_l.x, out_x.x0_hat, out_l.x0_hat, out_x.x_mean, out_l.x_mean)
   return carry, ((out_x.x0_hat, out_l.x0_hat) if cfg.return_trajectory else None)
@@ -255,8 +258,9 @@ def parallel_step(b: _Branches, k_steps, f_y, before_switch: bool, carry, inputs
 def parallel(b: _Branches, key):
   """One joint loop: both branches at the same step. `cfg.parallel_order` 'logits_first'
   (images: logit step, then the signal step on the l0_hat just computed) or 'signal_first'
-  (speech). The logit branch sees y until the switch step, then the signal's x0_hat (or its
-  noisy state x_t with `cond_source='noisy'`; the signal branch then sees l_t, not l0_hat)."""
+  (speech: signal step on f(y) until the switch, on the previous step's l0_hat after it, then the
+  logit step). The logit branch sees y and f(y) until the switch step, then the signal's x0_hat
+  (or its noisy state x_t with `cond_source='noisy'`; the signal branch then sees l_t)."""
   switch, steps = parallel_schedule(b.model, b.cfg)
   carry, k_steps, f_y = parallel_start(b, key)
   n = len(steps[0])
@@ -274,7 +278,8 @@ def parallel(b: _Branches, key):
 def alternating(b: _Branches, key):
   """K = cfg.rounds rounds; a round is a full signal trajectory from fresh noise conditioned on
   the current logits (round one: `cfg.initial_logits`), then a full logit trajectory conditioned
-  on its x0. `cfg.skip_last_logits` (speech) ends on the signal run and reports f(x0)."""
+  on its x0. `cfg.skip_last_logits` (speech) ends on the signal run: the logits are then the
+  previous round's (with K = 1 the initial logits), as the official code returns them."""
   rounds = b.cfg.rounds
   if rounds < 1:
     raise ValueError(f"sampling.rounds must be >= 1, got {rounds}.")
@@ -285,7 +290,7 @@ def alternating(b: _Branches, key):
     x0 = b.signal_trajectory(jax.random.fold_in(k_round, 0), logits)
     last = r == rounds - 1
     if b.cfg.skip_last_logits:
-      l0 = jax.lax.cond(last, lambda: b.class_logits(x0),
+      l0 = jax.lax.cond(last, lambda: logits,
                         lambda: b.logits_trajectory(jax.random.fold_in(k_round, 1), x0))
     else:
       l0 = b.logits_trajectory(jax.random.fold_in(k_round, 1), x0)
@@ -312,28 +317,42 @@ def _grid_indices(grid: np.ndarray, times) -> np.ndarray:
 
 @STRATEGIES.register("nested")
 def nested(b: _Branches, key):
-  """A signal trajectory (round-one logits), then one logit trajectory conditioned on its x0; at
-  the logit steps in `cfg.nested_steps` a full signal trajectory is re-run on the current l0_hat,
-  refreshing x0. `cfg.final_signal_run` (speech) adds one last signal run on the final logits."""
+  """One logit trajectory; before each logit step in `cfg.nested_steps` a full signal trajectory
+  is re-run on the logits estimated so far (the previous step's l0_hat; round-one logits before
+  the first step), and that step and the later ones are conditioned on its x0 and f(x0). Before
+  the first re-run the logit steps see a first signal trajectory on the round-one logits
+  (`cfg.nested_first_signal_run`, images) or y and f(y) (speech). `cfg.final_signal_run`
+  (speech) adds one last signal run on the final logits; x0 is otherwise the last signal run's
+  (y where none ran). With one key per stage, as Alternating's first round: the first run and
+  the logit trajectory are Alternating K=1's."""
   m = b.model
   ts = m.logits_sde.timesteps()
   refresh_at = _grid_indices(ts[:-1], b.cfg.nested_steps)
-  k_first, k_init, k_steps, k_refresh, k_final = jax.random.split(key, 5)
-  x0 = b.signal_trajectory(k_first, _initial_logits(b))
-  l = b.logits_init(k_init, x0)
+  k_round = jax.random.fold_in(key, 0)
+  k_signal, k_logits, k_refresh, k_final = (jax.random.fold_in(k_round, j) for j in range(4))
+  if b.cfg.nested_first_signal_run:
+    c = b.signal_trajectory(k_signal, _initial_logits(b))
+    c_logits = b.class_logits(c)
+  else:
+    c, c_logits = b.y, b.f_y
+  k_init, k_steps = jax.random.split(k_logits)
 
   def body(carry, inputs):
-    l, _, x0 = carry
+    l, _, l0_hat, c, c_logits = carry
     i, t, t_next = inputs
-    out = b.logits_update(jax.random.fold_in(k_steps, i), l, t, t_next, x0, x0)
-    refresh = jnp.any(i == refresh_at)
-    x0 = jax.lax.cond(refresh, lambda: b.signal_trajectory(jax.random.fold_in(k_refresh, i), out.x0_hat),
-                      lambda: x0)
-    return (out.x, out.x_mean, x0), (out.x0_hat if b.cfg.return_trajectory else None)
 
+    def refresh():
+      x0 = b.signal_trajectory(jax.random.fold_in(k_refresh, i), l0_hat)
+      return x0, b.class_logits(x0)
+    c, c_logits = jax.lax.cond(jnp.any(i == refresh_at), refresh, lambda: (c, c_logits))
+    out = b.logits_update(jax.random.fold_in(k_steps, i), l, t, t_next, c, c, cond_logits=c_logits)
+    carry = (out.x, out.x_mean, out.x0_hat, c, c_logits)
+    return carry, (out.x0_hat if b.cfg.return_trajectory else None)
+
+  l = b.logits_init(k_init)
   steps = (jnp.arange(m.logits_sde.N), ts[:-1], ts[1:])
-  (_, logits, x0), traj = jax.lax.scan(body, (l, l, x0), steps)
-  signal_runs = 1 + len(refresh_at)
+  (_, logits, _, x0, _), traj = jax.lax.scan(body, (l, l, _initial_logits(b), c, c_logits), steps)
+  signal_runs = int(b.cfg.nested_first_signal_run) + len(refresh_at)
   if b.cfg.final_signal_run:
     x0 = b.signal_trajectory(k_final, logits)
     signal_runs += 1
@@ -345,7 +364,7 @@ def nested(b: _Branches, key):
 def noisy(b: _Branches, key):
   """Classify the degraded input: x0 = y, logits = f(y)."""
   del key
-  return b.output(b.y, b.class_logits(b.y), 0)
+  return b.output(b.y, b.f_y, 0)
 
 
 @STRATEGIES.register("enhance_then_classify")
@@ -380,8 +399,9 @@ def run(model: CoupledModel, cfg, params, classifier_params, key, y) -> CoupledO
   outs = jax.lax.map(lambda k: strategy(b, k), jax.random.split(key, cfg.num_samples))
   votes = jax.nn.one_hot(outs.logits.argmax(-1), model.num_classes).sum(0)
   logits = votes + 1e-3 * jax.nn.softmax(outs.logits.mean(0), -1)
+  first = jax.tree.map(lambda a: a[0], outs.trajectory)
   return CoupledOutput(outs.x0[0], logits, outs.classifier_logits[0], outs.nfe[0] * cfg.num_samples,
-                       outs.trajectory)
+                       first)
 
 
 def _micro_batched(model, cfg, params, classifier_params, key, y, m: int) -> CoupledOutput:

@@ -101,9 +101,10 @@ def get_config() -> ml_collections.ConfigDict:
       initial_logits="zeros",    # round-one logits: zeros (images) | classifier = f(y) (speech)
       rounds=5,                  # alternating K
       skip_last_logits=False,    # alternating: end on the signal run (speech)
+      nested_first_signal_run=True,   # nested: logits see a first signal run (images) | y (speech)
       final_signal_run=False,    # nested: one more signal run on the final logits (speech)
       return_trajectory=False,
-      nested_steps=(39, 19),     # logit steps where nested re-runs the signal trajectory
+      nested_steps=(39, 19),     # logit steps before which nested re-runs the signal trajectory
       switch_t=0.5,              # parallel: the last fraction of steps whose logit step sees x0_hat
       cond_source="clean",       # clean (x0_hat) | noisy (x_t): the paper's ablation
       guidance=dict(signal_scale=0.0, logits_scale=0.0, temperature=1.0),

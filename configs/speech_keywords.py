@@ -9,8 +9,10 @@ Frozen classifier: log-mel CNN (`speech_classifier`) on random 0.5 s windows of 
 sees). Signal branch: the tiny NCSN++ score net (OUVE, neg_score) with the logit gate at its
 bottleneck, Ex-Diff by default (below); logit branch: OU SDE (OUVE on the K logits, reverting to
 f(c)) with `speech_logit_net`. Speech sampling settings: parallel_order signal_first,
-initial_logits = f(y), the logits condition on x0_hat in the last 10% of the steps, alternating
-skips the last logit run, nested re-runs the signal at the last step and once more at the end.
+initial_logits = f(y) (parallel's signal steps see f(y) until the switch), the logits condition on
+x0_hat in the last 10% of the steps, alternating skips the last logit run, nested conditions its
+logits on y and f(y) until it re-runs the signal before its last step, and runs it once more at
+the end.
 Mixtures are of whole 1 s clips; the models see the central 0.5 s (`evaluation.crop_samples`),
 trained on random 0.5 s crops. Evaluated on all 360 test clips.
 
@@ -83,8 +85,8 @@ def get_config(signal_branch: str = "exdiff"):
       corrector="annealed_langevin", snr=0.5, n_corrector=1,
       parallel_order="signal_first", initial_logits="classifier", switch_t=0.1,
       rounds=2, skip_last_logits=True,
-      nested_steps=(0.03,),   # logit-step times t where nested re-runs the signal: the last step
-      final_signal_run=True, batch_size=20)
+      nested_steps=(0.03,),   # logit-step times t before which nested re-runs the signal: the last
+      nested_first_signal_run=False, final_signal_run=True, batch_size=20)
   c.evaluation = ml_collections.ConfigDict(dict(
       corruptions=se.evaluation.corruptions,   # noise, noise_reverb: each from its SGMSE+
       methods={

@@ -10,8 +10,8 @@ the benchmarks time them with random weights (NCSN++'s zero-initialised layers t
 with frequency as the height; complex spectrograms are complex64 [B, F, T]. FIR resampling is
 SGMSE+'s `upfirdn2d_native` (zero insertion, padding, a depthwise conv2d, subsampling). The sampler
 is the official-code style: a Python `for` loop over the OUVE steps, per step the signal step
-(annealed Langevin corrector + reverse-diffusion predictor, two score-net calls, conditioned on the
-previous l0_hat) and then the logit step (reverse diffusion on the logit OUVE, conditioned on y and
+(annealed Langevin corrector + reverse-diffusion predictor, two score-net calls, conditioned on
+f(y) before the switch, on the previous l0_hat after it) and then the logit step (reverse diffusion on the logit OUVE, conditioned on y and
 f(y) before the switch, on the signal's new x0_hat and f(x0_hat) after it). Shared pieces come from
 `torch_reference.py`.
 
@@ -464,7 +464,9 @@ class ParallelSampler:
     l = f_y + self.logits_sde.coeffs(ts_l[0])[1] * tr.randn_like(f_y)
     l0_hat = f_y
     for i in range(self.signal_sde.N):
-      x, x_mean, x0_hat = self.signal_step(x, ts_x[i], ts_x[i + 1], y, latent, l0_hat)
-      c, f_c = (y, f_y) if i < self.switch else (x0_hat, self.class_logits(x0_hat))
+      before_switch = i < self.switch
+      x, x_mean, x0_hat = self.signal_step(x, ts_x[i], ts_x[i + 1], y, latent,
+                                           f_y if before_switch else l0_hat)
+      c, f_c = (y, f_y) if before_switch else (x0_hat, self.class_logits(x0_hat))
       l, l_mean, l0_hat = self.logits_step(l, ts_l[i], ts_l[i + 1], c, f_c)
     return x_mean, l_mean, self.classifier(x_mean)
