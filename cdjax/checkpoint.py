@@ -75,9 +75,12 @@ class Checkpointer:
 
   def __init__(self, directory: str, config: ml_collections.ConfigDict):
     self.directory = os.path.abspath(directory)
+    self.best_metric = config.best_metric
     policies = [ocp.checkpoint_managers.LatestN(n=config.keep)]
     best = {}
     if config.best_metric:
+      if config.best_mode not in ("max", "min"):
+        raise ValueError(f"checkpoint.best_mode={config.best_mode!r}; use 'max' or 'min'.")
       metric = lambda m: m[config.best_metric]
       policies.append(ocp.checkpoint_managers.BestN(
           get_metric_fn=metric, reverse=config.best_mode == "min", n=1,
@@ -99,7 +102,14 @@ class Checkpointer:
 
   def save(self, step: int, state, data_state: Optional[bytes], meta: dict,
            metrics: Optional[dict] = None) -> None:
-    """Saves `state` (a pytree of arrays), the iterator state (grain's JSON bytes) and `meta`."""
+    """Saves `state` (a pytree of arrays), the iterator state (grain's JSON bytes) and `meta`;
+    `metrics` must hold `checkpoint.best_metric` when one is set (else a ValueError, before
+    anything is written)."""
+    if self.best_metric and self.best_metric not in (metrics or {}):
+      raise ValueError(
+          f"checkpoint.best_metric={self.best_metric!r} is not a metric of this run; it has "
+          f"{', '.join(sorted(metrics or {}))}. Set checkpoint.best_metric to one of them, or to "
+          "'' to keep only the latest checkpoints.")
     data = json.loads(data_state) if data_state is not None else {}
     self.manager.save(step, args=ocp.args.Composite(
         state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data),

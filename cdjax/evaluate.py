@@ -58,15 +58,18 @@ def _source_digest() -> bytes:
   return h.digest()
 
 
-def _fingerprint(cfg: ml_collections.ConfigDict, params, y: np.ndarray, key, batch_size: int,
-                 mesh) -> str:
+def _fingerprint(cfg: ml_collections.ConfigDict, model_config, params, y: np.ndarray, key,
+                 batch_size: int, mesh) -> str:
   """Hex digest of everything a method's predictions depend on: code, jax version, platform,
-  XLA_FLAGS and mesh size, sampling config, parameters, inputs, key and batch size."""
+  XLA_FLAGS and mesh size, sampling config, model config, parameters, inputs, key and batch
+  size."""
   h = hashlib.sha256(_source_digest())
   key = jax.random.key_data(key) if jax.dtypes.issubdtype(key.dtype, jax.dtypes.prng_key) else key
   h.update(f"{jax.__version__}|{jax.default_backend()}|{os.environ.get('XLA_FLAGS', '')}|"
            f"{mesh.size}|{batch_size}|".encode())
   h.update(cfg.to_json(sort_keys=True).encode())
+  if model_config is not None:
+    h.update(model_config.to_json_best_effort(sort_keys=True).encode())
   h.update(str(jax.tree.structure(params)).encode())
   for a in jax.tree.leaves(params) + [y, key]:
     h.update(np.ascontiguousarray(a).tobytes())
@@ -96,19 +99,22 @@ def _save_progress(path: str, **arrays) -> None:
 
 def run_method(name: str, model: coupled.CoupledModel, cfg: ml_collections.ConfigDict, params,
                classifier_params, y: np.ndarray, key, batch_size: int, mesh,
-               cache_dir: str = "", compiler_options: Optional[dict] = None) -> MethodResult:
+               cache_dir: str = "", compiler_options: Optional[dict] = None,
+               model_config: Optional[ml_collections.ConfigDict] = None) -> MethodResult:
   """Runs one sampling config over y [N, ...] in batches (batch b uses fold_in(key, b)), each
   batch sharded over the mesh's `data` axis and the parameters replicated (as in training).
 
   With `cache_dir`, progress is saved there after every batch (`<name>-<fingerprint>.npz`, see
   `_fingerprint`): a rerun goes on from the last saved batch, or reads a finished one back
   without compiling. seconds_per_item sums the batches' times over the runs. `compiler_options`:
-  XLA's for the sampler's program (`parallel.sample_compiler_options`)."""
+  XLA's for the sampler's program (`parallel.sample_compiler_options`). `model_config`: the
+  config the model was built from (SDEs, networks), part of the fingerprint, so that a changed
+  `signal.sde_kwargs.N` is not read back from an earlier run."""
   n = len(y)
   num_batches, batch = parallel.sharded_batches(y, batch_size, mesh)
   path = ""
   if cache_dir:
-    digest = _fingerprint(cfg, (params, classifier_params), y, key, batch_size, mesh)
+    digest = _fingerprint(cfg, model_config, (params, classifier_params), y, key, batch_size, mesh)
     path = os.path.join(cache_dir, f"{name}-{digest[:16]}.npz")
   saved = _load_progress(path)
   first = int(saved.get("batches", 0))

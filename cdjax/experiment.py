@@ -65,31 +65,19 @@ def _joint_config(cfg, branch_dir: str):
   return cfg
 
 
-# stage -> (config section, its field with the stage's number of steps)
-STAGES = {"classifier": ("classifier", "num_steps"), "signal": ("signal", "pretrain_steps"),
-          "logits": ("logits", "pretrain_steps"), "joint": ("train", "joint_steps"),
-          "enhancer": ("enhancer", "num_steps")}
+# stage -> the field of its config section (`train.SECTIONS`) with the stage's number of steps
+STEPS_FIELDS = {"classifier": "num_steps", "signal": "pretrain_steps", "logits": "pretrain_steps",
+                "joint": "joint_steps", "enhancer": "num_steps"}
 
 
 def num_steps(cfg, stage: str) -> int:
-  section, field = STAGES[stage]
-  return cfg[section][field]
-
-
-def stage_config(cfg, stage: str):
-  """`cfg` with `optim.lr` replaced by the stage section's own `lr`, when it sets one
-  (e.g. `classifier.lr`; the joint stage reads `train.lr`)."""
-  section = cfg[STAGES[stage][0]]
-  if "lr" not in section:
-    return cfg
-  cfg = copy.deepcopy(cfg)
-  cfg.optim.lr = section.lr
-  return cfg
+  return cfg[train.SECTIONS[stage]][STEPS_FIELDS[stage]]
 
 
 def train_stage(cfg, stage_dir: str, stage: str) -> None:
   """Trains `stage` (a `train.TRAINERS` name) in `stage_dir` unless its final checkpoint is
   already there."""
+  parallel.initialize_distributed()   # before the Checkpointer below starts JAX's backend
   steps = num_steps(cfg, stage)
   ckpt_dir = os.path.join(stage_dir, "checkpoints")
   done = (os.path.isdir(ckpt_dir)
@@ -99,7 +87,7 @@ def train_stage(cfg, stage_dir: str, stage: str) -> None:
   if done:
     print(f"[{stage}] reusing {stage_dir}")
     return
-  train.train(stage_config(cfg, stage), stage_dir, stage)
+  train.train(cfg, stage_dir, stage)
 
 
 def train_all(config: ml_collections.ConfigDict, workdir: str) -> None:
@@ -159,6 +147,8 @@ def evaluate_corruption(config, workdir: str, corruption: str, methods: dict, to
     y = to_model(y)
   mesh = parallel.make_mesh(cfg)
   options = parallel.sample_compiler_options(cfg.mesh, mesh.devices.flat)
+  model_config = ml_collections.ConfigDict(
+      {s: cfg[s] for s in ("signal", "logits", "classifier", "enhancer") if s in cfg})
   results = []
   for name in method_order(methods):
     branch_params, overrides = method_params(params, name, methods[name])
@@ -166,9 +156,9 @@ def evaluate_corruption(config, workdir: str, corruption: str, methods: dict, to
     sampling_cfg.update(overrides)   # nested sections merge field by field
     results.append(evaluate.run_method(
         name, model, sampling_cfg, branch_params, classifier_params, y,
-        jax.random.PRNGKey(cfg.evaluation.sampling_seed), cfg.sampling.batch_size, mesh,
+        jax.random.PRNGKey(cfg.evaluation.sampling_seed), sampling_cfg.batch_size, mesh,
         cache_dir=os.path.join(workdir, corruption, "eval"),
-        compiler_options=options))
+        compiler_options=options, model_config=model_config))
     print(f"[{corruption}] {name}: accuracy {np.mean(results[-1].predictions == labels):.4f}")
   rows = evaluate.result_rows(results, labels, corruption=corruption)
   return rows, dict(clean=clean, y=y, labels=labels, results=results)

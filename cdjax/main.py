@@ -1,6 +1,6 @@
 """Command line.
 
-  python -m cdjax.main --config configs/<exp>.py --workdir DIR --mode train|evaluate|sample|sweep
+  python -m cdjax.main --config configs/<exp>.py --workdir DIR --mode train|sweep
   python -m cdjax.main --config configs/speech_enhancement.py --workdir runs/speech_enhancement/noise \
       --mode enhance --input in.wav --output out.wav
   python -m cdjax.main gather DIR...          (a table of each run's final metrics)

@@ -5,6 +5,7 @@ Every trainer (classifier, signal, logits, enhancer, joint) runs through the sam
 the networks are conditioned on, and how its parameters start. `train(config, workdir, name)`
 runs one, resuming from the latest checkpoint in `workdir`.
 """
+import copy
 import dataclasses
 import functools
 import json
@@ -13,6 +14,7 @@ import os
 import time
 from typing import Any, Callable, Optional
 
+from absl import logging
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -80,6 +82,9 @@ def make_optimizer(optim: ml_collections.ConfigDict, num_steps: int,
   def scaled(scale: float = 1.0):   # adam or adamw at scale x the schedule
     lr = lambda count: scale * schedule(count)
     if optim.name == "adam":
+      if optim.weight_decay:
+        raise ValueError(f"optim.weight_decay={optim.weight_decay} has no effect with "
+                         "optim.name='adam'; use optim.name='adamw', or weight_decay=0.")
       return optax.adam(lr, b1=optim.b1, b2=optim.b2, eps=optim.eps)
     if optim.name == "adamw":
       return optax.adamw(lr, b1=optim.b1, b2=optim.b2, eps=optim.eps,
@@ -304,8 +309,14 @@ def _signal_branch(config, observe):
 def _enhancer_latent(config):
   """Ex-Diff: (latent(enhancer_params, y) -> features, {"enhancer": params}) of the frozen
   enhancer trained in workdir `config.checkpoint.enhancer`, when the signal net integrates
-  latents (`signal.net_kwargs.latent_mode` not "none"); else (None, {})."""
-  if not config.checkpoint.enhancer or config.signal.net_kwargs.get("latent_mode", "none") == "none":
+  latents (`signal.net_kwargs.latent_mode` not "none"); else (None, {}), with a warning when a
+  latent mode is set but no enhancer (the net then trains as plain SGMSE+)."""
+  mode = config.signal.net_kwargs.get("latent_mode", "none")
+  if mode != "none" and not config.checkpoint.enhancer:
+    logging.warning("signal.net_kwargs.latent_mode=%r but checkpoint.enhancer is empty: training "
+                    "without Ex-Diff latents (plain SGMSE+). Set checkpoint.enhancer to the frozen "
+                    "enhancer's workdir, or latent_mode='none' to silence this.", mode)
+  if not config.checkpoint.enhancer or mode == "none":
     return None, {}
   net = _network(config, config.enhancer)
   params = checkpoint.restore_params(os.path.join(config.checkpoint.enhancer, "checkpoints"))
@@ -451,9 +462,26 @@ class MetricsWriter:
       self._events.close()
 
 
+# trainer -> its config section (steps, batch size and, optionally, the trainer's own `lr`)
+SECTIONS = {"classifier": "classifier", "signal": "signal", "logits": "logits",
+            "joint": "train", "enhancer": "enhancer"}
+
+
+def stage_config(config: ml_collections.ConfigDict, trainer_name: str) -> ml_collections.ConfigDict:
+  """`config` with `optim.lr` replaced by the trainer's section's own `lr`, when it sets one
+  (e.g. `classifier.lr`; the joint trainer reads `train.lr`)."""
+  section = config[SECTIONS[trainer_name]] if trainer_name in SECTIONS else {}
+  if "lr" not in section:
+    return config
+  config = copy.deepcopy(config)
+  config.optim.lr = section.lr
+  return config
+
+
 def train(config: ml_collections.ConfigDict, workdir: str, trainer_name: str) -> dict:
   """Trains `trainer_name` (a `TRAINERS` entry) in `workdir`, resuming from its latest checkpoint.
 
+  The optimizer learns at the trainer's own `lr` where its section sets one (`stage_config`).
   Writes workdir/config.json (the resolved config), workdir/metrics.jsonl (one record per
   `train.log_every` steps and per checkpoint; also as TensorBoard scalars in workdir/tensorboard,
   see `MetricsWriter`) and workdir/checkpoints/<step>. Stops with a
@@ -461,6 +489,10 @@ def train(config: ml_collections.ConfigDict, workdir: str, trainer_name: str) ->
   metrics record.
   """
   parallel.initialize_distributed()
+  for field in ("grad_accum_steps", "log_every", "ckpt_every"):
+    if config.train[field] < 1:
+      raise ValueError(f"train.{field}={config.train[field]}; it must be at least 1.")
+  config = stage_config(config, trainer_name)
   mesh = parallel.make_mesh(config)
   trainer = TRAINERS.get(trainer_name)(config)
   parallel.check_batch_size(trainer.batch_size, mesh, config.train.grad_accum_steps)
@@ -473,7 +505,8 @@ def train(config: ml_collections.ConfigDict, workdir: str, trainer_name: str) ->
   batches = iter(data.make_loader(source, trainer.batch_size, seed=config.data.shuffle_seed,
                                   worker_count=config.data.worker_count, audio_length=audio_length,
                                   read_threads=config.data.read_threads,
-                                  prefetch_buffer_size=config.data.prefetch_buffer_size))
+                                  prefetch_buffer_size=config.data.prefetch_buffer_size,
+                                  num_devices=mesh.devices.size))
   optimizer = make_optimizer(config.optim, trainer.num_steps, trainer.lr_scales)
   # Initial params from the "rbg" generator: XLA:CPU compiles threefry initializers ~7x slower.
   k_init = jax.random.key(config.seed, impl="rbg")

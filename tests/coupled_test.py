@@ -377,10 +377,15 @@ def test_run_method_resumes_an_interrupted_evaluation(tmp_path, monkeypatch):
     np.testing.assert_array_equal(result.classifier_predictions, reference.classifier_predictions)
     np.testing.assert_array_equal(result.x0, reference.x0)
     assert result.nfe == reference.nfe == 10 and len(result.predictions) == 20
-  # Another sampling config is another file; an unreadable file is recomputed.
+  # Another sampling config, or another model config, is another file; an unreadable file is
+  # recomputed.
   monkeypatch.undo()
   evaluate.run_method("card", model, sampling_config(strategy="card"), *args[2:], cache_dir=str(tmp_path))
   assert len(list(tmp_path.glob("*.npz"))) == 2
+  for n in (5, 5, 6):   # the model's config, e.g. signal.sde_kwargs.N (same N: same file)
+    evaluate.run_method("parallel", *args, cache_dir=str(tmp_path), model_config=ml_collections.ConfigDict(
+        {"signal": {"sde_kwargs": {"N": n}}}))
+  assert len(list(tmp_path.glob("parallel-*.npz"))) == 3
   path.write_bytes(b"not an npz")
   again = evaluate.run_method("parallel", *args, cache_dir=str(tmp_path))
   np.testing.assert_array_equal(again.predictions, reference.predictions)

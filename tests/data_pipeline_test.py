@@ -95,6 +95,8 @@ def test_batch_not_divisible_by_devices():
   assert jax.device_count() == 8   # tests/conftest.py
   with pytest.raises(ValueError, match="batch size 12 is not divisible by the 8 devices.*16"):
     data.make_loader(_indexed_source(), 12, seed=0)
+  # a mesh over 4 of the 8 devices (mesh.data=4) shards the batch over those 4
+  assert next(iter(data.make_loader(_indexed_source(), 12, seed=0, num_devices=4)))["label"].shape == (12,)
 
 
 def test_empty_and_too_small_sources():

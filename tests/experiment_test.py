@@ -5,6 +5,7 @@ import os
 import pytest
 
 from cdjax import experiment
+from cdjax import train
 from configs import mnist_demo
 
 
@@ -55,8 +56,8 @@ def test_experiment_trains_every_stage_and_writes_the_report(tmp_path, files_und
 def test_stage_config_uses_the_stage_learning_rate():
   config = tiny_config()
   config.classifier.lr = 0.05
-  assert experiment.stage_config(config, "classifier").optim.lr == 0.05
-  assert experiment.stage_config(config, "signal").optim.lr == config.optim.lr
+  assert train.stage_config(config, "classifier").optim.lr == 0.05
+  assert train.stage_config(config, "signal").optim.lr == config.optim.lr
   assert config.optim.lr != 0.05   # the experiment's config is left as it was
 
 

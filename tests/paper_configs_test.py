@@ -87,7 +87,7 @@ def _one_step(cfg, stage: str, batch: dict, run: bool):
   """(initial params, state after, metrics) of one step of `stage`'s trainer on `batch`; only
   shapes unless `run`."""
   call = _call(run)
-  trainer = train.TRAINERS.get(stage)(experiment.stage_config(cfg, stage))
+  trainer = train.TRAINERS.get(stage)(train.stage_config(cfg, stage))
   optimizer = train.make_optimizer(cfg.optim, trainer.num_steps)
   mesh = parallel.make_mesh(cfg)
   rbg = lambda seed: jax.random.key(seed, impl="rbg")   # XLA:CPU compiles threefry ~7x slower

@@ -206,6 +206,9 @@ def test_schedules_and_optimizers():
   c.name = "sgd"
   with pytest.raises(ValueError, match="optim.name 'sgd'"):
     train.make_optimizer(c, 10)
+  c.name = "adam"   # adam has no weight decay: a value there would be silently ignored
+  with pytest.raises(ValueError, match="weight_decay=0.1 has no effect with optim.name='adam'"):
+    train.make_optimizer(c, 10)
   assert float(train.ema_decay(0.999, 0)) == pytest.approx(0.1)
   assert float(train.ema_decay(0.999, 10**6)) == pytest.approx(0.999)
 
@@ -328,14 +331,33 @@ def test_batch_not_divisible_fails_at_start_up(tmp_path):
   config = main.apply_overrides(mnist_classifier.get_config(), {"classifier.batch_size": 12})
   with pytest.raises(ValueError, match=r"batch size 12 .* 8 devices"):
     train.train(config, str(tmp_path), "classifier")
+  for field, value in (("grad_accum_steps", 0), ("log_every", 0), ("ckpt_every", -1)):
+    bad = main.apply_overrides(mnist_classifier.get_config(), {f"train.{field}": value})
+    with pytest.raises(ValueError, match=rf"train.{field}={value}; it must be at least 1"):
+      train.train(bad, str(tmp_path), "classifier")
   assert not os.listdir(tmp_path)
+
+
+def test_best_metric_not_in_the_metrics_is_a_clear_error_before_writing(tmp_path):
+  config = main.apply_overrides(mnist_classifier.get_config(), dict(
+      TINY, **{"classifier.num_steps": 2, "train.ckpt_every": 1,
+               "checkpoint.best_metric": "eval_acuracy"}))
+  with pytest.raises(ValueError, match=r"best_metric='eval_acuracy' is not a metric.*eval_accuracy"):
+    train.train(config, str(tmp_path), "classifier")
+  assert not os.listdir(os.path.join(tmp_path, "checkpoints"))
+  with pytest.raises(ValueError, match="best_mode='largest'"):
+    checkpoint.Checkpointer(str(tmp_path / "c"), main.apply_overrides(
+        config, {"checkpoint.best_mode": "largest"}).checkpoint)
 
 
 def test_resume_with_another_network_names_the_difference_and_keeps_the_run(tmp_path):
   config = main.apply_overrides(mnist_classifier.get_config(), dict(
       TINY, **{"classifier.num_steps": 3}))
+  config.classifier.lr = 0.02   # the trainer's own learning rate (as --mode train runs it)
   workdir = str(tmp_path)
   train.train(config, workdir, "classifier")
+  with open(os.path.join(workdir, "config.json")) as f:
+    assert json.load(f)["optim"]["lr"] == 0.02
   wider = main.apply_overrides(config, {"classifier.net_kwargs.width": 8,
                                         "classifier.num_steps": 6})
   with pytest.raises(checkpoint.CheckpointError,
