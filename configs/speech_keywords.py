@@ -85,7 +85,7 @@ def get_config(signal_branch: str = "exdiff"):
       corrector="annealed_langevin", snr=0.5, n_corrector=1,
       parallel_order="signal_first", initial_logits="classifier", switch_t=0.1,
       rounds=2, skip_last_logits=True,
-      nested_steps=(0.03,),   # logit-step times t before which nested re-runs the signal: the last
+      nested_steps=(0.03,),   # re-run the signal before the logit step at t = 0.03 (the last)
       nested_first_signal_run=False, final_signal_run=True, batch_size=20)
   c.evaluation = ml_collections.ConfigDict(dict(
       corruptions=se.evaluation.corruptions,   # noise, noise_reverb: each from its SGMSE+

@@ -388,7 +388,6 @@ def render() -> None:
     _write_md(json.load(f))
 
 
-
 def run_json_subprocess(argv: list[str], env_extra: dict, timeout: float = 600) -> dict:
   """Runs a python command whose last stdout line is JSON; returns it (or {"error": ...})."""
   env = dict(os.environ, **env_extra)

@@ -11,9 +11,9 @@ with frequency as the height; complex spectrograms are complex64 [B, F, T]. FIR 
 SGMSE+'s `upfirdn2d_native` (zero insertion, padding, a depthwise conv2d, subsampling). The sampler
 is the official-code style: a Python `for` loop over the OUVE steps, per step the signal step
 (annealed Langevin corrector + reverse-diffusion predictor, two score-net calls, conditioned on
-f(y) before the switch, on the previous l0_hat after it) and then the logit step (reverse diffusion on the logit OUVE, conditioned on y and
-f(y) before the switch, on the signal's new x0_hat and f(x0_hat) after it). Shared pieces come from
-`torch_reference.py`.
+f(y) before the switch, on the previous l0_hat after it) and then the logit step (reverse
+diffusion on the logit OUVE, conditioned on y and f(y) before the switch, on the signal's new
+x0_hat and f(x0_hat) after it). Shared pieces come from `torch_reference.py`.
 
 Needs the `bench` extra: `pip install torch==2.13.0`. `bench_sampler.py` records its FLOPs per
 call next to XLA's for the JAX networks.
