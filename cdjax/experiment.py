@@ -74,9 +74,26 @@ def num_steps(cfg, stage: str) -> int:
   return cfg[train.SECTIONS[stage]][STEPS_FIELDS[stage]]
 
 
+def _changed_fields(cfg, stage_dir: str, section: str) -> list[str]:
+  """Fields of `cfg[section]` that differ from the stage's record (stage_dir/config.json)."""
+  path = os.path.join(stage_dir, "config.json")
+  if not os.path.exists(path):
+    return []
+  with open(path) as f:
+    saved = json.load(f).get(section, {})
+
+  def flat(d, prefix):
+    if not isinstance(d, dict):
+      return {prefix: d}
+    return {k: v for key, value in d.items() for k, v in flat(value, f"{prefix}.{key}").items()}
+  a, b = flat(saved, section), flat(json.loads(cfg[section].to_json_best_effort()), section)
+  return sorted(k for k in a.keys() | b.keys() if a.get(k) != b.get(k))
+
+
 def train_stage(cfg, stage_dir: str, stage: str) -> None:
   """Trains `stage` (a `train.TRAINERS` name) in `stage_dir` unless its final checkpoint is
-  already there."""
+  already there; a reused stage whose config section has changed since is named with the
+  changed fields (its folder must be deleted to retrain it)."""
   parallel.initialize_distributed()   # before the Checkpointer below starts JAX's backend
   steps = num_steps(cfg, stage)
   ckpt_dir = os.path.join(stage_dir, "checkpoints")
@@ -85,7 +102,10 @@ def train_stage(cfg, stage_dir: str, stage: str) -> None:
   if stage == "classifier":
     done = done and os.path.isdir(os.path.join(stage_dir, "classifier"))
   if done:
-    print(f"[{stage}] reusing {stage_dir}")
+    changed = _changed_fields(cfg, stage_dir, train.SECTIONS[stage])
+    print(f"[{stage}] reusing {stage_dir}" + (
+        f", trained with other {', '.join(changed)}: delete the folder to train it again"
+        if changed else ""))
     return
   train.train(cfg, stage_dir, stage)
 

@@ -28,7 +28,7 @@ def tiny_config():
   return c
 
 
-def test_experiment_trains_every_stage_and_writes_the_report(tmp_path, files_under):
+def test_experiment_trains_every_stage_and_writes_the_report(tmp_path, files_under, capsys):
   config, workdir, out = tiny_config(), str(tmp_path / "work"), str(tmp_path / "results" / "toy")
   rows = experiment.run(config, workdir, out)
   for stage in ("classifier/classifier", "gn30/signal", "gn30/logits", "gn30/joint"):
@@ -47,10 +47,16 @@ def test_experiment_trains_every_stage_and_writes_the_report(tmp_path, files_und
   assert open(out + ".md").read().startswith("Command: `")
   assert os.path.getsize(out + ".png") > 1000
 
-  # Training again reuses every finished stage: no checkpoint is rewritten.
+  # Training again reuses every finished stage: no checkpoint is rewritten; a stage whose section
+  # changed since is named with the changed fields.
   before = files_under(workdir)
+  capsys.readouterr()
+  config.signal.sde_kwargs.N = 4
   experiment.train_all(config, workdir)
   assert files_under(workdir) == before
+  out = capsys.readouterr().out
+  assert "[signal] reusing" in out and "trained with other signal.sde_kwargs.N: delete" in out
+  assert "[logits] reusing" in out and "trained with other" not in out.split("[logits]")[1]
 
 
 def test_stage_config_uses_the_stage_learning_rate():
