@@ -330,8 +330,9 @@ def nested(b: _Branches, key):
   refresh_at = _grid_indices(ts[:-1], b.cfg.nested_steps)
   k_round = jax.random.fold_in(key, 0)
   k_signal, k_logits, k_refresh, k_final = (jax.random.fold_in(k_round, j) for j in range(4))
+  l0_hat = _initial_logits(b)
   if b.cfg.nested_first_signal_run:
-    c = b.signal_trajectory(k_signal, _initial_logits(b))
+    c = b.signal_trajectory(k_signal, l0_hat)
     c_logits = b.class_logits(c)
   else:
     c, c_logits = b.y, b.f_y
@@ -351,7 +352,7 @@ def nested(b: _Branches, key):
 
   l = b.logits_init(k_init)
   steps = (jnp.arange(m.logits_sde.N), ts[:-1], ts[1:])
-  (_, logits, _, x0, _), traj = jax.lax.scan(body, (l, l, _initial_logits(b), c, c_logits), steps)
+  (_, logits, _, x0, _), traj = jax.lax.scan(body, (l, l, l0_hat, c, c_logits), steps)
   signal_runs = int(b.cfg.nested_first_signal_run) + len(refresh_at)
   if b.cfg.final_signal_run:
     x0 = b.signal_trajectory(k_final, logits)
