@@ -148,14 +148,14 @@ class Checkpointer:
 
 
 def restore_params(directory: str, step: Optional[int] = None, ema: bool = True,
-                   classifier_sha256: Optional[str] = None):
+                   frozen_sha256: Optional[dict] = None):
   """The (EMA) parameters of a training checkpoint (default: the latest step), on this process's
   first device whatever devices it was saved from (a pod's checkpoint loads on one GPU); callers
   replicate them over a mesh where they shard a batch. Only those arrays are read, not the rest
   of the train state (optimizer moments, ...).
 
-  With `classifier_sha256`, raises `CheckpointError` unless the model was trained against that
-  frozen classifier."""
+  With `frozen_sha256` ({name: sha256}, see `check_frozen`), raises `CheckpointError` unless
+  the model was trained against exactly those frozen networks."""
   name = "ema_params" if ema else "params"
   here = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
   # create=False: it only reads, as read_only=True would without logging three warnings per load
@@ -177,19 +177,29 @@ def restore_params(directory: str, step: Optional[int] = None, ema: bool = True,
       raise CheckpointError(f"Checkpoint {path} is unreadable ({type(e).__name__}: {e}).") from e
   finally:
     manager.close()
-  if classifier_sha256 is not None:
-    check_classifier(out.meta.get("classifier_sha256"), classifier_sha256, path)
+  if frozen_sha256 is not None:
+    check_frozen(recorded_frozen(out.meta), frozen_sha256, path)
   return out.state[name]
 
 
-def check_classifier(recorded: Optional[str], given: Optional[str], what: str) -> None:
-  """Raises `CheckpointError` when `what` was trained against a frozen classifier other than
-  `given` (both sha256 hex digests; None: no classifier)."""
-  if recorded != given:
-    raise CheckpointError(
-        f"{what} was trained against the frozen classifier with sha256 {recorded}, but the "
-        f"classifier given has sha256 {given}. Use the classifier it was trained with, or "
-        "retrain it against this one.")
+def recorded_frozen(meta: Optional[dict]) -> dict:
+  """{name: sha256} of the frozen networks a checkpoint's `meta` records (checkpoints written
+  before the enhancer was recorded hold only "classifier_sha256")."""
+  meta = meta or {}
+  if "frozen_sha256" in meta:
+    return meta["frozen_sha256"]
+  return {"classifier": meta["classifier_sha256"]} if meta.get("classifier_sha256") else {}
+
+
+def check_frozen(recorded: dict, given: dict, what: str) -> None:
+  """Raises `CheckpointError` unless `what` was trained against exactly the frozen networks
+  `given`: both {name: sha256 hex digest of its params}, e.g. {"classifier": ..., "enhancer": ...}."""
+  for name in sorted(set(recorded) | set(given)):
+    if recorded.get(name) != given.get(name):
+      raise CheckpointError(
+          f"{what} was trained against the frozen {name} with sha256 {recorded.get(name)}, but "
+          f"the {name} given has sha256 {given.get(name)}. Use the {name} it was trained with, "
+          "or retrain it against this one.")
 
 
 def params_sha256(params) -> str:
@@ -242,5 +252,5 @@ def load_classifier(directory: str, expected_sha256: Optional[str] = None):
     raise CheckpointError(f"Frozen classifier {directory}: its parameters hash to {sha}, not to "
                           f"the {record['sha256']} in its {PROVENANCE}; the files were changed.")
   if expected_sha256 is not None and sha != expected_sha256:
-    check_classifier(expected_sha256, sha, "This model")
+    check_frozen({"classifier": expected_sha256}, {"classifier": sha}, "This model")
   return params, record

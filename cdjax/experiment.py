@@ -12,6 +12,7 @@ import copy
 import json
 import os
 import sys
+from typing import Optional
 
 import jax
 import ml_collections
@@ -122,18 +123,21 @@ def train_all(config: ml_collections.ConfigDict, workdir: str) -> None:
         train_stage(stage_cfg, os.path.join(branch_dir, stage), stage)
 
 
-def load_params(cfg: ml_collections.ConfigDict, branch_dir: str):
+def load_params(cfg: ml_collections.ConfigDict, branch_dir: str,
+                signal_frozen: Optional[dict] = None):
   """({source: params {"signal", "logits"}}, classifier params) of the stages in `branch_dir`
   (EMA parameters): source "pretrained" (each pre-trained branch) and, when the joint stage
-  was trained, "joint"."""
+  was trained, "joint". Each stage must have been trained against the frozen classifier of
+  `cfg.checkpoint.classifier` (logits, joint) and the frozen networks `signal_frozen`
+  ({name: sha256}, e.g. an Ex-Diff enhancer's; signal, joint)."""
   classifier_params, record = checkpoint.load_classifier(cfg.checkpoint.classifier)
-  sha = record["sha256"]
-  restore = lambda stage, **kw: checkpoint.restore_params(
-      os.path.join(branch_dir, stage, "checkpoints"), **kw)
-  params = {"pretrained": {"signal": restore("signal"),
-                           "logits": restore("logits", classifier_sha256=sha)}}
+  classifier, signal_frozen = {"classifier": record["sha256"]}, signal_frozen or {}
+  restore = lambda stage, frozen: checkpoint.restore_params(
+      os.path.join(branch_dir, stage, "checkpoints"), frozen_sha256=frozen)
+  params = {"pretrained": {"signal": restore("signal", signal_frozen),
+                           "logits": restore("logits", classifier)}}
   if cfg.train.joint_steps > 0:
-    params["joint"] = restore("joint", classifier_sha256=sha)
+    params["joint"] = restore("joint", {**signal_frozen, **classifier})
   return params, classifier_params
 
 

@@ -76,13 +76,15 @@ def trained_params(workdir: str, method: str):
   """EMA parameters of enhancement `method` trained in a condition's workdir, as
   `get_enhance_fn(config, method)` takes them: the enhancer's ("discriminative"), {"score"}
   ("sgmse"), {"score", "enhancer"} ("exdiff")."""
-  restore = lambda stage: checkpoint.restore_params(os.path.join(workdir, stage, "checkpoints"))
+  restore = lambda stage, frozen={}: checkpoint.restore_params(
+      os.path.join(workdir, stage, "checkpoints"), frozen_sha256=frozen)
   if method == "discriminative":
     return restore("enhancer")
-  params = {"score": restore(method)}
-  if method == "exdiff":
-    params["enhancer"] = restore("enhancer")
-  return params
+  if method == "sgmse":
+    return {"score": restore(method)}
+  enhancer = restore("enhancer")
+  return {"score": restore(method, {"enhancer": checkpoint.params_sha256(enhancer)}),
+          "enhancer": enhancer}
 
 
 def coupled_model(config: ml_collections.ConfigDict) -> coupled.CoupledModel:
@@ -101,11 +103,13 @@ def coupled_model(config: ml_collections.ConfigDict) -> coupled.CoupledModel:
 def load_coupled_params(config: ml_collections.ConfigDict, branch_dir: str):
   """`experiment.load_params`; for Ex-Diff each signal branch's params become {"score",
   "enhancer"} (the frozen enhancer of `checkpoint.enhancer`), as `coupled_model` expects."""
-  params, classifier_params = experiment.load_params(config, branch_dir)
-  if uses_latent(config):
-    enhancer = load_enhancer(config)
-    params = {source: dict(p, signal={"score": p["signal"], "enhancer": enhancer})
-              for source, p in params.items()}
+  if not uses_latent(config):
+    return experiment.load_params(config, branch_dir)
+  enhancer = load_enhancer(config)
+  params, classifier_params = experiment.load_params(
+      config, branch_dir, signal_frozen={"enhancer": checkpoint.params_sha256(enhancer)})
+  params = {source: dict(p, signal={"score": p["signal"], "enhancer": enhancer})
+            for source, p in params.items()}
   return params, classifier_params
 
 

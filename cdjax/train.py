@@ -160,8 +160,8 @@ class Trainer:
   init_params: Callable            # (rng, example batch [1, ...]) -> params
   num_steps: int
   batch_size: int                  # global
-  frozen: Any = None               # never-updated loss inputs, e.g. {"classifier": params}
-  classifier_sha256: Optional[str] = None   # the frozen classifier trained against, recorded
+  frozen: Any = None               # never-updated loss inputs, e.g. {"classifier": params}; their
+                                   # sha256s are recorded in every checkpoint and checked on resume
   evaluate: Optional[Callable] = None       # (ema_params) -> {name: float}, at checkpoints
   export: Optional[Callable] = None         # (workdir, ema_params, last metrics) after training
   lr_scales: Optional[dict] = None          # {params key: learning-rate factor} (make_optimizer)
@@ -202,12 +202,18 @@ def _init(module: nn.Module, inputs: Callable) -> Callable:
   return init
 
 
-def _init_or_restore(init: Callable, path: str, classifier_sha256: Optional[str]) -> Callable:
-  """`init`, or the EMA params of the latest checkpoint under `path` (a workdir) when set."""
+def frozen_sha256(frozen: Optional[dict]) -> dict:
+  """{name: sha256 of its params} of a trainer's frozen networks (`Trainer.frozen`)."""
+  return {name: checkpoint.params_sha256(p) for name, p in (frozen or {}).items()}
+
+
+def _init_or_restore(init: Callable, path: str, frozen: dict) -> Callable:
+  """`init`, or the EMA params of the latest checkpoint under `path` (a workdir) when set; that
+  checkpoint must have been trained against the frozen networks `frozen` ({name: sha256})."""
   if not path:
     return init
   ckpt_dir = os.path.join(path, "checkpoints")
-  return lambda rng, batch: checkpoint.restore_params(ckpt_dir, classifier_sha256=classifier_sha256)
+  return lambda rng, batch: checkpoint.restore_params(ckpt_dir, frozen_sha256=frozen)
 
 
 @OBSERVATIONS.register("image")
@@ -346,7 +352,8 @@ def signal_trainer(config) -> Trainer:
   loss_fn = functools.partial(losses.signal_loss, apply=_train_apply(net), sde=sde,
                               observe=observe, num_classes=config.data.num_classes,
                               parameterization=param, latent=latent)
-  return Trainer(loss_fn, _init_or_restore(init, config.checkpoint.init_signal, None),
+  return Trainer(loss_fn, _init_or_restore(init, config.checkpoint.init_signal,
+                                           frozen_sha256(frozen)),
                  config.signal.pretrain_steps, config.signal.batch_size, frozen=frozen or None)
 
 
@@ -359,9 +366,9 @@ def logits_trainer(config) -> Trainer:
   loss_fn = functools.partial(losses.logits_loss, apply=_train_apply(net), sde=sde,
                               observe=observe, classify=classify,
                               std=config.logits.standardize_std, parameterization=param)
-  return Trainer(loss_fn, _init_or_restore(init, config.checkpoint.init_logits, sha),
+  return Trainer(loss_fn, _init_or_restore(init, config.checkpoint.init_logits, {"classifier": sha}),
                  config.logits.pretrain_steps, config.logits.batch_size,
-                 frozen={"classifier": classifier_params}, classifier_sha256=sha)
+                 frozen={"classifier": classifier_params})
 
 
 @TRAINERS.register("enhancer")
@@ -397,8 +404,8 @@ def joint_trainer(config) -> Trainer:
   classify, classifier_params, sha = _frozen_classifier(config)
   s_net, s_sde, s_param, s_init, latent, frozen = _signal_branch(config, observe)
   l_net, l_sde, l_param, l_init = _logits_branch(config, observe)
-  s_init = _init_or_restore(s_init, config.checkpoint.init_signal, None)
-  l_init = _init_or_restore(l_init, config.checkpoint.init_logits, sha)
+  s_init = _init_or_restore(s_init, config.checkpoint.init_signal, frozen_sha256(frozen))
+  l_init = _init_or_restore(l_init, config.checkpoint.init_logits, {"classifier": sha})
   loss_fn = functools.partial(
       losses.joint_loss, signal_apply=_train_apply(s_net), logits_apply=_train_apply(l_net),
       signal_sde=s_sde, logits_sde=l_sde, observe=observe, classify=classify,
@@ -413,7 +420,7 @@ def joint_trainer(config) -> Trainer:
     k_s, k_l = jax.random.split(rng)
     return {"signal": s_init(k_s, batch), "logits": l_init(k_l, batch)}
   return Trainer(loss_fn, init, config.train.joint_steps, config.signal.batch_size,
-                 frozen=dict(frozen, classifier=classifier_params), classifier_sha256=sha,
+                 frozen=dict(frozen, classifier=classifier_params),
                  lr_scales=_joint_lr_scales(config))
 
 
@@ -516,13 +523,13 @@ def train(config: ml_collections.ConfigDict, workdir: str, trainer_name: str) ->
       trainer.init_params(k_init, example), optimizer, jax.random.PRNGKey(config.seed)), mesh)
 
   ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"), config.checkpoint)
-  meta = {"trainer": trainer_name, "classifier_sha256": trainer.classifier_sha256}
+  meta = {"trainer": trainer_name, "frozen_sha256": frozen_sha256(trainer.frozen)}
   last_good = None
   if ckpt.latest_step() is not None:
     last_good = ckpt.path(ckpt.latest_step())
     state, data_state, saved = ckpt.restore(state)
-    checkpoint.check_classifier(saved.get("classifier_sha256"), trainer.classifier_sha256,
-                                f"Checkpoint {last_good}")
+    checkpoint.check_frozen(checkpoint.recorded_frozen(saved), meta["frozen_sha256"],
+                            f"Checkpoint {last_good}")
     if data_state is not None:
       batches.set_state(data_state)
   if is_main:   # after the restore: a config that cannot resume leaves the old record in place

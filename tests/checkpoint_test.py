@@ -28,14 +28,14 @@ def _ckpt_config(**kw):
 def test_roundtrip_with_iterator_state_and_meta(tmp_path):
   ckpt = checkpoint.Checkpointer(str(tmp_path), _ckpt_config())
   data_state = json.dumps({"last_seen_indices": {"0": 7}}).encode()
-  ckpt.save(1, _state(1.0), data_state, {"classifier_sha256": "abc"})
+  ckpt.save(1, _state(1.0), data_state, {"frozen_sha256": {"classifier": "abc"}})
   ckpt.wait()
   state, restored_data, meta = ckpt.restore(_state(0.0))
   ckpt.close()
   np.testing.assert_array_equal(state["params"]["w"], np.full((3, 2), 1.0))
   np.testing.assert_array_equal(state["rng"], jax.random.PRNGKey(1))
   assert json.loads(restored_data) == {"last_seen_indices": {"0": 7}}
-  assert meta == {"classifier_sha256": "abc"}
+  assert meta == {"frozen_sha256": {"classifier": "abc"}}
 
 
 def test_keeps_last_n_and_the_best(tmp_path):
@@ -88,23 +88,31 @@ def test_frozen_classifier_provenance_and_hash_checks(tmp_path):
     checkpoint.load_classifier(str(tmp_path / "absent"))
 
 
-def test_restore_params_only_reads_quietly_and_checks_classifier_hash(tmp_path, caplog,
-                                                                     files_under):
+def test_restore_params_only_reads_quietly_and_checks_frozen_hashes(tmp_path, caplog,
+                                                                    files_under):
   ckpt = checkpoint.Checkpointer(str(tmp_path), _ckpt_config())
   state = {"params": {"w": jnp.ones(2)}, "ema_params": {"w": jnp.full(2, 2.0)}}
-  ckpt.save(4, state, None, {"classifier_sha256": "a" * 64})
+  frozen = {"classifier": "a" * 64, "enhancer": "c" * 64}
+  ckpt.save(4, state, None, {"frozen_sha256": frozen})
   ckpt.close()
   saved = files_under(str(tmp_path))
   with caplog.at_level("WARNING"):
-    ema = checkpoint.restore_params(str(tmp_path), classifier_sha256="a" * 64)
+    ema = checkpoint.restore_params(str(tmp_path), frozen_sha256=frozen)
   assert files_under(str(tmp_path)) == saved   # it only reads
   assert not caplog.records, [r.getMessage() for r in caplog.records]   # and quietly
   np.testing.assert_array_equal(ema["w"], [2.0, 2.0])
   raw = checkpoint.restore_params(str(tmp_path), ema=False)   # only that subtree, as jax arrays
   assert list(raw) == ["w"] and isinstance(raw["w"], jax.Array)
   np.testing.assert_array_equal(raw["w"], [1.0, 1.0])
-  with pytest.raises(checkpoint.CheckpointError, match="b" * 64):
-    checkpoint.restore_params(str(tmp_path), classifier_sha256="b" * 64)
+  with pytest.raises(checkpoint.CheckpointError, match="frozen classifier with sha256 a+, but the "
+                                                       "classifier given has sha256 b+"):
+    checkpoint.restore_params(str(tmp_path), frozen_sha256=dict(frozen, classifier="b" * 64))
+  with pytest.raises(checkpoint.CheckpointError, match="frozen enhancer with sha256 c+, but the "
+                                                       "enhancer given has sha256 None"):
+    checkpoint.restore_params(str(tmp_path), frozen_sha256={"classifier": "a" * 64})
+  # Checkpoints written before the enhancer was recorded name only the classifier.
+  assert checkpoint.recorded_frozen({"classifier_sha256": "a" * 64}) == {"classifier": "a" * 64}
+  assert checkpoint.recorded_frozen({"trainer": "signal", "classifier_sha256": None}) == {}
 
 
 def test_checkpoints_restore_onto_other_devices_than_they_were_saved_from(tmp_path):

@@ -146,7 +146,14 @@ def test_audio_observation_is_the_normalised_mixture():
   assert x0.shape == y.shape == (B, F, 16)
 
 
-def test_speech_trainers_take_finite_steps(enhancer_workdir):
+def _save_state(workdir, state, meta):
+  ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"), _config().checkpoint)
+  ckpt.save(2, state, None, meta)
+  ckpt.wait()
+  ckpt.close()
+
+
+def test_speech_trainers_take_finite_steps(enhancer_workdir, tmp_path):
   config = _config()
   config.signal.net_kwargs.latent_mode = "none"
   sgmse_state, _, sgmse_losses = _train_two_steps(config, "signal")
@@ -162,6 +169,22 @@ def test_speech_trainers_take_finite_steps(enhancer_workdir):
   assert jax.tree.all(jax.tree.map(np.array_equal, trainer.frozen["enhancer"], enhancer))
   # The integration layer (zero-initialised) got gradients through the latent: it moved.
   assert any(float(jnp.abs(v).max()) > 0 for v in jax.tree.leaves(state.params["latent"]))
+
+  # Its checkpoint records the enhancer's hash (as `train.train` saves it); loading it with
+  # another enhancer in the condition's workdir is refused, naming the enhancer.
+  frozen = train.frozen_sha256(trainer.frozen)
+  assert frozen == {"enhancer": checkpoint.params_sha256(enhancer)}
+  for condition, enhancer_state in (("same", None), ("other", state)):
+    os.makedirs(tmp_path / condition)
+    _save_state(str(tmp_path / condition / "exdiff"), state, {"frozen_sha256": frozen})
+    if enhancer_state is None:
+      os.symlink(enhancer_workdir, tmp_path / condition / "enhancer")
+    else:   # any other params stand in for a retrained enhancer
+      _save_state(str(tmp_path / condition / "enhancer"), enhancer_state, {})
+  params = speech.trained_params(str(tmp_path / "same"), "exdiff")
+  jax.tree.map(np.testing.assert_array_equal, params["enhancer"], enhancer)
+  with pytest.raises(checkpoint.CheckpointError, match="trained against the frozen enhancer"):
+    speech.trained_params(str(tmp_path / "other"), "exdiff")
 
 
 def test_trainer_init_compiles_one_program(enhancer_workdir, caplog):
@@ -340,11 +363,17 @@ def test_keyword_evaluation_hands_exdiff_its_frozen_enhancer(enhancer_workdir, m
   "enhancer"} (the enhancer of checkpoint.enhancer) for every source; SGMSE+'s stay as stored."""
   stored = {"pretrained": {"signal": {"w": 1.0}, "logits": {"v": 2.0}},
             "joint": {"signal": {"w": 3.0}, "logits": {"v": 4.0}}}
-  monkeypatch.setattr(speech.experiment, "load_params", lambda cfg, d: (stored, {"c": 0.0}))
+  checked = []
+
+  def load_params(cfg, branch_dir, signal_frozen=None):
+    checked.append(signal_frozen)   # the hashes the signal stages must have been trained with
+    return stored, {"c": 0.0}
+  monkeypatch.setattr(speech.experiment, "load_params", load_params)
   config = _config()
   config.checkpoint.enhancer = enhancer_workdir
   params, classifier = speech.load_coupled_params(config, "unused")
   enhancer = speech.load_enhancer(config)
+  assert checked == [{"enhancer": checkpoint.params_sha256(enhancer)}]
   for source in stored:
     assert params[source]["signal"]["score"] == stored[source]["signal"]
     assert params[source]["logits"] == stored[source]["logits"]

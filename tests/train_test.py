@@ -385,10 +385,10 @@ def test_logits_trainer_records_and_checks_classifier(classifier_dir, tmp_path):
   final = train.train(config, workdir, "logits")
   assert final["step"] == 2 and np.isfinite(final["loss"])
   ckpt_dir = os.path.join(workdir, "checkpoints")
-  checkpoint.restore_params(ckpt_dir, classifier_sha256=record["sha256"])
+  checkpoint.restore_params(ckpt_dir, frozen_sha256={"classifier": record["sha256"]})
   _, record_b = checkpoint.load_classifier(clf_b)
   with pytest.raises(checkpoint.CheckpointError, match=record_b["sha256"]):
-    checkpoint.restore_params(ckpt_dir, classifier_sha256=record_b["sha256"])
+    checkpoint.restore_params(ckpt_dir, frozen_sha256={"classifier": record_b["sha256"]})
   with pytest.raises(checkpoint.CheckpointError, match="trained against the frozen classifier"):
     train.train(main.apply_overrides(config, {"checkpoint.classifier": clf_b,
                                               "logits.pretrain_steps": 4}), workdir, "logits")
