@@ -36,8 +36,10 @@ def _db(num: np.ndarray, den: np.ndarray) -> np.ndarray:
 
 
 def _project(e: np.ndarray, s: np.ndarray) -> np.ndarray:
-  """Orthogonal projection of e [..., L] onto s [..., L], per item."""
-  return (_dot(e, s) / _dot(s, s))[..., None] * s
+  """Orthogonal projection of e [..., L] onto s [..., L], per item; zero where s is all zero."""
+  energy = _dot(s, s)
+  coef = np.divide(_dot(e, s), energy, out=np.zeros_like(energy), where=energy > 0)
+  return coef[..., None] * s
 
 
 def si_sdr(reference: np.ndarray, estimate: np.ndarray) -> np.ndarray:

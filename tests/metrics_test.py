@@ -44,6 +44,11 @@ def test_energy_ratios_known_values():
   sdr, sir, sar = metrics.energy_ratios(s, e, n)
   np.testing.assert_allclose([sdr, sir, sar],
                              [10 * np.log10(1 / (0.01 + 1e-4)), 20.0, 40.0], atol=1e-9)
+  # An observation without interference (noise all zero): no e_noise, SI-SIR +inf, the rest as
+  # if the estimate's interference were artifact.
+  sdr, sir, sar = metrics.energy_ratios(s, e, np.zeros_like(n))
+  residual = 10 * np.log10(1 / (0.01 + 1e-4))
+  np.testing.assert_allclose([sdr, sir, sar], [residual, np.inf, residual], atol=1e-9)
 
 
 def test_pesq_and_estoi(voiced):
