@@ -227,27 +227,31 @@ def center_crop(wave: np.ndarray, length: int) -> np.ndarray:
 
 
 def random_crop(key: jax.Array, wave: jax.Array, length: int) -> jax.Array:
-  """A window of `length` samples at an independent random start in each row of wave [B, L]
-  (all of it when length <= 0 or >= L)."""
+  """A window of `length` samples at an independent random start in each item of wave [B, ..., L]
+  (the same start for all of an item's rows; all of it when length <= 0 or >= L)."""
   if length <= 0 or length >= wave.shape[-1]:
     return wave
   starts = jax.random.randint(key, (wave.shape[0],), 0, wave.shape[-1] - length + 1)
-  return jax.vmap(lambda w, s: jax.lax.dynamic_slice(w, (s,), (length,)))(wave, starts)
+  return jax.vmap(lambda w, s: jax.lax.dynamic_slice_in_dim(w, s, length, axis=-1))(wave, starts)
 
 
 def make_observe(corrupt: Callable, frontend: Frontend, crop_frames: int = 0) -> Callable:
   """The speech observation model `observe(key, batch) -> (x0, y)` of the trainers.
 
-  batch["audio"]: clean waveforms [B, L]; with `crop_frames` > 0 each item is first cropped to a
-  random window of (crop_frames - 1) * hop samples (SGMSE+ trains on crops). The mixture is
-  `corrupt(key, clean)`; x0, y: compressed spectrograms [B, F, T] of clean and mixture, both
-  divided by the mixture's maximum (`Frontend.analyze`).
+  batch["audio"]: clean waveforms [B, L]; the mixture is `corrupt(key, clean)` of the whole
+  clips (as evaluation mixes them: the SNR and reverberation are those of the clip). With
+  `crop_frames` > 0 clean and mixture are then cropped to the same random window of
+  (crop_frames - 1) * hop samples (SGMSE+ trains on crops of its pairs). x0, y: compressed
+  spectrograms [B, F, T] of clean and mixture, both divided by the mixture's maximum
+  (`Frontend.analyze`).
   """
   def observe(key, batch):
     k_crop, k_corrupt = jax.random.split(key)
     x = batch["audio"]
+    y = corrupt(k_corrupt, x)
     if crop_frames > 0:
-      x = random_crop(k_crop, x, frames_to_samples(crop_frames, frontend.hop_length))
-    y_spec, x_spec, _ = frontend.analyze(corrupt(k_corrupt, x), x)
+      x, y = random_crop(k_crop, jnp.stack([x, y], 1),
+                         frames_to_samples(crop_frames, frontend.hop_length)).swapaxes(0, 1)
+    y_spec, x_spec, _ = frontend.analyze(y, x)
     return x_spec, y_spec
   return observe

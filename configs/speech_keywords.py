@@ -14,7 +14,7 @@ x0_hat in the last 10% of the steps, alternating skips the last logit run, neste
 logits on y and f(y) until it re-runs the signal before its last step, and runs it once more at
 the end.
 Mixtures are of whole 1 s clips; the models see the central 0.5 s (`evaluation.crop_samples`),
-trained on random 0.5 s crops. Evaluated on all 360 test clips.
+trained on random 0.5 s crops of whole-clip mixtures. Evaluated on all 360 test clips.
 
 The signal branch (default `:exdiff`) is Ex-Diff: the score net reads the frozen enhancer's latent
 (FiLM), started from experiments/speech_enhancement.py's Ex-Diff and its enhancer

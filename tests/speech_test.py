@@ -140,10 +140,20 @@ def test_audio_observation_is_the_normalised_mixture():
   frontend = audio.Frontend.from_config(config)
   np.testing.assert_allclose(frontend.synthesize(y, L), mixture / peak, atol=2e-5)
   np.testing.assert_allclose(frontend.synthesize(x0, L), batch["audio"] / peak, atol=2e-5)
-  # Training crops: (crop_frames - 1) * hop samples -> exactly crop_frames frames.
+  # Training crops: the whole clips are mixed (as in evaluation), then clean and mixture are
+  # cropped to one window of (crop_frames - 1) * hop samples -> exactly crop_frames frames.
   config.audio.train_crop_frames = 16
   x0, y = train.OBSERVATIONS.get("audio")(config)(key, batch)
   assert x0.shape == y.shape == (B, F, 16)
+  n = 15 * 16
+  x_crop, y_crop = frontend.synthesize(x0, n), frontend.synthesize(y, n)
+  for i in range(B):   # the window of the whole mixture that y is, and x at the same start
+    windows = np.stack([mixture[i, s:s + n] for s in range(L - n + 1)])
+    windows /= np.abs(windows).max(-1, keepdims=True)
+    start = np.abs(windows - y_crop[i]).max(-1).argmin()
+    np.testing.assert_allclose(y_crop[i], windows[start], atol=2e-5)
+    np.testing.assert_allclose(x_crop[i], batch["audio"][i, start:start + n]
+                               / np.abs(mixture[i, start:start + n]).max(), atol=2e-5)
 
 
 def _save_state(workdir, state, meta):
