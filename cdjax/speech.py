@@ -231,9 +231,11 @@ def evaluate_enhancement(config, workdir: str, condition: str) -> tuple[list[dic
   frontend = audio.Frontend.from_config(cfg)
   split = data.load_split(cfg.data.name, cfg.data.eval_split, cfg.data.data_dir,
                           cfg.data.max_eval_examples, audio_length=data.audio_length(cfg))
-  clean = audio.center_crop(split["audio"], cfg.evaluation.crop_samples)
   corrupt = data.corruption_from_config(cfg, cfg.data.eval_split)
-  noisy = evaluate.degrade(corrupt, jax.random.PRNGKey(cfg.evaluation.corruption_seed), clean)
+  # Whole clips are mixed (training mixes them so too, `audio.make_observe`), then cropped.
+  noisy = evaluate.degrade(corrupt, jax.random.PRNGKey(cfg.evaluation.corruption_seed),
+                           split["audio"])
+  clean, noisy = (audio.center_crop(w, cfg.evaluation.crop_samples) for w in (split["audio"], noisy))
   seconds_of_audio = clean.size / cfg.audio.sample_rate
   mesh = parallel.make_mesh(cfg)
   waves, scores, rows = {"clean": clean, "noisy": noisy}, {}, []

@@ -1,4 +1,5 @@
-"""Speech enhancement on spoken_digits + noise_local at SNR in [-5, 5] dB: noisy / discriminative
+"""Speech enhancement on spoken_digits + noise_local at SNR in [-5, 5] dB (of the whole 1 s clip; the
+mixtures are cropped after mixing, in training and evaluation): noisy / discriminative
 enhancer / SGMSE+ / Ex-Diff (DESIGN.md sections 1 "Speech" and 2), scaled down for a CPU.
 
 python experiments/speech_enhancement.py --config configs/speech_enhancement.py \
@@ -56,7 +57,8 @@ def get_config():
   c.evaluation = ml_collections.ConfigDict(dict(
       corruptions={"noise": NOISE, "noise_reverb": NOISE_REVERB},   # one model set each
       methods=("noisy", "discriminative", "sgmse", "exdiff"),
-      crop_samples=8064,               # evaluate the central 63 * 128 samples (0: whole clips)
+      crop_samples=8064,               # evaluate the central 63 * 128 samples of the mixed clips
+                                       # (0: whole clips)
       batch_size=20,
       corruption_seed=1234,            # every method sees the same mixtures
       sampling_seed=0,

@@ -7,10 +7,15 @@ import os
 import shutil
 import warnings
 
+import jax
 import matplotlib.image
 import numpy as np
 import pytest
 
+from cdjax import audio
+from cdjax import data
+from cdjax import evaluate
+from cdjax import metrics
 from cdjax import speech
 from configs import speech_enhancement
 
@@ -67,6 +72,15 @@ def test_enhancement_experiment_end_to_end(tmp_path):
         by[c, "exdiff"]["si_sdr"] - by[c, "sgmse"]["si_sdr"], abs=1e-4)
   # Same clean clips, other mixtures: the reverberant one is further from the dry target.
   assert by["noise_reverb", "noisy"]["si_sdr"] < by["noise", "noisy"]["si_sdr"] - 1
+  # The mixtures are of whole clips (their SNR is the clip's, as in training), then cropped.
+  cfg = speech.condition_config(config, "noise")
+  whole = data.load_split(cfg.data.name, cfg.data.eval_split, cfg.data.data_dir, 8,
+                          audio_length=data.audio_length(cfg))["audio"]
+  mixed = evaluate.degrade(data.corruption_from_config(cfg, cfg.data.eval_split),
+                           jax.random.PRNGKey(cfg.evaluation.corruption_seed), whole)
+  crop = lambda w: audio.center_crop(w, 4096)
+  assert by["noise", "noisy"]["si_sdr"] == pytest.approx(
+      metrics.si_sdr(crop(whole), crop(mixed)).mean(), abs=1e-5)
   report = json.load(open(out + ".json"))
   assert report["command"] and report["rows"] == json.loads(json.dumps(rows))
   assert "noise_reverb" in report["config"]["evaluation"]["corruptions"]

@@ -82,6 +82,14 @@ def _train_two_steps(config, name):
   return state, trainer, losses
 
 
+def _save_state(workdir, state, meta):
+  """`state` as step 2 of a training workdir, with checkpoint `meta`."""
+  ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"), _config().checkpoint)
+  ckpt.save(2, state, None, meta)
+  ckpt.wait()
+  ckpt.close()
+
+
 @pytest.fixture(scope="module")
 def enhancer_workdir(tmp_path_factory):
   """A trained-for-two-steps enhancer saved as a training workdir (as `train.train` does)."""
@@ -89,10 +97,7 @@ def enhancer_workdir(tmp_path_factory):
   state, _, losses = _train_two_steps(config, "enhancer")
   assert np.all(np.isfinite(losses))
   workdir = str(tmp_path_factory.mktemp("enhancer"))
-  ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"), config.checkpoint)
-  ckpt.save(2, state, None, {"trainer": "enhancer"})
-  ckpt.wait()
-  ckpt.close()
+  _save_state(workdir, state, {"trainer": "enhancer"})
   return workdir
 
 
@@ -154,13 +159,6 @@ def test_audio_observation_is_the_normalised_mixture():
     np.testing.assert_allclose(y_crop[i], windows[start], atol=2e-5)
     np.testing.assert_allclose(x_crop[i], batch["audio"][i, start:start + n]
                                / np.abs(mixture[i, start:start + n]).max(), atol=2e-5)
-
-
-def _save_state(workdir, state, meta):
-  ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"), _config().checkpoint)
-  ckpt.save(2, state, None, meta)
-  ckpt.wait()
-  ckpt.close()
 
 
 def test_speech_trainers_take_finite_steps(enhancer_workdir, tmp_path):
