@@ -9,7 +9,7 @@ sigma 0.05..0.5, reverse-diffusion + annealed Langevin, snr 0.5, N = 30, "neg_sc
 except the sizes and schedule: a tiny NCSN++ (nf 8) and ResUNet, 2400 steps (the enhancer 800)
 on 0.25 s crops (lr 1e-3 cosine, EMA 0.99 instead of 1e-4 / 0.999, which need ~100k steps), and
 the central 0.5 s of each of the 360 test clips (12 held-out voices), so that training and
-evaluation of both conditions take about 1.5 h on two CPU cores (evaluation alone about 35 min).
+evaluation of both conditions take about 35 min on two CPU cores (session 47).
 configs/sgmse_full.py is the same pipeline at SGMSE+'s 65.6M size. `evaluation.corruptions`
 names the conditions (one model set each; kwargs of `corruption.name` unless they name another,
 as in the coupled experiments): additive noise, and the reverberant variant (a synthetic RIR
