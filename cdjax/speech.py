@@ -83,7 +83,7 @@ def trained_params(workdir: str, method: str):
   if method == "sgmse":
     return {"score": restore(method)}
   enhancer = restore("enhancer")
-  return {"score": restore(method, {"enhancer": checkpoint.params_sha256(enhancer)}),
+  return {"score": restore(method, train.frozen_sha256({"enhancer": enhancer})),
           "enhancer": enhancer}
 
 
@@ -107,7 +107,7 @@ def load_coupled_params(config: ml_collections.ConfigDict, branch_dir: str):
     return experiment.load_params(config, branch_dir)
   enhancer = load_enhancer(config)
   params, classifier_params = experiment.load_params(
-      config, branch_dir, signal_frozen={"enhancer": checkpoint.params_sha256(enhancer)})
+      config, branch_dir, signal_frozen=train.frozen_sha256({"enhancer": enhancer}))
   params = {source: dict(p, signal={"score": p["signal"], "enhancer": enhancer})
             for source, p in params.items()}
   return params, classifier_params

@@ -207,13 +207,14 @@ def frozen_sha256(frozen: Optional[dict]) -> dict:
   return {name: checkpoint.params_sha256(p) for name, p in (frozen or {}).items()}
 
 
-def _init_or_restore(init: Callable, path: str, frozen: dict) -> Callable:
+def _init_or_restore(init: Callable, path: str, frozen: Optional[dict]) -> Callable:
   """`init`, or the EMA params of the latest checkpoint under `path` (a workdir) when set; that
-  checkpoint must have been trained against the frozen networks `frozen` ({name: sha256})."""
+  checkpoint must have been trained against the frozen networks `frozen` ({name: params})."""
   if not path:
     return init
   ckpt_dir = os.path.join(path, "checkpoints")
-  return lambda rng, batch: checkpoint.restore_params(ckpt_dir, frozen_sha256=frozen)
+  return lambda rng, batch: checkpoint.restore_params(ckpt_dir,
+                                                      frozen_sha256=frozen_sha256(frozen))
 
 
 @OBSERVATIONS.register("image")
@@ -239,16 +240,16 @@ def _observe(config):
 
 
 def _frozen_classifier(config):
-  """(classify(params, x) -> logits in inference mode, params, sha256) of the frozen classifier
-  at `config.checkpoint.classifier`."""
+  """(classify(params, x) -> logits in inference mode, params) of the frozen classifier at
+  `config.checkpoint.classifier`."""
   path = config.checkpoint.classifier
   if not path:
     raise ValueError("This trainer needs a frozen classifier: set config.checkpoint.classifier to "
                      "the `classifier` directory written by the classifier trainer.")
-  params, record = checkpoint.load_classifier(path)
+  params, _ = checkpoint.load_classifier(path)
   net = _network(config, config.classifier)
   classify = lambda p, x: net.apply({"params": p}, x, train=False)
-  return classify, params, record["sha256"]
+  return classify, params
 
 
 def _classifier_accuracy(config, net: nn.Module, input_key: str) -> Callable:
@@ -352,8 +353,7 @@ def signal_trainer(config) -> Trainer:
   loss_fn = functools.partial(losses.signal_loss, apply=_train_apply(net), sde=sde,
                               observe=observe, num_classes=config.data.num_classes,
                               parameterization=param, latent=latent)
-  return Trainer(loss_fn, _init_or_restore(init, config.checkpoint.init_signal,
-                                           frozen_sha256(frozen)),
+  return Trainer(loss_fn, _init_or_restore(init, config.checkpoint.init_signal, frozen),
                  config.signal.pretrain_steps, config.signal.batch_size, frozen=frozen or None)
 
 
@@ -361,14 +361,14 @@ def signal_trainer(config) -> Trainer:
 def logits_trainer(config) -> Trainer:
   """Logit-branch pre-training on l0 = f(x0) of the frozen classifier, conditioned on y, f(y)."""
   observe = _observe(config)
-  classify, classifier_params, sha = _frozen_classifier(config)
+  classify, classifier_params = _frozen_classifier(config)
   net, sde, param, init = _logits_branch(config, observe)
   loss_fn = functools.partial(losses.logits_loss, apply=_train_apply(net), sde=sde,
                               observe=observe, classify=classify,
                               std=config.logits.standardize_std, parameterization=param)
-  return Trainer(loss_fn, _init_or_restore(init, config.checkpoint.init_logits, {"classifier": sha}),
-                 config.logits.pretrain_steps, config.logits.batch_size,
-                 frozen={"classifier": classifier_params})
+  frozen = {"classifier": classifier_params}
+  return Trainer(loss_fn, _init_or_restore(init, config.checkpoint.init_logits, frozen),
+                 config.logits.pretrain_steps, config.logits.batch_size, frozen=frozen)
 
 
 @TRAINERS.register("enhancer")
@@ -401,11 +401,12 @@ def joint_trainer(config) -> Trainer:
   Each branch learns at `config.train.joint_lr_scales` times the schedule. Ex-Diff: the frozen
   enhancer rides in `frozen` next to the classifier."""
   observe = _observe(config)
-  classify, classifier_params, sha = _frozen_classifier(config)
+  classify, classifier_params = _frozen_classifier(config)
   s_net, s_sde, s_param, s_init, latent, frozen = _signal_branch(config, observe)
   l_net, l_sde, l_param, l_init = _logits_branch(config, observe)
-  s_init = _init_or_restore(s_init, config.checkpoint.init_signal, frozen_sha256(frozen))
-  l_init = _init_or_restore(l_init, config.checkpoint.init_logits, {"classifier": sha})
+  s_init = _init_or_restore(s_init, config.checkpoint.init_signal, frozen)
+  l_init = _init_or_restore(l_init, config.checkpoint.init_logits,
+                            {"classifier": classifier_params})
   loss_fn = functools.partial(
       losses.joint_loss, signal_apply=_train_apply(s_net), logits_apply=_train_apply(l_net),
       signal_sde=s_sde, logits_sde=l_sde, observe=observe, classify=classify,
