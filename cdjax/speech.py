@@ -32,6 +32,7 @@ from cdjax import checkpoint
 from cdjax import coupled
 from cdjax import data
 from cdjax import evaluate
+from cdjax import exdiff
 from cdjax import experiment
 from cdjax import metrics
 from cdjax import nets
@@ -54,24 +55,6 @@ def _inference(section: ml_collections.ConfigDict) -> Callable:
   return lambda params, *inputs: net.apply({"params": params}, *inputs, train=False)
 
 
-def uses_latent(config: ml_collections.ConfigDict) -> bool:
-  """Ex-Diff: the signal net reads the frozen enhancer's latent (`checkpoint.enhancer` set and a
-  latent integration mode other than "none")."""
-  return bool(config.checkpoint.enhancer) and (
-      config.signal.net_kwargs.get("latent_mode", "none") != "none")
-
-
-def enhancer_latent_fn(config: ml_collections.ConfigDict) -> Callable:
-  """`latent(enhancer_params, y) -> [B, F', T', C']`: the frozen enhancer's bottleneck, no gradient."""
-  enhance = _inference(config.enhancer)
-  return lambda params, y: jax.lax.stop_gradient(enhance(params, y)[1])
-
-
-def load_enhancer(config: ml_collections.ConfigDict):
-  """EMA parameters of the enhancer trained in workdir `config.checkpoint.enhancer`."""
-  return checkpoint.restore_params(os.path.join(config.checkpoint.enhancer, "checkpoints"))
-
-
 def trained_params(workdir: str, method: str):
   """EMA parameters of enhancement `method` trained in a condition's workdir, as
   `get_enhance_fn(config, method)` takes them: the enhancer's ("discriminative"), {"score"}
@@ -91,9 +74,9 @@ def coupled_model(config: ml_collections.ConfigDict) -> coupled.CoupledModel:
   """`coupled.model_from_config`; for Ex-Diff the signal params are {"score", "enhancer"} and the
   enhancer's latent of y, computed once per sampler call, enters the score net."""
   model = coupled.model_from_config(config)
-  if not uses_latent(config):
+  if not exdiff.uses_latent(config):
     return model
-  score, latent = _inference(config.signal), enhancer_latent_fn(config)
+  score, latent = _inference(config.signal), exdiff.latent_fn(config)
   return dataclasses.replace(
       model, signal_context=lambda params, y: (y, latent(params["enhancer"], y)),
       signal_net=lambda params, x, t, cond, logits: score(params["score"], x, t, cond[0], logits,
@@ -103,9 +86,9 @@ def coupled_model(config: ml_collections.ConfigDict) -> coupled.CoupledModel:
 def load_coupled_params(config: ml_collections.ConfigDict, branch_dir: str):
   """`experiment.load_params`; for Ex-Diff each signal branch's params become {"score",
   "enhancer"} (the frozen enhancer of `checkpoint.enhancer`), as `coupled_model` expects."""
-  if not uses_latent(config):
+  if not exdiff.uses_latent(config):
     return experiment.load_params(config, branch_dir)
-  enhancer = load_enhancer(config)
+  enhancer = exdiff.load_enhancer(config)
   params, classifier_params = experiment.load_params(
       config, branch_dir, signal_frozen=train.frozen_sha256({"enhancer": enhancer}))
   params = {source: dict(p, signal={"score": p["signal"], "enhancer": enhancer})
@@ -130,7 +113,7 @@ def get_enhance_fn(config: ml_collections.ConfigDict, method: str) -> Callable:
   s, cfg = config.signal, config.sampling
   sde = sde_lib.get_sde(s.sde, **s.sde_kwargs)
   score_net = _inference(s)
-  latent_fn = enhancer_latent_fn(config) if method == "exdiff" else None
+  latent_fn = exdiff.latent_fn(config) if method == "exdiff" else None
   step_kwargs = dict(predictor=cfg.signal_predictor, corrector=cfg.corrector, snr=cfg.snr,
                      n_corrector=cfg.n_corrector, predictor_kwargs=cfg.predictor_kwargs)
 

@@ -28,6 +28,7 @@ from tqdm.auto import tqdm
 from cdjax import audio
 from cdjax import checkpoint
 from cdjax import data
+from cdjax import exdiff
 from cdjax import losses
 from cdjax import nets
 from cdjax import parallel
@@ -323,12 +324,9 @@ def _enhancer_latent(config):
     logging.warning("signal.net_kwargs.latent_mode=%r but checkpoint.enhancer is empty: training "
                     "without Ex-Diff latents (plain SGMSE+). Set checkpoint.enhancer to the frozen "
                     "enhancer's workdir, or latent_mode='none' to silence this.", mode)
-  if not config.checkpoint.enhancer or mode == "none":
+  if not exdiff.uses_latent(config):
     return None, {}
-  net = _network(config, config.enhancer)
-  params = checkpoint.restore_params(os.path.join(config.checkpoint.enhancer, "checkpoints"))
-  latent = lambda p, y: jax.lax.stop_gradient(net.apply({"params": p}, y, train=False)[1])
-  return latent, {"enhancer": params}
+  return exdiff.latent_fn(config), {"enhancer": exdiff.load_enhancer(config)}
 
 
 def _logits_branch(config, observe):

@@ -17,6 +17,7 @@ import soundfile
 from cdjax import audio
 from cdjax import checkpoint
 from cdjax import coupled
+from cdjax import exdiff
 from cdjax import speech
 from cdjax import train
 from cdjax.data.corruptions import get_corruption
@@ -173,7 +174,7 @@ def test_speech_trainers_take_finite_steps(enhancer_workdir, tmp_path):
   assert np.all(np.isfinite(losses))
   assert set(trainer.frozen) == {"enhancer"}
   assert "latent" in state.params                      # the integration layer is trained
-  enhancer = speech.load_enhancer(config)
+  enhancer = exdiff.load_enhancer(config)
   assert jax.tree.all(jax.tree.map(np.array_equal, trainer.frozen["enhancer"], enhancer))
   # The integration layer (zero-initialised) got gradients through the latent: it moved.
   assert any(float(jnp.abs(v).max()) > 0 for v in jax.tree.leaves(state.params["latent"]))
@@ -212,10 +213,10 @@ def test_trainer_init_compiles_one_program(enhancer_workdir, caplog):
 def test_pc_sampler_enhancement_and_latent_path(enhancer_workdir):
   config = _config()
   config.checkpoint.enhancer = enhancer_workdir
-  enhancer = speech.load_enhancer(config)
+  enhancer = exdiff.load_enhancer(config)
   y_spec = audio.Frontend.from_config(config).analyze(_speech(4) + 0.1)[0]
   net = get_network(config.signal.net, **config.signal.net_kwargs)
-  latent = speech.enhancer_latent_fn(config)(enhancer, y_spec)
+  latent = exdiff.latent_fn(config)(enhancer, y_spec)
   zeros = jnp.zeros((B, 10))
   score = _perturb(net.init(KEY, y_spec, jnp.full((B,), 0.5), y_spec, zeros, latent)["params"])
 
@@ -300,9 +301,10 @@ def test_sgmse_full_shapes():
   assert latent.shape == (1, 256 // 64, frames // 32, 384)
   net = get_network(c.signal.net, **dict(c.signal.net_kwargs, latent_mode="none"))
   assert count_params(jax.eval_shape(net.init, KEY, y, jnp.ones((1,)), y)) == 65_590_694
-  exdiff = get_network(c.signal.net, **c.signal.net_kwargs)
+  exdiff_net = get_network(c.signal.net, **c.signal.net_kwargs)
   out, params = jax.eval_shape(
-      lambda y, z: exdiff.init_with_output(KEY, y, jnp.ones((1,)), y, jnp.zeros((1, 10)), z), y, latent)
+      lambda y, z: exdiff_net.init_with_output(KEY, y, jnp.ones((1,)), y, jnp.zeros((1, 10)), z),
+      y, latent)
   assert out.shape == y.shape and "latent" in params["params"]
 
 
@@ -337,7 +339,7 @@ def test_joint_training_with_exdiff_signal_branch(enhancer_workdir, tmp_path):
   assert np.all(np.isfinite(losses))
   assert set(trainer.frozen) == {"enhancer", "classifier"} and set(state.params) == {"signal", "logits"}
   jax.tree.map(np.testing.assert_array_equal, trainer.frozen["enhancer"],
-               speech.load_enhancer(config))
+               exdiff.load_enhancer(config))
   assert any(float(jnp.abs(v).max()) > 0 for v in jax.tree.leaves(state.params["signal"]["latent"]))
 
 
@@ -350,11 +352,11 @@ def test_coupled_speech_parallel_with_exdiff_signal_branch(enhancer_workdir):
   model = speech.coupled_model(config)
   y = audio.Frontend.from_config(config).analyze(_speech(9) + 0.1)[0]
   l = jnp.zeros((B, 10))
-  enhancer = speech.load_enhancer(config)
+  enhancer = exdiff.load_enhancer(config)
   nets = {name: get_network(s.net, **s.net_kwargs)
           for name, s in (("signal", config.signal), ("logits", config.logits),
                           ("classifier", config.classifier))}
-  latent = speech.enhancer_latent_fn(config)(enhancer, y)
+  latent = exdiff.latent_fn(config)(enhancer, y)
   params = {"signal": {"score": nets["signal"].init(KEY, y, 0.5, y, l, latent)["params"],
                        "enhancer": enhancer},
             "logits": nets["logits"].init(KEY, l, 0.5, l, y)["params"]}
@@ -380,7 +382,7 @@ def test_keyword_evaluation_hands_exdiff_its_frozen_enhancer(enhancer_workdir, m
   config = _config()
   config.checkpoint.enhancer = enhancer_workdir
   params, classifier = speech.load_coupled_params(config, "unused")
-  enhancer = speech.load_enhancer(config)
+  enhancer = exdiff.load_enhancer(config)
   assert checked == [{"enhancer": checkpoint.params_sha256(enhancer)}]
   for source in stored:
     assert params[source]["signal"]["score"] == stored[source]["signal"]
@@ -396,18 +398,18 @@ def test_keyword_config_signal_branches():
   of each condition ("{corruption}" filled in per condition) and adds the joint stage; :sgmse is
   SGMSE+ without a latent or joint stage."""
   from configs import speech_keywords
-  sgmse, exdiff = speech_keywords.get_config("sgmse"), speech_keywords.get_config()
-  assert sgmse.signal.net_kwargs.latent_mode == "none" and not speech.uses_latent(sgmse)
-  reverb = speech.experiment.with_corruption(exdiff, "noise_reverb")
-  assert speech.uses_latent(reverb) and reverb.signal.net_kwargs.latent_mode == "film"
+  sgmse, keywords = speech_keywords.get_config("sgmse"), speech_keywords.get_config()
+  assert sgmse.signal.net_kwargs.latent_mode == "none" and not exdiff.uses_latent(sgmse)
+  reverb = speech.experiment.with_corruption(keywords, "noise_reverb")
+  assert exdiff.uses_latent(reverb) and reverb.signal.net_kwargs.latent_mode == "film"
   assert reverb.checkpoint.enhancer == "runs/speech_enhancement/noise_reverb/enhancer"
   assert reverb.checkpoint.init_signal == "runs/speech_enhancement/noise_reverb/exdiff"
   assert reverb.enhancer.to_dict() == speech_enhancement.get_config().enhancer.to_dict()
   # Ex-Diff trains the joint stage; the baselines sample with the pre-trained branches.
-  assert sgmse.train.joint_steps == 0 < exdiff.train.joint_steps
+  assert sgmse.train.joint_steps == 0 < keywords.train.joint_steps
   params = speech.experiment.method_params
   joint = {"pretrained": "p", "joint": "j"}
-  methods = exdiff.evaluation.methods
+  methods = keywords.evaluation.methods
   for names, expected in ((("enhance_then_classify", "card"), "p"),
                           (("parallel", "alternating", "nested"), "j")):
     for name in names:
