@@ -241,17 +241,19 @@ def make_observe(corrupt: Callable, frontend: Frontend, crop_frames: int = 0) ->
   batch["audio"]: clean waveforms [B, L]; the mixture is `corrupt(key, clean)` of the whole
   clips (as evaluation mixes them: the SNR and reverberation are those of the clip). With
   `crop_frames` > 0 clean and mixture are then cropped to the same random window of
-  (crop_frames - 1) * hop samples (SGMSE+ trains on crops of its pairs). x0, y: compressed
-  spectrograms [B, F, T] of clean and mixture, both divided by the mixture's maximum
-  (`Frontend.analyze`).
+  n = (crop_frames - 1) * hop samples (SGMSE+ trains on crops of its pairs); clips shorter than
+  n are zero-padded to n, centered, as SGMSE+ pads them. x0, y: compressed spectrograms
+  [B, F, T] of clean and mixture, both divided by the mixture's maximum (`Frontend.analyze`).
   """
   def observe(key, batch):
     k_crop, k_corrupt = jax.random.split(key)
     x = batch["audio"]
     y = corrupt(k_corrupt, x)
     if crop_frames > 0:
-      x, y = random_crop(k_crop, jnp.stack([x, y], 1),
-                         frames_to_samples(crop_frames, frontend.hop_length)).swapaxes(0, 1)
+      n = frames_to_samples(crop_frames, frontend.hop_length)
+      pad = max(n - x.shape[-1], 0)
+      pair = jnp.pad(jnp.stack([x, y], 1), [(0, 0), (0, 0), (pad // 2, pad - pad // 2)])
+      x, y = random_crop(k_crop, pair, n).swapaxes(0, 1)
     y_spec, x_spec, _ = frontend.analyze(y, x)
     return x_spec, y_spec
   return observe

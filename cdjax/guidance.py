@@ -2,9 +2,13 @@
 
 Both terms are added to a branch's score:
 - signal: `s_x * grad_x0 sum_c w_c log softmax(f(x0_hat))_c`, with class weights
-  `w = softmax(l0_hat / tau)` from the logit branch (the gradient is taken at the Tweedie
-  estimate x0_hat, not through the score network: the usual cheap approximation; for complex
-  x0_hat (speech spectrograms) it is d/dRe + i d/dIm, the conjugate of what `jax.grad` returns);
+  `w = softmax(l0_hat / tau)` from the logit branch, added to the score of x_t as it is: the
+  gradient at the Tweedie estimate x0_hat, with d x0_hat / d x_t taken as the identity. The true
+  Jacobian is (a / std^2) Cov[x0 | x_t]: about I / a(t) at low noise, tending to 0 as a(t) -> 0.
+  Dropping only the score network's part of it would leave I / a(t), which grows without bound
+  at high noise (about 500 / 3000 at t = T of the 25- / 150-step cosine schedules). For complex
+  x0_hat (speech spectrograms) the gradient is d/dRe + i d/dIm, the conjugate of what `jax.grad`
+  returns;
 - logits: `s_l * grad_l0 [-0.5 ||l0_hat - f(x0_hat)||^2] = s_l (f(x0_hat) - l0_hat)`, pulling the
   logit branch toward what the classifier says of the signal branch's estimate.
 """

@@ -160,6 +160,14 @@ def test_audio_observation_is_the_normalised_mixture():
     np.testing.assert_allclose(y_crop[i], windows[start], atol=2e-5)
     np.testing.assert_allclose(x_crop[i], batch["audio"][i, start:start + n]
                                / np.abs(mixture[i, start:start + n]).max(), atol=2e-5)
+  # Crops longer than the clips: SGMSE+ zero-pads both, centered, to the crop's length.
+  config.audio.train_crop_frames = 40
+  x0, y = train.OBSERVATIONS.get("audio")(config)(key, batch)
+  assert x0.shape == y.shape == (B, F, 40)
+  n, left = 39 * 16, (39 * 16 - L) // 2
+  padded = lambda w: np.pad(w / peak, [(0, 0), (left, n - L - left)])
+  np.testing.assert_allclose(frontend.synthesize(y, n), padded(mixture), atol=2e-5)
+  np.testing.assert_allclose(frontend.synthesize(x0, n), padded(batch["audio"]), atol=2e-5)
 
 
 def test_speech_trainers_take_finite_steps(enhancer_workdir, tmp_path):
