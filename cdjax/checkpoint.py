@@ -2,11 +2,11 @@
 with a provenance record.
 
 A training checkpoint `<dir>/<step>/` holds three items: `state` (params, opt_state, ema_params,
-step, rng), `data` (the grain iterator state, JSON) and `meta` (JSON, e.g. the sha256 of the
-frozen classifier the model was trained against). Saves are atomic (orbax writes a temporary
-directory and renames it). An unreadable checkpoint, or one of another train state (other
-parameter names or shapes, another optimizer), raises `CheckpointError` naming its path and the
-difference; it is never deleted.
+step, rng), `data` (JSON: every host's grain iterator state, {"hosts": [state of process 0, ...]})
+and `meta` (JSON, e.g. the sha256 of the frozen classifier the model was trained against). Saves
+are atomic (orbax writes a temporary directory and renames it). An unreadable checkpoint, or one
+of another train state (other parameter names or shapes, another optimizer), raises
+`CheckpointError` naming its path and the difference; it is never deleted.
 
 A frozen classifier `<dir>/` holds `params/` (orbax) and `provenance.json`: the path, the sha256
 of its parameters' bytes, its clean test accuracy and the config that trained it.
@@ -21,6 +21,7 @@ import jax
 import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
+from jax.experimental import multihost_utils
 
 PROVENANCE = "provenance.json"
 
@@ -74,6 +75,9 @@ class Checkpointer:
   `config.best_metric` (`config.best_mode` "max" | "min") when that is set."""
 
   def __init__(self, directory: str, config: ml_collections.ConfigDict):
+    if config.keep < 1:
+      raise ValueError(f"checkpoint.keep={config.keep} would delete every checkpoint, the newest "
+                       "too; keep at least 1.")
     self.directory = os.path.abspath(directory)
     self.best_metric = config.best_metric
     policies = [ocp.checkpoint_managers.LatestN(n=config.keep)]
@@ -102,15 +106,15 @@ class Checkpointer:
 
   def save(self, step: int, state, data_state: Optional[bytes], meta: dict,
            metrics: Optional[dict] = None) -> None:
-    """Saves `state` (a pytree of arrays), the iterator state (grain's JSON bytes) and `meta`;
-    `metrics` must hold `checkpoint.best_metric` when one is set (else a ValueError, before
-    anything is written)."""
+    """Saves `state` (a pytree of arrays), this host's iterator state (grain's JSON bytes; with
+    every other host's, `all_hosts`) and `meta`; every host calls it. `metrics` must hold
+    `checkpoint.best_metric` when one is set (else a ValueError, before anything is written)."""
     if self.best_metric and self.best_metric not in (metrics or {}):
       raise ValueError(
           f"checkpoint.best_metric={self.best_metric!r} is not a metric of this run; it has "
           f"{', '.join(sorted(metrics or {}))}. Set checkpoint.best_metric to one of them, or to "
           "'' to keep only the latest checkpoints.")
-    data = json.loads(data_state) if data_state is not None else {}
+    data = {} if data_state is None else {"hosts": [json.loads(s) for s in all_hosts(data_state)]}
     self.manager.save(step, args=ocp.args.Composite(
         state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data),
         meta=ocp.args.JsonSave(meta)), metrics=metrics)
@@ -137,7 +141,7 @@ class Checkpointer:
     except Exception as e:   # orbax raises many types for truncated or missing files
       raise CheckpointError(f"Checkpoint {path} is unreadable ({type(e).__name__}: {e}). It was "
                             "left in place; move it aside to resume from an earlier one.") from e
-    return out.state, (json.dumps(out.data).encode() if out.data else None), out.meta
+    return out.state, _this_host(out.data, path), out.meta
 
   def wait(self) -> None:
     """Blocks until pending asynchronous saves are on disk."""
@@ -145,6 +149,30 @@ class Checkpointer:
 
   def close(self) -> None:
     self.manager.close()
+
+
+def all_hosts(data_state: bytes) -> list[bytes]:
+  """Every host's `data_state`, in process order (a collective: each host passes its own). Orbax
+  writes a JSON item from the primary host alone, so the states travel there together."""
+  if jax.process_count() == 1:
+    return [data_state]
+  sizes = multihost_utils.process_allgather(np.int32(len(data_state)))
+  padded = np.zeros(int(sizes.max()), np.uint8)
+  padded[:len(data_state)] = np.frombuffer(data_state, np.uint8)
+  states = multihost_utils.process_allgather(padded)
+  return [bytes(s[:n]) for s, n in zip(states, sizes)]
+
+
+def _this_host(data: dict, path: str) -> Optional[bytes]:
+  """This host's iterator state in a restored `data` item (None when none was saved)."""
+  if not data:
+    return None
+  hosts = data.get("hosts", [data])   # checkpoints before 2026-12-06 held one host's state
+  if len(hosts) != jax.process_count():
+    raise CheckpointError(f"Checkpoint {path} was written by {len(hosts)} hosts, and this job has "
+                          f"{jax.process_count()}: each host resumes its own input shard, so "
+                          f"resume with {len(hosts)} hosts (or train in a new workdir).")
+  return json.dumps(hosts[jax.process_index()]).encode()
 
 
 def restore_params(directory: str, step: Optional[int] = None, ema: bool = True,

@@ -75,35 +75,55 @@ def num_steps(cfg, stage: str) -> int:
   return cfg[train.SECTIONS[stage]][STEPS_FIELDS[stage]]
 
 
-def _changed_fields(cfg, stage_dir: str, section: str) -> list[str]:
-  """Fields of `cfg[section]` that differ from the stage's record (stage_dir/config.json)."""
+# Config fields that do not change what a stage learns (where data are read from, evaluation).
+NOT_STAGE_INPUTS = ("data.data_dir", "data.eval_split", "data.max_eval_examples",
+                    "data.worker_count", "data.read_threads", "data.prefetch_buffer_size")
+
+
+def stage_inputs(stage: str) -> tuple[str, ...]:
+  """The config sections and fields a trained `stage` depends on: its own section
+  (`train.SECTIONS`), the joint stage also both branches' and the switch its logit net learns,
+  and the data, corruption (not for the clean-data classifier), seed and optimizer."""
+  own = (train.SECTIONS[stage],) + (("signal", "logits", "sampling.switch_t")
+                                    if stage == "joint" else ())
+  return own + ("seed", "data", "audio", "optim") + (("corruption",) if stage != "classifier" else ())
+
+
+def _changed_fields(cfg, stage_dir: str, stage: str) -> list[str]:
+  """The fields of `stage_inputs(stage)` (less `NOT_STAGE_INPUTS`) in which the stage's config
+  (`train.stage_config`) differs from its record, stage_dir/config.json."""
   path = os.path.join(stage_dir, "config.json")
   if not os.path.exists(path):
     return []
   with open(path) as f:
-    saved = json.load(f).get(section, {})
+    saved = json.load(f)
 
-  def flat(d, prefix):
+  def flat(d, prefix=""):
     if not isinstance(d, dict):
       return {prefix: d}
-    return {k: v for key, value in d.items() for k, v in flat(value, f"{prefix}.{key}").items()}
-  a, b = flat(saved, section), flat(json.loads(cfg[section].to_json_best_effort()), section)
-  return sorted(k for k in a.keys() | b.keys() if a.get(k) != b.get(k))
+    return {k: v for key, value in d.items()
+            for k, v in flat(value, f"{prefix}.{key}" if prefix else key).items()}
+  a = flat(saved)
+  b = flat(json.loads(train.stage_config(cfg, stage).to_json_best_effort()))
+  wanted = lambda k: k not in NOT_STAGE_INPUTS and any(
+      k == p or k.startswith(p + ".") for p in stage_inputs(stage))
+  return sorted(k for k in a.keys() | b.keys() if wanted(k) and a.get(k) != b.get(k))
 
 
 def train_stage(cfg, stage_dir: str, stage: str) -> None:
-  """Trains `stage` (a `train.TRAINERS` name) in `stage_dir` unless its final checkpoint is
-  already there; a reused stage whose config section has changed since is named with the
-  changed fields (its folder must be deleted to retrain it)."""
+  """Trains `stage` (a `train.TRAINERS` name) in `stage_dir` unless its final checkpoint (and,
+  for the classifier, the exported classifier's record) is already there; a reused stage
+  whose inputs (`stage_inputs`) have changed since is named with the changed fields (its folder
+  must be deleted to retrain it)."""
   parallel.initialize_distributed()   # before the Checkpointer below starts JAX's backend
   steps = num_steps(cfg, stage)
   ckpt_dir = os.path.join(stage_dir, "checkpoints")
   done = (os.path.isdir(ckpt_dir)
           and checkpoint.Checkpointer(ckpt_dir, cfg.checkpoint).latest_step() == steps)
-  if stage == "classifier":
-    done = done and os.path.isdir(os.path.join(stage_dir, "classifier"))
+  if stage == "classifier":   # written last: an export cut short is redone from the checkpoint
+    done = done and os.path.exists(os.path.join(stage_dir, "classifier", checkpoint.PROVENANCE))
   if done:
-    changed = _changed_fields(cfg, stage_dir, train.SECTIONS[stage])
+    changed = _changed_fields(cfg, stage_dir, stage)
     print(f"[{stage}] reusing {stage_dir}" + (
         f", trained with other {', '.join(changed)}: delete the folder to train it again"
         if changed else ""))

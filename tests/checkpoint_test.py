@@ -38,6 +38,32 @@ def test_roundtrip_with_iterator_state_and_meta(tmp_path):
   assert meta == {"frozen_sha256": {"classifier": "abc"}}
 
 
+def test_every_host_resumes_its_own_iterator_state(monkeypatch):
+  # Orbax writes the JSON item from the primary host only, so every host's state goes there.
+  states = [json.dumps({"last_seen_indices": {"0": 46}}).encode(),
+            json.dumps({"last_seen_indices": {"0": 47}, "shard": 1}).encode()]
+
+  def process_allgather(x):   # what two hosts passing states[0] and states[1] would gather
+    if np.ndim(x) == 0:
+      return np.array([len(s) for s in states], np.int32)
+    return np.stack([np.pad(np.frombuffer(s, np.uint8), (0, len(x) - len(s))) for s in states])
+  monkeypatch.setattr(checkpoint.multihost_utils, "process_allgather", process_allgather)
+  monkeypatch.setattr(jax, "process_count", lambda: 2)
+  assert checkpoint.all_hosts(states[1]) == states
+  saved = {"hosts": [json.loads(s) for s in states]}
+  for host in range(2):
+    monkeypatch.setattr(jax, "process_index", lambda host=host: host)
+    assert checkpoint._this_host(saved, "ckpt/9") == states[host]
+  monkeypatch.setattr(jax, "process_count", lambda: 3)
+  with pytest.raises(checkpoint.CheckpointError, match="written by 2 hosts, and this job has 3"):
+    checkpoint._this_host(saved, "ckpt/9")
+
+
+def test_keep_below_one_is_refused(tmp_path):
+  with pytest.raises(ValueError, match="checkpoint.keep=0 would delete every checkpoint"):
+    checkpoint.Checkpointer(str(tmp_path), _ckpt_config(keep=0))
+
+
 def test_keeps_last_n_and_the_best(tmp_path):
   ckpt = checkpoint.Checkpointer(str(tmp_path), _ckpt_config(keep=2, best_metric="acc"))
   for step, acc in [(1, 0.5), (2, 0.9), (3, 0.6), (4, 0.7), (5, 0.1)]:

@@ -47,16 +47,29 @@ def test_experiment_trains_every_stage_and_writes_the_report(tmp_path, files_und
   assert open(out + ".md").read().startswith("Command: `")
   assert os.path.getsize(out + ".png") > 1000
 
-  # Training again reuses every finished stage: no checkpoint is rewritten; a stage whose section
-  # changed since is named with the changed fields.
+  # Training again reuses every finished stage: no checkpoint is rewritten; a stage whose inputs
+  # changed since is named with the changed fields (evaluation-only fields are not inputs).
   before = files_under(workdir)
   capsys.readouterr()
   config.signal.sde_kwargs.N = 4
+  config.evaluation.corruptions.gn30.p = 0.25
+  config.data.max_eval_examples = 48
   experiment.train_all(config, workdir)
   assert files_under(workdir) == before
-  out = capsys.readouterr().out
-  assert "[signal] reusing" in out and "trained with other signal.sde_kwargs.N: delete" in out
-  assert "[logits] reusing" in out and "trained with other" not in out.split("[logits]")[1]
+  said = dict(line[1:].split("] ", 1) for line in capsys.readouterr().out.splitlines())
+  changed = {stage: line.partition("trained with other ")[2].partition(":")[0]
+             for stage, line in said.items()}
+  assert all(line.startswith("reusing") for line in said.values())
+  assert changed == {"classifier": "", "signal": "corruption.kwargs.p, signal.sde_kwargs.N",
+                     "logits": "corruption.kwargs.p",
+                     "joint": "corruption.kwargs.p, signal.sde_kwargs.N"}
+
+  # A frozen classifier whose export was cut short (no provenance record yet) is exported again.
+  provenance = os.path.join(workdir, "classifier", "classifier", "provenance.json")
+  record = json.load(open(provenance))
+  os.remove(provenance)
+  experiment.train_stage(config, os.path.join(workdir, "classifier"), "classifier")
+  assert json.load(open(provenance))["sha256"] == record["sha256"]
 
 
 def test_stage_config_uses_the_stage_learning_rate():
