@@ -117,7 +117,8 @@ def make_train_step(loss_fn: LossFn, optimizer: optax.GradientTransformation,
   after all of micro-batch i's gradient (`nets.layers.after`), so one micro-batch's activations
   are live at a time. The state is donated. XLA compiles it with
   `parallel.train_compiler_options` (on CPU devices: its own convolutions).
-  metrics: the loss's metrics (means over micro-batches) and `grad_norm`.
+  metrics: the loss's metrics (means over micro-batches), `grad_norm` and `param_norm` (of the
+  updated parameters: an update to inf shows in the step that makes it).
   """
   accum, decay = config.train.grad_accum_steps, config.train.ema_decay
   grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
@@ -143,7 +144,7 @@ def make_train_step(loss_fn: LossFn, optimizer: optax.GradientTransformation,
     d = ema_decay(decay, state.step)
     ema = jax.tree.map(lambda e, p: d * e + (1.0 - d) * p, state.ema_params, params)
     metrics = dict(jax.tree.map(lambda *v: jnp.mean(jnp.stack(v)), *metrics),
-                   grad_norm=optax.tree.norm(grads))
+                   grad_norm=optax.tree.norm(grads), param_norm=optax.tree.norm(params))
     return state.replace(step=state.step + 1, params=params, opt_state=opt_state,
                          ema_params=ema), metrics
 
@@ -425,15 +426,18 @@ def joint_trainer(config) -> Trainer:
 
 # ---- the loop -----------------------------------------------------------------------------------
 def _check_finite(window: list[dict], first_step: int, last_good: Optional[str]) -> dict:
-  """Host copies of the metrics of steps first_step, first_step + 1, ...; raises
-  FloatingPointError at the first step whose loss or gradient norm is NaN or Inf."""
+  """The means of the metrics of steps first_step + 1, first_step + 2, ... (counted from 1, as
+  metrics.jsonl does); raises FloatingPointError at the first step with a NaN or Inf in its
+  metrics (loss, gradient norm, or the norm of the parameters it updated)."""
   window = jax.device_get(window)
   for i, m in enumerate(window):
-    if not (math.isfinite(m["loss"]) and math.isfinite(m["grad_norm"])):
+    bad = {k: float(v) for k, v in m.items() if not math.isfinite(v)}
+    if bad:
       raise FloatingPointError(
-          f"Non-finite loss {m['loss']} (gradient norm {m['grad_norm']}) at step "
-          f"{first_step + i}; training stopped. The last good checkpoint, kept: "
-          f"{last_good or 'none (no checkpoint was saved yet)'}.")
+          f"Non-finite {bad} in step {first_step + i + 1} (loss {float(m['loss'])}); training "
+          f"stopped. The last good checkpoint, kept: "
+          f"{last_good or 'none (no checkpoint was saved yet)'}. Lower optim.lr, set "
+          "optim.grad_clip, or check the data; rerunning resumes from that checkpoint.")
   return {k: float(np.mean([m[k] for m in window])) for k in window[0]}
 
 

@@ -316,15 +316,25 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, monkeypatch):
   config = main.apply_overrides(mnist_classifier.get_config(), dict(
       TINY, **{"classifier.num_steps": 12, "train.ckpt_every": 1}))
   workdir = str(tmp_path)
-  with pytest.raises(FloatingPointError, match=r"at step (\d+).*last good checkpoint") as info:
+  with pytest.raises(FloatingPointError, match=r"'loss': nan.* in step (\d+).*last good checkp") as info:
     train.train(config, workdir, "classifier")
-  step = int(re.search(r"at step (\d+)", str(info.value)).group(1))
+  step = int(re.search(r"in step (\d+)", str(info.value)).group(1))
   ckpt_dir = os.path.join(workdir, "checkpoints")
-  assert f"{ckpt_dir}/{step}" in str(info.value) or step == 0
+  assert f"{ckpt_dir}/{step - 1}" in str(info.value) or step == 1
   steps = sorted(int(d) for d in os.listdir(ckpt_dir) if d.isdigit())
-  assert steps[-1] == step   # checkpoints 1..step saved (the last 3 kept); step + 1 never written
+  assert steps[-1] == step - 1   # checkpoints 1..step-1 saved (the last 3 kept); step never written
   params = checkpoint.restore_params(ckpt_dir, ema=False)
   assert all(np.isfinite(x).all() for x in jax.tree.leaves(params))
+
+
+def test_update_to_inf_parameters_is_never_saved(tmp_path):
+  # The loss of step 1 is finite, but its update (at lr 1e40) makes the parameters inf.
+  config = main.apply_overrides(mnist_classifier.get_config(), dict(
+      TINY, **{"classifier.num_steps": 3, "train.ckpt_every": 1, "optim.lr": 1e40,
+               "optim.warmup_steps": 0, "optim.schedule": "constant"}))
+  with pytest.raises(FloatingPointError, match=r"'param_norm': inf.* in step 1 .*none \(no chec"):
+    train.train(config, str(tmp_path), "classifier")
+  assert not [d for d in os.listdir(tmp_path / "checkpoints") if d.isdigit()]
 
 
 def test_batch_not_divisible_fails_at_start_up(tmp_path):
