@@ -5,14 +5,15 @@ Prints the results table and writes <workdir>/results.{json,md,png}.
 """
 import os
 
-from absl import app
 from absl import flags
 from absl import logging
 from ml_collections import config_flags
 
 from cdjax import experiment
+from cdjax import overrides
 
-_CONFIG = config_flags.DEFINE_config_file("config", "configs/mnist_demo.py", "Experiment config.")
+_CONFIG = config_flags.DEFINE_config_file("config", None,
+                                          "Experiment config (default configs/mnist_demo.py).")
 _WORKDIR = flags.DEFINE_string("workdir", "runs/demo", "Where checkpoints and results go.")
 
 
@@ -23,4 +24,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  overrides.run(main, "configs/mnist_demo.py")

@@ -12,13 +12,10 @@ with `@MODES.register("name")`. `--mode sweep` prints one line per member of the
 A config file's `sweep()` returns `dict(product={field: values}, zip={field: values})`: the
 product of the `product` lists times the rows of the (equal-length) `zip` lists.
 """
-import difflib
-import importlib.util
 import itertools
 import json
 import os
-import sys
-from typing import Any, Callable
+from typing import Callable
 
 from absl import app
 from absl import flags
@@ -27,6 +24,8 @@ from ml_collections import config_flags
 
 from cdjax import parallel
 from cdjax import train as train_lib
+from cdjax import overrides as overrides_lib
+from cdjax.overrides import apply_overrides, load_module
 from cdjax.registry import Registry
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file (configs/*.py).")
@@ -56,75 +55,6 @@ def enhance_mode(config: ml_collections.ConfigDict, workdir: str) -> str:
   return speech.enhance_file(config, workdir, _INPUT.value, _OUTPUT.value)
 
 
-# ---- config fields and overrides ----------------------------------------------------------------
-def field_paths(config: ml_collections.ConfigDict, prefix: str = "") -> list[str]:
-  """Every dotted field path of `config`, sections included (e.g. "optim", "optim.lr")."""
-  paths = []
-  for key, value in config.items():
-    paths.append(prefix + key)
-    if isinstance(value, ml_collections.ConfigDict):
-      paths += field_paths(value, f"{prefix}{key}.")
-  return paths
-
-
-def check_field(config: ml_collections.ConfigDict, path: str) -> None:
-  """Raises KeyError naming `path` and its closest existing fields unless `config` has it."""
-  node = config
-  for key in path.split("."):
-    if not isinstance(node, ml_collections.ConfigDict) or key not in node:
-      close = difflib.get_close_matches(path, field_paths(config), n=5, cutoff=0.5)
-      hint = f" Closest fields: {', '.join(close)}." if close else ""
-      raise KeyError(f"Unknown config field {path!r}.{hint}")
-    node = node[key]
-
-
-def apply_overrides(config: ml_collections.ConfigDict, overrides: dict[str, Any]):
-  """A copy of `config` with {dotted field: value} set (each field must exist)."""
-  config = ml_collections.ConfigDict(config.to_dict())
-  for path, value in overrides.items():
-    check_field(config, path)
-    *parents, key = path.split(".")
-    node = config
-    for p in parents:
-      node = node[p]
-    node[key] = value
-  return config
-
-
-def _load_module(config_arg: str):
-  """The Python module of a `--config` value (`path.py` or `path.py:arg`), and the arg."""
-  path, _, arg = config_arg.partition(":")
-  spec = importlib.util.spec_from_file_location("cdjax_config", path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module, arg
-
-
-def _config_arg(argv: list[str]):
-  """The value of --config in argv, or None."""
-  for i, a in enumerate(argv):
-    if a.startswith("--config="):
-      return a.split("=", 1)[1]
-    if a == "--config" and i + 1 < len(argv):
-      return argv[i + 1]
-  return None
-
-
-def parse_flags(argv: list[str]) -> list[str]:
-  """absl flag parsing, after checking each `--config.<field>` names an existing field."""
-  config_arg = _config_arg(argv)
-  overrides = [a[len("--config."):].split("=", 1)[0] for a in argv if a.startswith("--config.")]
-  if config_arg and overrides:
-    module, arg = _load_module(config_arg)
-    config = module.get_config(arg) if arg else module.get_config()
-    for path in overrides:
-      try:
-        check_field(config, path)
-      except KeyError as e:
-        sys.exit(f"cdjax: {e.args[0]}")
-  return flags.FLAGS(argv)
-
-
 # ---- sweeps -------------------------------------------------------------------------------------
 def sweep_members(sweep: dict, workdir: str) -> list[tuple[str, dict]]:
   """(member workdir, {field: value}) for each member of `sweep` (see the module docstring)."""
@@ -150,7 +80,7 @@ def override_string(overrides: dict) -> str:
 def run_sweep(config: ml_collections.ConfigDict, config_arg: str, workdir: str, execute: bool,
               mode: Callable = train_mode) -> list[tuple[str, dict]]:
   """Prints each member of the config file's `sweep()`; with `execute`, runs `mode` on each."""
-  module, _ = _load_module(config_arg)
+  module, _ = load_module(config_arg)
   if not hasattr(module, "sweep"):
     raise ValueError(f"{config_arg} defines no sweep(); add one returning "
                      "dict(product={field: values}, zip={field: values}).")
@@ -204,7 +134,7 @@ def main(argv: list[str]) -> None:
 
 def run() -> None:
   """Console script `cdjax`."""
-  app.run(main, flags_parser=parse_flags)
+  overrides_lib.run(main)
 
 
 if __name__ == "__main__":

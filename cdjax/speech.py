@@ -400,6 +400,10 @@ def enhance_file(config: ml_collections.ConfigDict, workdir: str, input_path: st
   condition: `<workdir>/enhancer`, `sgmse`, `exdiff`) and writes `output_path` (16-bit WAV at
   `config.audio.sample_rate`). method: "" (Ex-Diff if trained, else SGMSE+, else the enhancer)."""
   import soundfile   # pylint: disable=g-import-not-at-top
+  paths = (input_path, output_path)
+  if all(map(os.path.exists, paths)) and os.path.samefile(*paths):
+    raise ValueError(f"The output {output_path!r} is the input file, which writing it would "
+                     "destroy; give another output path.")
   trained = [m for m in ("exdiff", "sgmse", "discriminative")
              if os.path.isdir(os.path.join(workdir, "enhancer" if m == "discriminative" else m,
                                            "checkpoints"))]

@@ -442,12 +442,21 @@ def _check_finite(window: list[dict], first_step: int, last_good: Optional[str])
 
 
 class MetricsWriter:
-  """Appends metrics records {"step": int, name: float} to workdir/metrics.jsonl and, when
-  `tensorboard` is set and the `tensorboard` package is installed, writes their values as
-  TensorBoard scalars (tag = name) to an event file in workdir/tensorboard."""
+  """Appends metrics records {"step": int, name: float} to workdir/metrics.jsonl, after dropping
+  its records past `start` (the resumed checkpoint's step: a run stopped after logging them
+  redoes those steps), and, when `tensorboard` is set and the `tensorboard` package is
+  installed, writes their values as TensorBoard scalars (tag = name) to an event file in
+  workdir/tensorboard."""
 
-  def __init__(self, workdir: str, tensorboard: bool):
-    self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a")
+  def __init__(self, workdir: str, tensorboard: bool, start: int = 0):
+    path = os.path.join(workdir, "metrics.jsonl")
+    if os.path.exists(path):
+      with open(path) as f:
+        kept = [line for line in f if json.loads(line)["step"] <= start]
+      with open(path + ".tmp", "w") as f:
+        f.writelines(kept)
+      os.replace(path + ".tmp", path)
+    self._jsonl = open(path, "a")
     self._events = None
     if tensorboard:
       try:
@@ -543,7 +552,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, trainer_name: str) ->
 
   start = int(state.step)
   record, window, window_start, tic = {}, [], start, time.perf_counter()
-  log = MetricsWriter(workdir, config.train.tensorboard) if is_main else None
+  log = MetricsWriter(workdir, config.train.tensorboard, start) if is_main else None
   try:
     with tqdm(total=trainer.num_steps, initial=start, desc=trainer_name, disable=not is_main,
               dynamic_ncols=True) as bar:

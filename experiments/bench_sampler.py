@@ -50,6 +50,7 @@ import numpy as np  # noqa: E402
 from cdjax import audio  # noqa: E402
 from cdjax import coupled  # noqa: E402
 from cdjax import nets  # noqa: E402
+from cdjax import overrides  # noqa: E402
 from cdjax import parallel  # noqa: E402
 from cdjax import sampling  # noqa: E402
 from cdjax import sde as sde_lib  # noqa: E402
@@ -57,7 +58,8 @@ from cdjax import speech  # noqa: E402
 from cdjax.nets import layers  # noqa: E402
 from cdjax.nets import speech as speech_nets  # noqa: E402
 
-_CONFIG = config_flags.DEFINE_config_file("config", "configs/mnist_demo.py", "Experiment config.")
+_CONFIG = config_flags.DEFINE_config_file("config", None,
+                                          "Experiment config (default configs/mnist_demo.py).")
 _STEPS = flags.DEFINE_integer("steps", 0, "Steps of every trajectory (both branches); 0: the config's.")
 _FRAMES = flags.DEFINE_integer("frames", 256, "Spectrogram frames of the speech setup (16 kHz, hop "
                                "128: 256 frames = 2 s).")
@@ -486,8 +488,8 @@ def bench_strategies(config, params, classifier, b: int, repeats: int, budget: f
 def self_command(*args: str) -> list:
   """This script as a subprocess printing JSON: the same config file and `--config.*` overrides,
   strategy costs and XLA variants off, then `args` (later flags win)."""
-  overrides = [a for a in sys.argv[1:] if a.startswith("--config.")]
-  return [sys.executable, os.path.abspath(__file__), f"--config={_CONFIG_PATH}", *overrides,
+  fields = [a for a in sys.argv[1:] if a.startswith("--config.")]
+  return [sys.executable, os.path.abspath(__file__), f"--config={_CONFIG_PATH}", *fields,
           "--strategy_batch=0", "--json_only", *args]
 
 
@@ -738,4 +740,4 @@ def write(results: dict, config) -> None:
 
 
 if __name__ == "__main__":
-  app.run(main)
+  overrides.run(main, "configs/mnist_demo.py")

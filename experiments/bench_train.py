@@ -29,9 +29,11 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
 from cdjax import parallel  # noqa: E402
+from cdjax import overrides  # noqa: E402
 from cdjax import train  # noqa: E402
 
-_CONFIG = config_flags.DEFINE_config_file("config", "configs/mnist_demo.py", "Experiment config.")
+_CONFIG = config_flags.DEFINE_config_file("config", None,
+                                          "Experiment config (default configs/mnist_demo.py).")
 _BATCH = flags.DEFINE_integer("batch", 0, "Global batch; 0: config.signal.batch_size.")
 _STEPS = flags.DEFINE_integer("steps", 10, "Timed train steps per measurement (after 2 warm-up).")
 _VARIANTS = flags.DEFINE_list(
@@ -284,4 +286,4 @@ def write(results: dict) -> None:
 
 
 if __name__ == "__main__":
-  app.run(main)
+  overrides.run(main, "configs/mnist_demo.py")

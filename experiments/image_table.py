@@ -6,15 +6,16 @@ python experiments/image_table.py --config configs/fashion_mnist.py --workdir ru
 import os
 import sys
 
-from absl import app
 from absl import flags
 from absl import logging
 from ml_collections import config_flags
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from cdjax import experiment  # noqa: E402
+from cdjax import overrides  # noqa: E402
 
-_CONFIG = config_flags.DEFINE_config_file("config", "configs/fashion_mnist.py", "Experiment config.")
+_CONFIG = config_flags.DEFINE_config_file("config", None,
+                                          "Experiment config (default configs/fashion_mnist.py).")
 _WORKDIR = flags.DEFINE_string("workdir", "runs/fashion_mnist", "Checkpoints of every stage.")
 _OUT = flags.DEFINE_string("out", "experiments/results/fashion_mnist", "Results path prefix.")
 
@@ -26,4 +27,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  overrides.run(main, "configs/fashion_mnist.py")

@@ -8,15 +8,16 @@ python experiments/speech_keywords.py --config configs/speech_keywords.py --work
 import os
 import sys
 
-from absl import app
 from absl import flags
 from absl import logging
 from ml_collections import config_flags
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from cdjax import speech  # noqa: E402
+from cdjax import overrides  # noqa: E402
 
-_CONFIG = config_flags.DEFINE_config_file("config", "configs/speech_keywords.py", "Experiment config.")
+_CONFIG = config_flags.DEFINE_config_file("config", None,
+                                          "Experiment config (default configs/speech_keywords.py).")
 _WORKDIR = flags.DEFINE_string("workdir", "runs/speech_keywords", "Checkpoints of every stage.")
 _OUT = flags.DEFINE_string("out", "experiments/results/speech_keywords", "Results path prefix.")
 
@@ -28,4 +29,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  overrides.run(main, "configs/speech_keywords.py")

@@ -7,6 +7,7 @@ import sys
 import pytest
 
 from cdjax import main
+from cdjax import overrides
 from configs import mnist_classifier
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -14,22 +15,24 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def test_overrides_set_fields_and_unknown_fields_list_close_matches():
   config = mnist_classifier.get_config()
-  changed = main.apply_overrides(config, {"optim.lr": 3e-4, "classifier.net_kwargs.width": 4})
+  changed = overrides.apply_overrides(config, {"optim.lr": 3e-4, "classifier.net_kwargs.width": 4})
   assert changed.optim.lr == 3e-4 and changed.classifier.net_kwargs.width == 4
   assert config.optim.lr == 1e-2   # the original is untouched
   with pytest.raises(KeyError, match=r"'optim.lrr'.*Closest fields: optim.lr"):
-    main.apply_overrides(config, {"optim.lrr": 1.0})
+    overrides.apply_overrides(config, {"optim.lrr": 1.0})
   with pytest.raises(KeyError, match=r"'optimm.lr'.*optim.lr"):
-    main.check_field(config, "optimm.lr")
+    overrides.check_field(config, "optimm.lr")
 
 
-def test_cli_unknown_override_fails_before_running(tmp_path):
+@pytest.mark.parametrize("command", [["-m", "cdjax.main", "--config", "configs/mnist_classifier.py"],
+                                     ["-m", "cdjax.demo"]])   # the demo: its default config file
+def test_cli_unknown_override_fails_before_running(tmp_path, command):
   out = subprocess.run(
-      [sys.executable, "-m", "cdjax.main", "--config", "configs/mnist_classifier.py",
-       "--workdir", str(tmp_path), "--config.train.ckpt_evry=5"],
+      [sys.executable, *command, "--workdir", str(tmp_path), "--config.train.ckpt_evry=5"],
       cwd=ROOT, capture_output=True, text=True, timeout=120)
   assert out.returncode != 0
-  assert "'train.ckpt_evry'" in out.stderr and "train.ckpt_every" in out.stderr
+  assert out.stderr.strip().splitlines()[-1].startswith(
+      "cdjax: Unknown config field 'train.ckpt_evry'. Closest fields: train.ckpt_every")
   assert not os.listdir(tmp_path)
 
 

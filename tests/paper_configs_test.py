@@ -28,7 +28,7 @@ from cdjax import coupled
 from cdjax import data
 from cdjax import evaluate
 from cdjax import experiment
-from cdjax import main
+from cdjax import overrides
 from cdjax import parallel
 from cdjax import speech
 from cdjax import train
@@ -123,7 +123,7 @@ def test_paper_config_trains_every_stage_and_samples(name, tmp_path):
   call = _call(run)
   config = importlib.import_module(f"configs.{name}").get_config()
   assert config.train.joint_steps > 0   # the paper trains the branches jointly
-  config = main.apply_overrides(config, {**STEPS, **tiny})
+  config = overrides.apply_overrides(config, {**STEPS, **tiny})
   (corruption,) = config.evaluation.corruptions
   cfg = experiment.corruption_config(config, str(tmp_path), corruption)   # as train_all does
   k, modality = config.data.num_classes, config.data.modality

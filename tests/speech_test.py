@@ -272,6 +272,12 @@ def test_enhance_file_and_wav_errors(enhancer_workdir, tmp_path):
     speech.read_wav(bad, 16000)
   with pytest.raises(FileNotFoundError, match="No trained 'sgmse'"):
     speech.enhance_file(config, str(tmp_path), src, dst, method="sgmse")
+  with open(src, "rb") as f:
+    recording = f.read()
+  with pytest.raises(ValueError, match="is the input file"):
+    speech.enhance_file(config, str(tmp_path), src, os.path.join(tmp_path, ".", "in.wav"))
+  with open(src, "rb") as f:
+    assert f.read() == recording
 
 
 def test_speech_classifier_reads_spectrograms_at_any_gain():

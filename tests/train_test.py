@@ -15,7 +15,7 @@ import pytest
 from cdjax import checkpoint
 from cdjax import data
 from cdjax import losses
-from cdjax import main
+from cdjax import overrides
 from cdjax import nets
 from cdjax import parallel
 from cdjax import sde as sde_lib
@@ -218,7 +218,7 @@ def classifier_dir(tmp_path_factory):
   """configs/mnist_classifier trained on mnist_local (one device: faster on a CPU than 8 virtual
   ones): (workdir, final metrics)."""
   workdir = str(tmp_path_factory.mktemp("classifier"))
-  config = main.apply_overrides(mnist_classifier.get_config(), {"mesh.data": 1})
+  config = overrides.apply_overrides(mnist_classifier.get_config(), {"mesh.data": 1})
   return workdir, train.train(config, workdir, "classifier")
 
 
@@ -238,8 +238,8 @@ def test_mnist_classifier_reaches_95_percent(classifier_dir):
     assert json.load(f)["classifier"]["num_steps"] == 400
 
 
-def _cli(workdir, overrides):
-  args = [f"--config.{k}={v}" for k, v in overrides.items()]
+def _cli(workdir, fields):
+  args = [f"--config.{k}={v}" for k, v in fields.items()]
   return subprocess.run([sys.executable, "-m", "cdjax.main", "--config",
                          "configs/mnist_classifier.py", "--workdir", workdir, *args],
                         cwd=ROOT, capture_output=True, text=True, timeout=300)
@@ -250,10 +250,10 @@ def test_exact_resume_in_a_new_process(tmp_path):
   """train 3 + save + restore in a new process + train 3 == train 6, bitwise (same XLA flags),
   with the state replicated over all 8 devices."""
   sharded = dict(TINY, **{"mesh.data": -1})
-  base = main.apply_overrides(mnist_classifier.get_config(), sharded)
+  base = overrides.apply_overrides(mnist_classifier.get_config(), sharded)
   straight, resumed = str(tmp_path / "straight"), str(tmp_path / "resumed")
-  train.train(main.apply_overrides(base, {"classifier.num_steps": 6}), straight, "classifier")
-  train.train(main.apply_overrides(base, {"classifier.num_steps": 3}), resumed, "classifier")
+  train.train(overrides.apply_overrides(base, {"classifier.num_steps": 6}), straight, "classifier")
+  train.train(overrides.apply_overrides(base, {"classifier.num_steps": 3}), resumed, "classifier")
   # The CLI adds mesh.xla_flags to XLA_FLAGS; this process runs XLA's own convolutions, and
   # bitwise equality needs the same kernels in both.
   out = _cli(resumed, dict(sharded, **{"classifier.num_steps": 6, "mesh.xla_flags": ""}))
@@ -289,6 +289,19 @@ def _as_scalars(records):
           for r in records for k, v in r.items() if k != "step"}
 
 
+def test_metrics_writer_drops_records_a_resumed_run_redoes(tmp_path):
+  # A run logged steps 1 and 2, was stopped, and resumes from its checkpoint of step 1.
+  workdir, path = str(tmp_path), str(tmp_path / "metrics.jsonl")
+  writer = train.MetricsWriter(workdir, False)
+  for step in (1, 2):
+    writer.write({"step": step, "loss": 1.0 / step})
+  writer.close()
+  writer = train.MetricsWriter(workdir, False, start=1)
+  writer.write({"step": 2, "loss": 0.25})
+  writer.close()
+  assert [json.loads(l) for l in open(path)] == [{"step": 1, "loss": 1.0}, {"step": 2, "loss": 0.25}]
+
+
 def test_metrics_writer_tensorboard_only_when_asked_and_installed(tmp_path, monkeypatch):
   records = [{"step": 1, "loss": 0.5, "grad_norm": 2.0}, {"step": 2, "loss": 0.1, "grad_norm": 1.0}]
 
@@ -313,7 +326,7 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, monkeypatch):
   images = clean["image"].copy()
   images[40] = np.nan   # one poisoned example: the step whose batch holds it has a NaN loss
   monkeypatch.setattr(train.data, "get_source", lambda *a, **k: ArraySource(images, clean["label"]))
-  config = main.apply_overrides(mnist_classifier.get_config(), dict(
+  config = overrides.apply_overrides(mnist_classifier.get_config(), dict(
       TINY, **{"classifier.num_steps": 12, "train.ckpt_every": 1}))
   workdir = str(tmp_path)
   with pytest.raises(FloatingPointError, match=r"'loss': nan.* in step (\d+).*last good checkp") as info:
@@ -329,7 +342,7 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, monkeypatch):
 
 def test_update_to_inf_parameters_is_never_saved(tmp_path):
   # The loss of step 1 is finite, but its update (at lr 1e40) makes the parameters inf.
-  config = main.apply_overrides(mnist_classifier.get_config(), dict(
+  config = overrides.apply_overrides(mnist_classifier.get_config(), dict(
       TINY, **{"classifier.num_steps": 3, "train.ckpt_every": 1, "optim.lr": 1e40,
                "optim.warmup_steps": 0, "optim.schedule": "constant"}))
   with pytest.raises(FloatingPointError, match=r"'param_norm': inf.* in step 1 .*none \(no chec"):
@@ -338,37 +351,37 @@ def test_update_to_inf_parameters_is_never_saved(tmp_path):
 
 
 def test_batch_not_divisible_fails_at_start_up(tmp_path):
-  config = main.apply_overrides(mnist_classifier.get_config(), {"classifier.batch_size": 12})
+  config = overrides.apply_overrides(mnist_classifier.get_config(), {"classifier.batch_size": 12})
   with pytest.raises(ValueError, match=r"batch size 12 .* 8 devices"):
     train.train(config, str(tmp_path), "classifier")
   for field, value in (("grad_accum_steps", 0), ("log_every", 0), ("ckpt_every", -1)):
-    bad = main.apply_overrides(mnist_classifier.get_config(), {f"train.{field}": value})
+    bad = overrides.apply_overrides(mnist_classifier.get_config(), {f"train.{field}": value})
     with pytest.raises(ValueError, match=rf"train.{field}={value}; it must be at least 1"):
       train.train(bad, str(tmp_path), "classifier")
   assert not os.listdir(tmp_path)
 
 
 def test_best_metric_not_in_the_metrics_is_a_clear_error_before_writing(tmp_path):
-  config = main.apply_overrides(mnist_classifier.get_config(), dict(
+  config = overrides.apply_overrides(mnist_classifier.get_config(), dict(
       TINY, **{"classifier.num_steps": 2, "train.ckpt_every": 1,
                "checkpoint.best_metric": "eval_acuracy"}))
   with pytest.raises(ValueError, match=r"best_metric='eval_acuracy' is not a metric.*eval_accuracy"):
     train.train(config, str(tmp_path), "classifier")
   assert not os.listdir(os.path.join(tmp_path, "checkpoints"))
   with pytest.raises(ValueError, match="best_mode='largest'"):
-    checkpoint.Checkpointer(str(tmp_path / "c"), main.apply_overrides(
+    checkpoint.Checkpointer(str(tmp_path / "c"), overrides.apply_overrides(
         config, {"checkpoint.best_mode": "largest"}).checkpoint)
 
 
 def test_resume_with_another_network_names_the_difference_and_keeps_the_run(tmp_path):
-  config = main.apply_overrides(mnist_classifier.get_config(), dict(
+  config = overrides.apply_overrides(mnist_classifier.get_config(), dict(
       TINY, **{"classifier.num_steps": 3}))
   config.classifier.lr = 0.02   # the trainer's own learning rate (as --mode train runs it)
   workdir = str(tmp_path)
   train.train(config, workdir, "classifier")
   with open(os.path.join(workdir, "config.json")) as f:
     assert json.load(f)["optim"]["lr"] == 0.02
-  wider = main.apply_overrides(config, {"classifier.net_kwargs.width": 8,
+  wider = overrides.apply_overrides(config, {"classifier.net_kwargs.width": 8,
                                         "classifier.num_steps": 6})
   with pytest.raises(checkpoint.CheckpointError,
                      match=r"checkpoints/3 holds a different train state.*other shapes"):
@@ -386,7 +399,7 @@ def test_logits_trainer_records_and_checks_classifier(classifier_dir, tmp_path):
   clf_b = str(tmp_path / "other_classifier")
   checkpoint.save_classifier(clf_b, jax.tree.map(lambda x: x * 1.01, params), 0.5,
                              mnist_classifier.get_config())
-  config = main.apply_overrides(mnist_classifier.get_config(), {
+  config = overrides.apply_overrides(mnist_classifier.get_config(), {
       "logits.net_kwargs": dict(num_classes=10, hidden=16, depth=1, heads=1, enc_width=8,
                                 enc_depth=2),
       "logits.pretrain_steps": 2, "logits.batch_size": 16, "train.ckpt_every": 2, "mesh.data": 1,
@@ -400,7 +413,7 @@ def test_logits_trainer_records_and_checks_classifier(classifier_dir, tmp_path):
   with pytest.raises(checkpoint.CheckpointError, match=record_b["sha256"]):
     checkpoint.restore_params(ckpt_dir, frozen_sha256={"classifier": record_b["sha256"]})
   with pytest.raises(checkpoint.CheckpointError, match="trained against the frozen classifier"):
-    train.train(main.apply_overrides(config, {"checkpoint.classifier": clf_b,
+    train.train(overrides.apply_overrides(config, {"checkpoint.classifier": clf_b,
                                               "logits.pretrain_steps": 4}), workdir, "logits")
 
 
