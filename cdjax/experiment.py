@@ -23,6 +23,7 @@ from cdjax import coupled
 from cdjax import data
 from cdjax import evaluate
 from cdjax import parallel
+from cdjax import sampling
 from cdjax import train
 
 BRANCH_STAGES = ("signal", "logits", "joint")
@@ -84,9 +85,9 @@ def stage_inputs(stage: str) -> tuple[str, ...]:
   """The config sections and fields a trained `stage` depends on: its own section
   (`train.SECTIONS`), the joint stage also both branches' and the switch its logit net learns,
   and the data, corruption (not for the clean-data classifier), seed and optimizer."""
-  own = (train.SECTIONS[stage],) + (("signal", "logits", "sampling.switch_t")
-                                    if stage == "joint" else ())
-  return own + ("seed", "data", "audio", "optim") + (("corruption",) if stage != "classifier" else ())
+  joint = ("signal", "logits", "sampling.switch_t") if stage == "joint" else ()
+  corruption = ("corruption",) if stage != "classifier" else ()
+  return (train.SECTIONS[stage], *joint, "seed", "data", "audio", "optim", *corruption)
 
 
 def _changed_fields(cfg, stage_dir: str, stage: str) -> list[str]:
@@ -143,6 +144,11 @@ def train_all(config: ml_collections.ConfigDict, workdir: str) -> None:
         train_stage(stage_cfg, os.path.join(branch_dir, stage), stage)
 
 
+def param_sources(cfg: ml_collections.ConfigDict) -> tuple[str, ...]:
+  """The parameter sources `load_params` returns: "pretrained", and "joint" when it trains."""
+  return ("pretrained",) + (("joint",) if cfg.train.joint_steps > 0 else ())
+
+
 def load_params(cfg: ml_collections.ConfigDict, branch_dir: str,
                 signal_frozen: Optional[dict] = None):
   """({source: params {"signal", "logits"}}, classifier params) of the stages in `branch_dir`
@@ -156,7 +162,7 @@ def load_params(cfg: ml_collections.ConfigDict, branch_dir: str,
       os.path.join(branch_dir, stage, "checkpoints"), frozen_sha256=frozen)
   params = {"pretrained": {"signal": restore("signal", signal_frozen),
                            "logits": restore("logits", classifier)}}
-  if cfg.train.joint_steps > 0:
+  if "joint" in param_sources(cfg):
     params["joint"] = restore("joint", {**signal_frozen, **classifier})
   return params, classifier_params
 
@@ -170,6 +176,46 @@ def method_params(params: dict, name: str, overrides: dict) -> tuple[dict, dict]
     raise ValueError(f"evaluation.methods.{name}.params={source!r}: no such parameters; use one "
                      f"of {sorted(params)} (joint needs train.joint_steps > 0).")
   return params[source], {k: v for k, v in overrides.items() if k != "params"}
+
+
+def method_sampling(sampling_cfg: ml_collections.ConfigDict,
+                    overrides: dict) -> ml_collections.ConfigDict:
+  """A copy of `sampling_cfg` with a method's overrides (`method_params`) merged in, nested
+  sections field by field."""
+  cfg = copy.deepcopy(sampling_cfg)
+  cfg.update(overrides)
+  return cfg
+
+
+# sampling fields -> the lookup that rejects an unknown name (suggesting close ones)
+SAMPLING_NAMES = {"strategy": coupled.STRATEGIES.get, "signal_predictor": sampling.PREDICTORS.get,
+                  "logits_predictor": sampling.PREDICTORS.get,
+                  "corrector": sampling.CORRECTORS.get}
+
+
+def check_setting(field: str, value, check) -> None:
+  """`check(value)`; a KeyError / ValueError it raises is raised again naming `field=value`."""
+  try:
+    check(value)
+  except (KeyError, ValueError) as e:
+    raise ValueError(f"{field}={value!r}: {e.args[0]}") from e
+
+
+def check_methods(config: ml_collections.ConfigDict) -> None:
+  """Raises ValueError, naming the config field, where a method of `config.evaluation.methods`
+  (merged over `config.sampling` as `evaluate_corruption` merges it) picks parameters that do
+  not train, an unknown strategy, predictor or corrector, or a batch size the devices of the
+  mesh do not divide: `run` checks before anything trains."""
+  parallel.initialize_distributed()   # before the mesh starts JAX's backend
+  mesh = parallel.make_mesh(config)
+  checks = dict(SAMPLING_NAMES, batch_size=lambda b: parallel.check_batch_size(b, mesh))
+  for name in method_order(config.evaluation.methods):
+    _, overrides = method_params(dict.fromkeys(param_sources(config)), name,
+                                 dict(config.evaluation.methods[name]))
+    cfg = method_sampling(config.sampling, overrides)
+    for key, check in checks.items():
+      where = f"evaluation.methods.{name}" if key in overrides else "sampling"
+      check_setting(f"{where}.{key}", cfg[key], check)
 
 
 def evaluate_corruption(config, workdir: str, corruption: str, methods: dict, to_model=None,
@@ -196,8 +242,7 @@ def evaluate_corruption(config, workdir: str, corruption: str, methods: dict, to
   results = []
   for name in method_order(methods):
     branch_params, overrides = method_params(params, name, methods[name])
-    sampling_cfg = copy.deepcopy(cfg.sampling)
-    sampling_cfg.update(overrides)   # nested sections merge field by field
+    sampling_cfg = method_sampling(cfg.sampling, overrides)
     results.append(evaluate.run_method(
         name, model, sampling_cfg, branch_params, classifier_params, y,
         jax.random.PRNGKey(cfg.evaluation.sampling_seed), sampling_cfg.batch_size, mesh,
@@ -212,6 +257,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, out_prefix: str) -> lis
   """Trains what is missing, evaluates every method on every corruption, and writes
   `<out_prefix>.json` (command, config, rows), `<out_prefix>.md` and `<out_prefix>.png`."""
   parallel.configure_xla(config.mesh)
+  check_methods(config)   # not after hours of training
   train_all(config, workdir)
   rows, figure_data = [], None
   for corruption in config.evaluation.corruptions:

@@ -300,11 +300,27 @@ def _write(out_prefix: str, config, rows: list[dict], columns: list[str], note: 
   return table
 
 
+def check_enhancement(config: ml_collections.ConfigDict) -> None:
+  """Raises ValueError, naming the config field, on an unknown method of `evaluation.methods`
+  (`ENHANCEMENT_METHODS`), `sampling` predictor or corrector, or an `evaluation.batch_size` the
+  devices of the mesh do not divide: `run_enhancement` checks before anything trains."""
+  parallel.initialize_distributed()   # before the mesh starts JAX's backend
+  mesh = parallel.make_mesh(config)
+  experiment.check_setting("evaluation.batch_size", config.evaluation.batch_size,
+                         lambda b: parallel.check_batch_size(b, mesh))
+  for key in ("signal_predictor", "corrector"):
+    experiment.check_setting(f"sampling.{key}", config.sampling[key],
+                             experiment.SAMPLING_NAMES[key])
+  unknown = [m for m in config.evaluation.methods if m not in ENHANCEMENT_METHODS]
+  if unknown:
+    raise ValueError(f"evaluation.methods: unknown {unknown}; use any of {ENHANCEMENT_METHODS}.")
+
+
 def run_enhancement(config: ml_collections.ConfigDict, workdir: str, out_prefix: str) -> list[dict]:
   """Trains what `workdir` lacks (per condition: enhancer, sgmse, exdiff), evaluates noisy /
   discriminative / sgmse / exdiff and writes `<out_prefix>.json`, `.md` and `.png`."""
   parallel.configure_xla(config.mesh)
-  parallel.check_batch_size(config.evaluation.batch_size, parallel.make_mesh(config))   # not hours later
+  check_enhancement(config)   # not after hours of training
   rows, waves = [], {}
   for condition in config.evaluation.corruptions:
     _train_enhancement(config, workdir, condition)
@@ -339,6 +355,7 @@ def run_keywords(config: ml_collections.ConfigDict, workdir: str, out_prefix: st
   (/ joint) branches (`experiment.train_all`); evaluates every method of `evaluation.methods` on
   the same degraded test clips; writes `<out_prefix>.json` and `.md` (error rates, 95% CIs)."""
   parallel.configure_xla(config.mesh)
+  experiment.check_methods(config)   # not after hours of training
   experiment.train_all(config, workdir)
   frontend = audio.Frontend.from_config(config)
   analyze = jax.jit(lambda y: frontend.analyze(y)[0])

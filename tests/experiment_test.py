@@ -104,3 +104,29 @@ def test_corruption_entries_set_kwargs_name_and_init_paths():
   assert (reverb.checkpoint.init_logits, reverb.checkpoint.classifier) == (
       "", os.path.join("wd", "classifier", "classifier"))
   assert config.evaluation.corruptions["noise_reverb"]["name"] == "noise_reverb"   # left as it was
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("sampling.signal_predictor", "ancestrl",
+     r"sampling.signal_predictor='ancestrl': Unknown predictor 'ancestrl'. Did you mean "
+     r"'ancestral'"),
+    ("sampling.corrector", "langevn", r"sampling.corrector='langevn': .*Did you mean 'langevin'"),
+    ("evaluation.methods.parallel.strategy", "paralel",
+     r"evaluation.methods.parallel.strategy='paralel': Unknown strategy .*Did you mean 'parallel'"),
+    ("evaluation.methods.nested.logits_predictor", "posterior",
+     r"evaluation.methods.nested.logits_predictor='posterior': .*'posterior_mean'"),
+    ("evaluation.methods.parallel.params", "jont",
+     r"evaluation.methods.parallel.params='jont': no such parameters; use one of"),
+    ("sampling.batch_size", 7, r"sampling.batch_size=7: .*use a multiple of 2, e.g. 8"),
+    ("evaluation.methods.noisy.batch_size", 5,
+     r"evaluation.methods.noisy.batch_size=5: .*use a multiple of 2"),
+])
+def test_run_refuses_a_bad_method_before_training(field, value, message, monkeypatch, tmp_path):
+  """Each method's sampling config, merged as evaluation merges it, is checked before `run`
+  trains anything; the error names the field."""
+  config = tiny_config()
+  config.mesh.data = 2
+  config.update_from_flattened_dict({field: value})
+  monkeypatch.setattr(train, "train", lambda *args: pytest.fail("training started"))
+  with pytest.raises(ValueError, match=message):
+    experiment.run(config, str(tmp_path / "work"), str(tmp_path / "out"))
