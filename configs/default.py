@@ -5,6 +5,7 @@ evaluation, mesh, checkpoint.
 Network sections hold `net` (a registry name) and `net_kwargs` (the module's fields).
 """
 import ml_collections
+from ml_collections import config_dict
 
 
 def get_config() -> ml_collections.ConfigDict:
@@ -24,7 +25,9 @@ def get_config() -> ml_collections.ConfigDict:
       read_threads=0,            # grain threads reading ahead (0: read each batch when needed)
       prefetch_buffer_size=0,    # examples those threads read ahead (with read_threads > 0)
       max_eval_examples=-1,      # -1: the whole split
-      label_subset=None,         # a list of K labels: only their examples, relabelled 0..K-1
+      # K labels: only their examples, relabelled 0..K-1 (None: all). A typed placeholder, so
+      # --config.data.label_subset=(1,2) parses.
+      label_subset=config_dict.placeholder(tuple),
   ))
 
   c.audio = ml_collections.ConfigDict(dict(   # speech (modality "audio"): cdjax.speech

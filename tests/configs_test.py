@@ -1,10 +1,14 @@
 """Every experiment config builds, and each of its evaluation methods is a valid sampling config."""
 import copy
 import importlib
+import json
+import os
 import pkgutil
 
+from absl import flags
 import jax
 import jax.numpy as jnp
+from ml_collections import config_flags
 import pytest
 
 import configs
@@ -41,6 +45,22 @@ def test_paper_image_configs_match_the_paper():
     assert (c.data.name, c.data.num_classes, list(c.evaluation.corruptions)) == (dataset, k, [corruption])
     assert (c.data.eval_split, c.data.label_subset) == (eval_split, labels)
     assert dict(c.signal.sde_kwargs) == {"N": 150, "schedule": "cosine"}
+
+
+def test_label_subset_overrides_from_the_command_line():
+  """`data.label_subset` (None: every label) takes `--config.data.label_subset=(1,2)`, parsed as
+  cdjax.main parses `--config`."""
+  for name, override, labels in [("default", None, None), ("cifar10", "(1,2)", (1, 2)),
+                                 ("cifar10", "3", (3,)), ("imagenet32_100", "(0,5)", (0, 5))]:
+    argv = ["cdjax", f"--config={os.path.join(configs.__path__[0], name)}.py"]
+    argv += [f"--config.data.label_subset={override}"] if override else []
+    flag_values = flags.FlagValues()
+    config_flags.DEFINE_config_file("config", None, flag_values=flag_values, sys_argv=argv)
+    flag_values(argv)
+    config = flag_values.config
+    assert config.data.label_subset == labels, (name, override)
+    saved = json.loads(config.to_json_best_effort())["data"]["label_subset"]
+    assert saved == (None if labels is None else list(labels))
 
 
 def test_paper_signal_unet_has_about_4m_parameters():

@@ -4,6 +4,7 @@ Every dataset is built from scratch into a temporary data dir (about 25 s of CPU
 """
 import hashlib
 import os
+import re
 
 import numpy as np
 import pytest
@@ -120,8 +121,9 @@ def test_unknown_dataset_lists_local_builders():
     data.get_source("no_such_dataset", "train")
 
 
-def test_catalog_dataset_through_get_source():
+def test_catalog_dataset_through_get_source(monkeypatch):
   # TFDS's mock (no TensorFlow needed for image datasets) stands in for the real download.
+  monkeypatch.setattr(data.sources, "_online", lambda: True)   # (no internet check either)
   with tfds.testing.mock_data(num_examples=12):
     source = data.get_source("cifar10", "train")
     assert len(source) == 12
@@ -140,6 +142,24 @@ def test_catalog_dataset_needing_tensorflow_says_so():
   with tfds.testing.mock_data(num_examples=4):
     with pytest.raises(ModuleNotFoundError, match="Install tensorflow"):
       data.get_source("speech_commands", "train")
+
+
+def test_unprepared_catalog_dataset_says_how_to_get_it(tmp_path, monkeypatch):
+  """Offline: at once, no download tried. Online: when the download fails."""
+  def download(builder):
+    downloads.append(builder.name)
+    raise ConnectionError("Max retries exceeded")
+  downloads = []
+  monkeypatch.setattr(tfds.core.DatasetBuilder, "download_and_prepare", download)
+  where = re.escape(str(tmp_path))
+  fixes = (rf"data.data_dir=DIR.*tfds build cifar10 --data_dir DIR --file_format array_record.*"
+           rf"copy DIR/cifar10 into {where}.*{', '.join(data.DATASETS.names())}\.")
+  for online, reason in ((False, "no internet"), (True, "ConnectionError: Max retries exceeded")):
+    monkeypatch.setattr(data.sources, "_online", lambda online=online: online)
+    with pytest.raises(FileNotFoundError,
+                       match=rf"(?s)'cifar10' is not prepared in {where} .*\({reason}\).*{fixes}"):
+      data.get_source("cifar10", "train", str(tmp_path))
+    assert downloads == (["cifar10"] if online else [])
 
 
 def test_label_subset_keeps_its_labels_relabelled_in_order():

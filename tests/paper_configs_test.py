@@ -16,6 +16,7 @@ even under mock_data, and TensorFlow is not installed (tests/data_test.py checks
 noise_reverb corruption) are noise_local's.
 """
 import importlib
+from unittest import mock
 
 import jax
 import numpy as np
@@ -56,7 +57,8 @@ def _catalog_batches(config):
   """The first batch of the train and of the eval split, read through `data.get_source` from
   TFDS's mock of the catalog dataset (labels restricted to `data.label_subset`)."""
   c = config.data
-  with tfds.testing.mock_data(num_examples=200):   # ~20 with an ImageNet label < 100
+  with (tfds.testing.mock_data(num_examples=200),   # ~20 with an ImageNet label < 100
+        mock.patch.object(data.sources, "_online", return_value=True)):
     return [_first_batch(data.get_source(c.name, split, label_subset=c.label_subset))
             for split in (c.train_split, c.eval_split)]
 

@@ -6,6 +6,8 @@ write array_record files without TensorFlow and are read back with `tfds.data_so
 import contextlib
 import fcntl
 import os
+import urllib.error
+import urllib.request
 from collections.abc import Sequence
 
 import numpy as np
@@ -100,8 +102,9 @@ def get_source(name: str, split: str, data_dir: str = "",
                label_subset: Sequence[int] | None = None):
   """A random-access source over `split` of dataset `name`.
 
-  Local builders (`DATASETS`) are built into `data_dir` if needed; any other name goes to
-  `tfds.data_source` (TFDS catalog datasets, which need internet to prepare the first time).
+  Local builders (`DATASETS`) are built into `data_dir` if needed; any other name is a TFDS
+  catalog dataset, prepared there on first use, which needs internet (offline, a
+  FileNotFoundError says how to get it).
   Examples are dicts: images {"image": uint8 [H, W, C], "label"}, audio {"audio": [L],
   "label", "voice"} (noise clips: {"audio", "label"}). With `label_subset` (a list of K labels),
   only the examples of those labels, relabelled 0..K-1 in that order (`LabelSubset`).
@@ -119,11 +122,47 @@ def _get_source(name: str, split: str, data_dir: str):
         f"Unknown dataset {name!r}: it is neither a local builder ({', '.join(DATASETS.names())}) "
         "nor in the TFDS catalog. Use one of the local builders or a TFDS catalog name "
         "such as 'cifar10'.")
+  data_dir = resolve_data_dir(data_dir)
   try:
-    return tfds.data_source(name, split=split, data_dir=resolve_data_dir(data_dir))
+    builder = tfds.builder(name, data_dir=data_dir, file_format="array_record")
+    if not builder.is_prepared():
+      _download_and_prepare(builder, name, data_dir)
+    return builder.as_data_source(split=split)
   except ModuleNotFoundError as e:
     if "tensorflow" not in str(e):
       raise
     raise ModuleNotFoundError(
         f"The TFDS builder of {name!r} needs TensorFlow, which cdjax does not install. "
         "Install tensorflow (the CPU build is enough) to use this dataset.") from e
+
+
+def _online(url: str = "https://storage.googleapis.com", timeout: float = 5.0) -> bool:
+  """Whether `url` answers within about `timeout` seconds: a quick check for internet access."""
+  try:
+    urllib.request.urlopen(urllib.request.Request(url, method="HEAD"), timeout=timeout).close()
+  except urllib.error.HTTPError:   # an HTTP error is still an answer
+    return True
+  except OSError:
+    return False
+  return True
+
+
+def _unprepared_error(builder: tfds.core.DatasetBuilder, name: str, data_dir: str, reason: str):
+  return FileNotFoundError(
+      f"TFDS dataset {name!r} is not prepared in {data_dir} and could not be downloaded "
+      f"({reason}). Run again with internet access, or prepare it on a machine that has it "
+      f"(run cdjax there with data.data_dir=DIR, or `tfds build {name} --data_dir DIR "
+      f"--file_format array_record`, which needs TensorFlow), then copy DIR/{builder.name} into "
+      f"{data_dir} or point data.data_dir at the copy; or use a dataset built offline: "
+      f"{', '.join(DATASETS.names())}.")
+
+
+def _download_and_prepare(builder: tfds.core.DatasetBuilder, name: str, data_dir: str) -> None:
+  """Downloads and prepares catalog dataset `name` into `data_dir`, or raises a
+  FileNotFoundError saying how to get it: at once when offline (TFDS would retry for minutes)."""
+  if not _online():
+    raise _unprepared_error(builder, name, data_dir, "no internet")
+  try:
+    builder.download_and_prepare()
+  except OSError as e:   # requests' and urllib's errors included
+    raise _unprepared_error(builder, name, data_dir, f"{type(e).__name__}: {e}") from e
