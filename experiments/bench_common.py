@@ -280,13 +280,24 @@ def write_results(entries: list[dict], command: str, notes: list[str], section: 
   data["runs"][section] = dict(command=command, machine=here, notes=notes)
   data["command"] = " && ".join(r["command"] for r in data["runs"].values())
   data["machine"] = here
-  with open(path, "w") as f:
-    json.dump(data, f, indent=2)
+  with open(path, "w") as f:   # strict JSON: NaN (no ratio, no value) as null
+    json.dump(_nan_to_none(data), f, indent=2, allow_nan=False)
   _write_md(data)
   return path
 
 
+def _nan_to_none(tree):
+  """`tree` (dicts, lists, numbers) with every NaN float replaced by None."""
+  if isinstance(tree, dict):
+    return {k: _nan_to_none(v) for k, v in tree.items()}
+  if isinstance(tree, list):
+    return [_nan_to_none(v) for v in tree]
+  return None if isinstance(tree, float) and tree != tree else tree
+
+
 def _fmt(v) -> str:
+  if v is None:
+    return "-"
   if isinstance(v, float):
     if v != v:
       return "-"

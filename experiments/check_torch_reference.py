@@ -22,7 +22,6 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import bench_sampler as bs  # noqa: E402  (its flags: --config, --frames; pins threads)
 import bench_common as bc  # noqa: E402
 
-from absl import app  # noqa: E402
 from absl import flags  # noqa: E402
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
@@ -32,6 +31,7 @@ torch, _ = bc.setup_torch()   # the bench extra (a clear error without it); thre
 import torch_reference as tr  # noqa: E402
 
 from cdjax import coupled  # noqa: E402
+from cdjax import overrides  # noqa: E402
 from cdjax import sde as sde_lib  # noqa: E402
 from cdjax import speech  # noqa: E402
 
@@ -176,4 +176,4 @@ def main(_):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  overrides.run(main, "configs/mnist_demo.py")

@@ -343,14 +343,13 @@ class ParallelSampler:
     std_T = (1 - abar[-1]).sqrt()
     x = std_T * randn_like(y)
     l = std_T * randn_like(y.new_empty(b, k))
-    x0_hat = y
+    x0_hat, f_y = y, self.class_logits(y)   # f(y): once, as cdjax (and the speech reference)
     for i in range(self.n):
       t = self.n - 1 - i
       t_b = torch.full((b,), float(t), device=y.device)
       a_t, std_t = abar[t].sqrt(), (1 - abar[t]).sqrt()
       # logit step: posterior mean, no noise (the official "DDIM" flag)
-      c = x0_hat if i >= self.switch else y
-      cond_logits = self.class_logits(c)
+      c, cond_logits = (x0_hat, self.class_logits(x0_hat)) if i >= self.switch else (y, f_y)
       eps = self.logit_net(l, t_b, cond_logits, c)
       l0_hat = standardize_logits((l - std_t * eps) / a_t, self.std)
       l, _ = _posterior(abar, t, l, l0_hat, 1.0)
