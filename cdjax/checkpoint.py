@@ -139,7 +139,7 @@ class Checkpointer:
           state=ocp.args.StandardRestore(_abstract(state_like)), data=ocp.args.JsonRestore(),
           meta=ocp.args.JsonRestore()))
     except Exception as e:   # orbax raises many types for truncated or missing files
-      raise CheckpointError(f"Checkpoint {path} is unreadable ({type(e).__name__}: {e}). It was "
+      raise CheckpointError(f"Checkpoint {path} is unreadable ({_brief(e)}). It was "
                             "left in place; move it aside to resume from an earlier one.") from e
     return out.state, _this_host(out.data, path), out.meta
 
@@ -149,6 +149,13 @@ class Checkpointer:
 
   def close(self) -> None:
     self.manager.close()
+
+
+def _brief(e: Exception, most: int = 300) -> str:
+  """`Type: first line of the message`, at most `most` characters of it (orbax's errors embed
+  whole TensorStore specs)."""
+  first = (str(e).strip().splitlines() or [""])[0]
+  return f"{type(e).__name__}: {first[:most]}{'...' if len(first) > most else ''}"
 
 
 def all_hosts(data_state: bytes) -> list[bytes]:
@@ -202,7 +209,9 @@ def restore_params(directory: str, step: Optional[int] = None, ema: bool = True,
                                        partial_restore=True),
           meta=ocp.args.JsonRestore()))
     except Exception as e:
-      raise CheckpointError(f"Checkpoint {path} is unreadable ({type(e).__name__}: {e}).") from e
+      raise CheckpointError(f"Checkpoint {path} is unreadable ({_brief(e)}). It was left in "
+                            "place; move it aside to use an earlier one, or train the stage "
+                            "again.") from e
   finally:
     manager.close()
   if frozen_sha256 is not None:
@@ -274,7 +283,7 @@ def load_classifier(directory: str, expected_sha256: Optional[str] = None):
       params = ckptr.restore(os.path.join(directory, "params"))
   except Exception as e:
     raise CheckpointError(f"Frozen classifier {directory} is unreadable "
-                          f"({type(e).__name__}: {e}).") from e
+                          f"({_brief(e)}).") from e
   sha = params_sha256(params)
   if sha != record["sha256"]:
     raise CheckpointError(f"Frozen classifier {directory}: its parameters hash to {sha}, not to "

@@ -61,6 +61,7 @@ class CoupledModel:
   signal_x0_range: Optional[tuple] = (-1.0, 1.0)   # clip of x0_hat (images); None: no clip
   logits_std: float = 0.8
   signal_context: Callable = lambda params, y: y
+  input_shape: Optional[tuple] = None   # y's shape less the batch (images, NHWC); None: any
 
 
 def model_from_config(config) -> CoupledModel:
@@ -77,7 +78,8 @@ def model_from_config(config) -> CoupledModel:
       num_classes=config.data.num_classes,
       signal_parameterization=s.parameterization, logits_parameterization=l.parameterization,
       signal_x0_range=None if s.x0_clip is None else tuple(s.x0_clip),
-      logits_std=l.standardize_std)
+      logits_std=l.standardize_std,
+      input_shape=tuple(config.data.shape) if config.data.modality == "image" else None)
 
 
 class CoupledOutput(NamedTuple):
@@ -390,6 +392,7 @@ def run(model: CoupledModel, cfg, params, classifier_params, key, y) -> CoupledO
   of micro_batch items, chunk i with key fold_in(key, i) and items i, i + B / micro_batch, ...
   (so a batch sharded over devices stays spread over them); XLA:CPU runs these networks faster
   per item on small batches."""
+  _check_inputs(model, params, y)
   m = cfg.micro_batch
   if 0 < m < y.shape[0]:
     return _micro_batched(model, cfg, params, classifier_params, key, y, m)
@@ -403,6 +406,21 @@ def run(model: CoupledModel, cfg, params, classifier_params, key, y) -> CoupledO
   first = jax.tree.map(lambda a: a[0], outs.trajectory)
   return CoupledOutput(outs.x0[0], logits, outs.classifier_logits[0], outs.nfe[0] * cfg.num_samples,
                        first)
+
+
+def _check_inputs(model: CoupledModel, params, y) -> None:
+  """Raises an error naming the problem unless params holds both branches and y [B, ...] is
+  floating (or complex) and, where the model knows it, of its input shape."""
+  missing = [k for k in ("signal", "logits") if k not in params]
+  if missing:
+    raise KeyError(f"params lacks {missing}; give {{'signal': ..., 'logits': ...}} (e.g. the "
+                   "'joint' or 'pretrained' entry of experiment.load_params).")
+  if not jnp.issubdtype(y.dtype, jnp.inexact):
+    raise TypeError(f"y has dtype {y.dtype}; give floats (images scaled to [-1, 1], as "
+                    "data.standardize does).")
+  if model.input_shape is not None and tuple(y.shape[1:]) != model.input_shape:
+    raise ValueError(f"y has shape {tuple(y.shape)}; this model takes [B, "
+                     f"{', '.join(map(str, model.input_shape))}] (config data.shape, NHWC).")
 
 
 def _micro_batched(model, cfg, params, classifier_params, key, y, m: int) -> CoupledOutput:

@@ -19,6 +19,7 @@ from typing import Callable
 
 from absl import app
 from absl import flags
+from absl import logging
 import ml_collections
 from ml_collections import config_flags
 
@@ -124,6 +125,8 @@ def main(argv: list[str]) -> None:
   config, workdir = _CONFIG.value, _WORKDIR.value
   if config is None or workdir is None:
     raise app.UsageError("--config and --workdir are required.")
+  if not flags.FLAGS["verbosity"].present:   # orbax's INFO lines would break the progress bar
+    logging.set_verbosity(logging.WARNING)
   parallel.configure_xla(config.mesh)
   if _MODE.value == "sweep":
     run_sweep(config, config_flags.get_config_filename(flags.FLAGS["config"]), workdir,

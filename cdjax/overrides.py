@@ -85,9 +85,16 @@ def parse_flags(argv: list[str]) -> list[str]:
 def run(main: Callable, default_config: Optional[str] = None) -> None:
   """`app.run(main)` with `parse_flags`, adding `--config=<default_config>` when the command
   line gives none (define the `config` flag without a default: ml_collections applies a
-  default file's overrides as the flag is defined, before any check could name a typo)."""
+  default file's overrides as the flag is defined, before any check could name a typo); Ctrl-C
+  ends it with one line."""
   def parser(argv):
     if default_config and _config_arg(argv) is None:
       argv = argv[:1] + [f"--config={default_config}"] + argv[1:]
     return parse_flags(argv)
-  app.run(main, flags_parser=parser)
+
+  def interruptible(argv):   # Ctrl-C: one line (what was interrupted, how to go on)
+    try:
+      return main(argv)
+    except KeyboardInterrupt as e:
+      sys.exit(f"cdjax: interrupted{': ' + str(e) if str(e) else '.'}")
+  app.run(interruptible, flags_parser=parser)

@@ -395,6 +395,8 @@ def read_wav(path: str, sample_rate: int) -> np.ndarray:
   unreadable, empty or silent file."""
   import librosa   # pylint: disable=g-import-not-at-top
   import soundfile   # pylint: disable=g-import-not-at-top
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f"No audio file {path!r}.")
   try:
     wave, rate = soundfile.read(path, dtype="float32", always_2d=True)
   except Exception as e:   # soundfile raises LibsndfileError / RuntimeError / OSError

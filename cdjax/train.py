@@ -579,6 +579,10 @@ def train(config: ml_collections.ConfigDict, workdir: str, trainer_name: str) ->
     ckpt.wait()
     if trainer.export is not None:
       trainer.export(workdir, state.ema_params, record)
+  except KeyboardInterrupt as e:
+    raise KeyboardInterrupt(f"{trainer_name} training in {workdir}; its last checkpoint: "
+                            f"{last_good or 'none yet'}. Rerunning the same command resumes "
+                            "from it.") from e
   finally:
     ckpt.close()
     if log:

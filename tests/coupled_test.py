@@ -241,6 +241,16 @@ def test_clear_errors():
   with pytest.raises(ValueError, match="equal step counts"):
     unequal = coupled.CoupledModel(**{**model.__dict__, "logits_sde": sde_lib.get_sde("vp_discrete", N=20)})
     run(unequal, sampling_config(strategy="parallel"), y)
+  # The inputs: floats of the model's input shape, and both branches' parameters.
+  shaped = coupled.CoupledModel(**{**model.__dict__, "input_shape": (2,)})
+  assert run(shaped, sampling_config(strategy="parallel"), y).x0.shape == y.shape
+  with pytest.raises(ValueError, match=r"y has shape \(4, 3\); this model takes \[B, 2\]"):
+    run(shaped, sampling_config(strategy="parallel"), jnp.zeros((4, 3)))
+  with pytest.raises(TypeError, match="y has dtype uint8; give floats"):
+    run(model, sampling_config(strategy="parallel"), y.astype(jnp.uint8))
+  fn = jax.jit(coupled.get_coupled_fn(model, sampling_config(strategy="parallel")))
+  with pytest.raises(KeyError, match=r"params lacks \['logits'\]"):
+    fn({"signal": {}}, {}, jax.random.PRNGKey(0), y)
 
 
 def test_alternating_skip_last_logits_reports_the_previous_rounds_logits():

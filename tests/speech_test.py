@@ -271,6 +271,8 @@ def test_enhance_file_and_wav_errors(enhancer_workdir, tmp_path):
     f.write("not audio")
   with pytest.raises(ValueError, match="Cannot read"):
     speech.read_wav(bad, 16000)
+  with pytest.raises(FileNotFoundError, match="No audio file"):
+    speech.read_wav(os.path.join(tmp_path, "missing.wav"), 16000)
   with pytest.raises(FileNotFoundError, match="No trained 'sgmse'"):
     speech.enhance_file(config, str(tmp_path), src, dst, method="sgmse")
   with open(src, "rb") as f:
