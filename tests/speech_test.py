@@ -447,32 +447,26 @@ def test_error_rate_row_flips_accuracy_and_the_paired_difference():
   assert reference["diff_vs_reference"] is None and reference["diff_ci95"] is None
 
 
-@pytest.mark.parametrize("field, value, message", [
-    ("evaluation.methods", ("noisy", "sgmes"), r"evaluation.methods: unknown \['sgmes'\]"),
-    ("sampling.signal_predictor", "reverse_difusion",
+@pytest.mark.parametrize("experiment, field, value, message", [
+    ("enhancement", "evaluation.methods", ("noisy", "sgmes"),
+     r"evaluation.methods: unknown \['sgmes'\]"),
+    ("enhancement", "sampling.signal_predictor", "reverse_difusion",
      r"sampling.signal_predictor='reverse_difusion': .*Did you mean 'reverse_diffusion'"),
-    ("evaluation.batch_size", 7, r"evaluation.batch_size=7: .*use a multiple of 2, e.g. 8"),
+    ("enhancement", "evaluation.batch_size", 7,
+     r"evaluation.batch_size=7: .*use a multiple of 2, e.g. 8"),
+    ("keywords", "sampling.corrector", "annealed",
+     r"sampling.corrector='annealed': .*'annealed_langevin'"),
+    ("keywords", "evaluation.methods.card.strategy", "crd",
+     r"evaluation.methods.card.strategy='crd'"),
+    ("keywords", "sampling.batch_size", 7, r"sampling.batch_size=7: .*use a multiple of 2"),
 ])
-def test_enhancement_refuses_a_bad_config_before_training(field, value, message, monkeypatch,
-                                                          tmp_path):
-  config = speech_enhancement.get_config()
+def test_speech_experiments_refuse_a_bad_config_before_training(experiment, field, value, message,
+                                                                monkeypatch, tmp_path):
+  config_module, run = {"enhancement": (speech_enhancement, speech.run_enhancement),
+                        "keywords": (speech_keywords, speech.run_keywords)}[experiment]
+  config = config_module.get_config()
   config.mesh.update(data=2, xla_flags="")
   config.update_from_flattened_dict({field: value})
   monkeypatch.setattr(train, "train", lambda *args: pytest.fail("training started"))
   with pytest.raises(ValueError, match=message):
-    speech.run_enhancement(config, str(tmp_path / "work"), str(tmp_path / "out"))
-
-
-@pytest.mark.parametrize("field, value, message", [
-    ("sampling.corrector", "annealed", r"sampling.corrector='annealed': .*'annealed_langevin'"),
-    ("evaluation.methods.card.strategy", "crd", r"evaluation.methods.card.strategy='crd'"),
-    ("sampling.batch_size", 7, r"sampling.batch_size=7: .*use a multiple of 2"),
-])
-def test_keywords_refuse_a_bad_method_before_training(field, value, message, monkeypatch,
-                                                      tmp_path):
-  config = speech_keywords.get_config()
-  config.mesh.update(data=2, xla_flags="")
-  config.update_from_flattened_dict({field: value})
-  monkeypatch.setattr(train, "train", lambda *args: pytest.fail("training started"))
-  with pytest.raises(ValueError, match=message):
-    speech.run_keywords(config, str(tmp_path / "work"), str(tmp_path / "out"))
+    run(config, str(tmp_path / "work"), str(tmp_path / "out"))
