@@ -183,9 +183,13 @@ def _train_enhancement(config, workdir: str, condition: str) -> None:
     experiment.train_stage(cfg, os.path.join(base, stage), "signal")
 
 
-def _quality(clean: np.ndarray, noisy: np.ndarray, estimate: np.ndarray, sample_rate: int) -> dict:
-  """Per-item SI-SDR, SI-SIR, SI-SAR, PESQ (wide-band) and ESTOI, each [N]."""
-  si_sdr, si_sir, si_sar = metrics.energy_ratios(clean, estimate, noisy - clean)
+def _quality(clean: np.ndarray, noisy: np.ndarray, estimate: np.ndarray, sample_rate: int,
+             clean_gain: float = 1.0) -> dict:
+  """Per-item SI-SDR, SI-SIR, SI-SAR, PESQ (wide-band) and ESTOI, each [N]. The interference of
+  SI-SIR / SI-SAR is what the corruption added: noisy - clean_gain x clean, where clean_gain is
+  the clean signal's gain in the mixture (`data.clean_gain_from_config`: the direct path of a
+  reverberant one), so that no part of the target counts as interference."""
+  si_sdr, si_sir, si_sar = metrics.energy_ratios(clean, estimate, noisy - clean_gain * clean)
 
   def safe(fn):   # PESQ raises on items it finds no utterance in: NaN, reported as such
     out = []
@@ -234,7 +238,8 @@ def evaluate_enhancement(config, workdir: str, condition: str) -> tuple[list[dic
           cfg.evaluation.batch_size, mesh)
       nfe = enhance.nfe
     waves[method] = estimate
-    scores[method] = _quality(clean, noisy, estimate, cfg.audio.sample_rate)
+    scores[method] = _quality(clean, noisy, estimate, cfg.audio.sample_rate,
+                              data.clean_gain_from_config(cfg))
     row = dict(condition=condition, method=method,
                **{k: _finite_mean(v) for k, v in scores[method].items()},
                rtf=seconds / seconds_of_audio, nfe=nfe, items=len(clean),

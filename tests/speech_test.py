@@ -17,9 +17,11 @@ import soundfile
 from cdjax import audio
 from cdjax import checkpoint
 from cdjax import coupled
+from cdjax import data
 from cdjax import exdiff
 from cdjax import speech
 from cdjax import train
+from cdjax.data import corruptions
 from cdjax.data.corruptions import get_corruption
 from cdjax.nets import get_network
 from cdjax.nets.layers import count_params
@@ -250,6 +252,23 @@ def test_pc_sampler_enhancement_and_latent_path(enhancer_workdir):
             net.apply({"params": score}, y_spec, t, y_spec, zeros))
   assert not np.allclose(*exdiff_and_baseline(score), atol=1e-4)
   np.testing.assert_allclose(*exdiff_and_baseline(no_film), atol=1e-5)
+
+
+def test_interference_is_what_the_corruption_added():
+  # Reverberation scales the direct path of the clean signal (unit-energy RIR): noisy - clean
+  # would count part of the target as interference, and a perfect estimate would score 8 dB.
+  clean = 0.1 * np.random.default_rng(0).standard_normal((4, 8000)).astype(np.float32)
+  config = _config()
+  set_fields(config.corruption, name="reverb", kwargs=dict(rt60=0.3, drr_db=3.0))
+  gain = data.clean_gain_from_config(config)
+  rir = corruptions.room_impulse_response(jax.random.PRNGKey(1), 0.3, 4800, 3.0, 16000)
+  assert gain == pytest.approx(float(rir[0])) == pytest.approx(1 / np.sqrt(1 + 10 ** -0.3))
+  noisy = np.asarray(data.corruption_from_config(config, "test")(jax.random.PRNGKey(0), clean))
+  perfect = speech._quality(clean, noisy, clean, 16000, gain)
+  assert np.all(perfect["si_sir"] > 30) and np.all(perfect["si_sar"] > 30)
+  assert np.all(speech._quality(clean, noisy, clean, 16000)["si_sir"] < 15)   # the target leaks
+  set_fields(config.corruption, name="gaussian", kwargs=dict(sigma=0.1))
+  assert data.clean_gain_from_config(config) == 1.0
 
 
 def test_enhance_file_and_wav_errors(enhancer_workdir, tmp_path):

@@ -40,6 +40,17 @@ def corruption_from_config(config: ml_collections.ConfigDict, split: str) -> Cor
   return get_corruption(c.name, **kwargs)
 
 
+def clean_gain_from_config(config: ml_collections.ConfigDict) -> float:
+  """The gain of the clean signal in the output of `config.corruption`: the direct-path tap of
+  the reverberant corruptions' unit-energy RIRs (`direct_path_gain`), else 1. The noisy signal
+  minus this times the clean one is what the corruption added (reverberant tail, noise)."""
+  c = config.corruption
+  parameters = inspect.signature(CORRUPTIONS.get(c.name)).parameters
+  if "drr_db" not in parameters:
+    return 1.0
+  return direct_path_gain(dict(c.kwargs).get("drr_db", parameters["drr_db"].default))
+
+
 def _per_item(fn: Callable[[jax.Array, jax.Array], jax.Array]) -> Corruption:
   """Lifts fn(key, x) on one item to a jitted batch function, item i using fold_in(key, i)."""
   @jax.jit
@@ -122,6 +133,12 @@ def blur(sigma: float, size: int = 5) -> Corruption:
 
 
 # --- audio: [B, L] ---
+
+
+def direct_path_gain(drr_db: float) -> float:
+  """Tap 0 of `room_impulse_response` at direct-to-reverberant ratio drr_db: 1 / sqrt(1 +
+  10^(-drr_db / 10)) (unit energy)."""
+  return float(1.0 / np.sqrt(1.0 + 10.0 ** (-drr_db / 10.0)))
 
 
 def room_impulse_response(key: jax.Array, rt60: jax.Array, num_taps: int, drr_db: float,
