@@ -6,7 +6,7 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 SYSTEM_PACKAGES := espeak-ng sox dataset-fashion-mnist
-SYSTEM_CHECK := command -v espeak-ng >/dev/null && command -v sox >/dev/null && test -d /usr/share/dataset-fashion-mnist
+SYSTEM_CHECK := command -v espeak-ng >/dev/null && command -v sox >/dev/null && test -d /usr/share/datasets/fashion-mnist
 
 .PHONY: demo test venv system-deps clean
 
