@@ -148,6 +148,7 @@ def _online(url: str = "https://storage.googleapis.com", timeout: float = 5.0) -
 
 
 def _unprepared_error(builder: tfds.core.DatasetBuilder, name: str, data_dir: str, reason: str):
+  """The FileNotFoundError of a catalog dataset that is not prepared, with the ways to get it."""
   return FileNotFoundError(
       f"TFDS dataset {name!r} is not prepared in {data_dir} and could not be downloaded "
       f"({reason}). Run again with internet access, or prepare it on a machine that has it "
