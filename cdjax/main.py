@@ -26,7 +26,6 @@ from ml_collections import config_flags
 from cdjax import parallel
 from cdjax import train as train_lib
 from cdjax import overrides as overrides_lib
-from cdjax.overrides import apply_overrides, load_module
 from cdjax.registry import Registry
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file (configs/*.py).")
@@ -81,17 +80,17 @@ def override_string(overrides: dict) -> str:
 def run_sweep(config: ml_collections.ConfigDict, config_arg: str, workdir: str, execute: bool,
               mode: Callable = train_mode) -> list[tuple[str, dict]]:
   """Prints each member of the config file's `sweep()`; with `execute`, runs `mode` on each."""
-  module, _ = load_module(config_arg)
+  module, _ = overrides_lib.load_module(config_arg)
   if not hasattr(module, "sweep"):
     raise ValueError(f"{config_arg} defines no sweep(); add one returning "
                      "dict(product={field: values}, zip={field: values}).")
   members = sweep_members(module.sweep(), workdir)
   for member_workdir, overrides in members:
-    apply_overrides(config, overrides)   # fails early on an unknown field
+    overrides_lib.apply_overrides(config, overrides)   # fails early on an unknown field
     print(f"{member_workdir} {override_string(overrides)}", flush=True)
   if execute:
     for member_workdir, overrides in members:
-      mode(apply_overrides(config, overrides), member_workdir)
+      mode(overrides_lib.apply_overrides(config, overrides), member_workdir)
   return members
 
 
