@@ -1,5 +1,5 @@
 """Shared helpers of the issue-8 benchmarks: thread pinning (import this before jax and torch),
-the PyTorch reference's device, timing (alone, or side by side in rounds), peak-RSS sampling, the
+the PyTorch reference's device, timing (alone, or side by side in rounds), PyTorch's peak memory, the
 machine's matmul peak, and merging entries into experiments/results/bench.{json,md} (and the
 figure bench.png; another folder with BENCH_RESULTS_DIR). `python experiments/bench_common.py`
 re-renders bench.md and bench.png from bench.json and bench_notes.md.
@@ -13,7 +13,7 @@ Accelerators: where JAX's default backend is a GPU, the PyTorch reference runs o
 TF32: `full_float32`), results go to the section `<name>_gpu` (`section`) and `machine()` names
 the GPU. Nothing changes on a CPU-only machine.
 """
-import gc
+import contextlib
 import json
 import os
 import platform
@@ -21,14 +21,11 @@ import re
 import statistics
 import subprocess
 import sys
-import threading
 import time
 
 THREADS = int(os.environ.setdefault("BENCH_THREADS", "2"))
 for _var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
   os.environ.setdefault(_var, str(THREADS))
-
-import psutil  # noqa: E402
 
 RESULTS_DIR = os.environ.get("BENCH_RESULTS_DIR") or os.path.join(
     os.path.dirname(os.path.abspath(__file__)), "results")
@@ -97,6 +94,7 @@ def torch_blocking(fn):
     if torch.cuda.is_initialized():
       torch.cuda.synchronize()
     return out
+  run.uses_torch = True   # `interleaved_runs` measures its memory
   return run
 
 
@@ -114,7 +112,7 @@ def machine() -> str:
     cpu = f"{info['model name'].strip()} ({' + '.join(isa)})"
   except (OSError, KeyError):
     pass
-  mem = psutil.virtual_memory().total / 2**30
+  mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
   host = f"{cpu}, {os.cpu_count()} cores, {mem:.0f} GiB, {platform.system()} {platform.release()}"
   if backend() == "cpu":
     return host
@@ -150,21 +148,21 @@ def timeit(fn, repeats: int, warmup: int = 1, budget_s: float = float("inf")):
 
 def interleaved_runs(runs: dict, repeats: int, budget_s: float = float("inf")) -> dict:
   """Times the callables `runs` ({name: fn() blocking until its result is ready}) alike and side
-  by side: one untimed first call each under PeakRSS (one-time costs: buffer allocation, oneDNN
-  primitive creation, ...), then up to `repeats` rounds calling each once in turn, so that every
-  one sees the same machine state (this VM's speed drifts by 10-30% within minutes), stopping
-  after the first round whose timed calls brought the total past `budget_s` per callable.
-  Returns {name: dict(out=first output, sec=median, times, first_s, rss_delta_mib, and where
-  torch runs on CUDA cuda_peak_mib: torch's peak CUDA allocation during the first call)}."""
+  by side: one untimed first call each (one-time costs: buffer allocation, oneDNN primitive
+  creation, ...; for PyTorch's, those `torch_blocking` made, under `PeakTorchMemory`), then up
+  to `repeats` rounds calling each once in turn, so that every one sees the same machine state
+  (this VM's speed drifts by 10-30% within minutes), stopping after the first round whose timed
+  calls brought the total past `budget_s` per callable.
+  Returns {name: dict(out=first output, sec=median, times, first_s, and for PyTorch's
+  torch_peak_mib: its peak tensor memory during the first call)}."""
   res = {}
   for name, fn in runs.items():
-    with PeakRSS() as rss, PeakTorchCUDA() as cuda:
+    with PeakTorchMemory() if getattr(fn, "uses_torch", False) else contextlib.nullcontext() as mem:
       tic = time.perf_counter()
       out = fn()
       res[name] = dict(out=out, first_s=time.perf_counter() - tic, times=[])
-    res[name]["rss_delta_mib"] = rss.delta_mib
-    if cuda.delta_mib is not None:
-      res[name]["cuda_peak_mib"] = cuda.delta_mib
+    if mem is not None:
+      res[name]["torch_peak_mib"] = mem.mib
   for _ in range(repeats):
     for name, fn in runs.items():
       tic = time.perf_counter()
@@ -183,52 +181,39 @@ def paired_ratio(a: dict, b: dict) -> float:
   return statistics.median(tb / ta for ta, tb in zip(a["times"], b["times"]))
 
 
-class PeakRSS:
-  """Context manager sampling this process's RSS every `interval` s; `.delta_mib` is the peak
-  minus the RSS on entry (after a gc)."""
-
-  def __init__(self, interval: float = 0.002):
-    self.interval, self.proc = interval, psutil.Process()
-
-  def __enter__(self):
-    gc.collect()
-    self.base = self.peak = self.proc.memory_info().rss
-    self._stop = threading.Event()
-    self._thread = threading.Thread(target=self._poll, daemon=True)
-    self._thread.start()
-    return self
-
-  def _poll(self):
-    while not self._stop.is_set():
-      self.peak = max(self.peak, self.proc.memory_info().rss)
-      time.sleep(self.interval)
-
-  def __exit__(self, *exc):
-    self._stop.set()
-    self._thread.join()
-    self.peak = max(self.peak, self.proc.memory_info().rss)
-    self.delta_mib = (self.peak - self.base) / 2**20
-    return False
-
-
-class PeakTorchCUDA:
-  """Context manager: `.delta_mib` is torch's peak CUDA allocation inside it minus its allocation
-  on entry, or None where torch has not started CUDA (a CPU run, or JAX alone)."""
+class PeakTorchMemory:
+  """Context manager: `.mib` is the peak of PyTorch's tensor memory allocated inside it, on top of
+  what was allocated on entry: on CUDA from `torch.cuda.max_memory_allocated`; on a CPU, where
+  torch keeps no allocator statistics, the running sum of the allocations and frees its profiler
+  records (`profile_memory`; the profiled call runs slower). Memory that libraries take outside
+  torch's allocator (oneDNN's scratch) is not counted, as XLA's temp buffers do not count
+  YNNPACK's."""
 
   def __enter__(self):
-    torch = sys.modules.get("torch")
-    self.cuda = torch.cuda if torch is not None and torch.cuda.is_initialized() else None
-    self.delta_mib = None
+    import torch
+    self.cuda = torch.cuda if torch.cuda.is_initialized() else None
     if self.cuda:
       self.cuda.synchronize()
       self.cuda.reset_peak_memory_stats()
       self.base = self.cuda.memory_allocated()
+    else:
+      self.profile = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU],
+                                            profile_memory=True)
+      self.profile.__enter__()
     return self
 
   def __exit__(self, *exc):
     if self.cuda:
       self.cuda.synchronize()
-      self.delta_mib = (self.cuda.max_memory_allocated() - self.base) / 2**20
+      self.mib = (self.cuda.max_memory_allocated() - self.base) / 2**20
+      return False
+    self.profile.__exit__(*exc)
+    events = [e for e in self.profile.profiler.kineto_results.events() if e.name() == "[memory]"]
+    allocated = peak = 0
+    for e in sorted(events, key=lambda e: e.start_ns()):
+      allocated += e.nbytes()   # negative for a free
+      peak = max(peak, allocated)
+    self.mib = peak / 2**20
     return False
 
 

@@ -309,8 +309,8 @@ _UNDONE = {
 
 
 def bench_parallel(config, params, classifier, b: int, paths, repeats: int, budget: float) -> dict:
-  """Items/s, compile time and peak memory of each path at batch b, all timed side by side
-  (`bc.interleaved_runs`). The `_UNDONE` paths: the scan path with a speed-up undone."""
+  """Items/s, compile time and peak memory (the scan's and PyTorch's) of each path at batch b,
+  all timed side by side (`bc.interleaved_runs`). The `_UNDONE` paths: the scan path with a speed-up undone."""
   runs, info = {}, {}
   y = make_y(config, jax.random.PRNGKey(2), b)
   key = jax.random.PRNGKey(1)
@@ -325,8 +325,9 @@ def bench_parallel(config, params, classifier, b: int, paths, repeats: int, budg
     c.sampling.micro_batch = micro_batch
     compiled, compile_s, mem = compile_coupled(c, "parallel", *sharded, sharded_y)
     runs[name] = _runner(compiled, *sharded, key, sharded_y)
+    made = mem.temp_size_in_bytes + mem.output_size_in_bytes if mem else float("nan")
     info[name] = dict(compile_s=compile_s,
-                      xla_temp_mib=mem.temp_size_in_bytes / 2**20 if mem else None)
+                      peak_mib=made * len(sharded_y.sharding.device_set) / 2**20)
 
   if "scan" in paths:
     add_scan("scan")
@@ -640,10 +641,9 @@ def write(results: dict, config) -> None:
       e.append(bc.entry(f"sampler_jit_scan_frac_of_peak_b{b}", gflops, "GFLOP/s", peak, **S))
       e.append(bc.entry(f"sampler_jit_scan_compile_s_b{b}", s["compile_s"], "s", "lower+compile",
                         float("nan"), **S))
-      e.append(bc.entry(f"sampler_jit_scan_xla_temp_mib_b{b}", s["xla_temp_mib"] or float("nan"),
-                        "MiB", "compiled.memory_analysis() temp buffers", float("nan"), **S))
-      e.append(bc.entry(f"sampler_jit_scan_rss_delta_mib_b{b}", s["rss_delta_mib"], "MiB",
-                        "peak RSS minus RSS before the first run", float("nan"), **S))
+      torch_mib = r.get("torch", {}).get("torch_peak_mib")
+      e.append(bc.entry(f"sampler_jit_scan_peak_mib_b{b}", s["peak_mib"], "MiB",
+                        "PyTorch eager not run" if torch_mib is None else torch_mib, **S))
     for path in (p for p in r if p.startswith("scan_micro")):
       m = path[len("scan_micro"):]
       versus(f"sampler_jit_scan_micro{m}_vs_whole_batch_b{b}", r[path], r["scan"])
@@ -651,12 +651,6 @@ def write(results: dict, config) -> None:
         versus(f"sampler_jit_scan_micro{m}_vs_torch_eager_b{b}", r[path], r["torch"])
     if "scan" in r and "torch" in r:
       versus(f"sampler_jit_scan_vs_torch_eager_b{b}", r["scan"], r["torch"])
-      e.append(bc.entry(f"sampler_torch_eager_rss_delta_mib_b{b}", r["torch"]["rss_delta_mib"], "MiB",
-                        "peak RSS minus RSS before the first run", float("nan"), **S))
-      if "cuda_peak_mib" in r["torch"]:
-        e.append(bc.entry(f"sampler_torch_eager_cuda_peak_mib_b{b}", r["torch"]["cuda_peak_mib"],
-                          "MiB", "torch.cuda.max_memory_allocated() in the first run",
-                          float("nan"), **S))
     if "scan" in r and "torch_fir_sums" in r:
       versus(f"sampler_jit_scan_vs_torch_fir_sums_b{b}", r["scan"], r["torch_fir_sums"])
     for path in (p for p in _UNDONE if "scan" in r and p in r):
@@ -735,8 +729,13 @@ def write(results: dict, config) -> None:
                  f"(--config.mesh.host_cpu_devices=0; XLA_FLAGS='{u['xla_flags']}', "
                  f"{u['devices']} device), where samplers compile with mesh.cpu_sample_xla_flags, "
                  "as evaluation does there (`--unsplit_batches`)")
-  notes += bc.accelerator_note("rss_delta_mib is host memory, the device's: xla_temp_mib (JAX), "
-                               "cuda_peak_mib (torch); no XLA:CPU breakdown or flag variants")
+  notes.append("sampler_jit_scan_peak_mib: memory made during one trajectory call (parameters and "
+               "y excluded): value = the scan's XLA buffer assignment, temporaries + outputs, "
+               "summed over the devices it runs on (compiled.memory_analysis()); baseline = the "
+               "peak of PyTorch's tensor allocations during its first call (the profiler's "
+               "allocation events on a CPU, torch.cuda.max_memory_allocated on a GPU); neither "
+               "counts library scratch outside the framework's allocator (YNNPACK's, oneDNN's)")
+  notes += bc.accelerator_note("no XLA:CPU breakdown or flag variants")
   if is_speech(config):
     notes.append(f"speech setup: y = complex compressed spectrograms [B, {signal_shape(config)[0]}, "
                  f"{_FRAMES.value}] (random), the config's networks with random weights (the "

@@ -4,8 +4,9 @@ state) vs the PyTorch eager equivalent (`torch_reference.CoupledUNet`, the same 
 adam and EMA in a plain loop), timed side by side with the step's variants (the compiled peak
 memory of a step with and without rematerialisation and gradient accumulation; the step with
 the process's flags alone, `mesh.cpu_train_xla_flags=''`, as every step ran before session 42);
-and the data-parallel path on the CPU host split into 2 and 8 devices (a subprocess each,
-XLA_FLAGS=--xla_force_host_platform_device_count=N) vs 1 device. Every JAX step runs with the
+and the data-parallel path on the CPU host split into 2 and 8 devices
+(XLA_FLAGS=--xla_force_host_platform_device_count=N) vs 1 device: a subprocess each, in turn for
+`--split_rounds` rounds. Every JAX step runs with the
 config's `mesh.xla_flags` (`parallel.configure_xla`; XLA_FLAGS in the environment win) and the
 train step's own `mesh.cpu_train_xla_flags` (`parallel.train_compiler_options`).
 
@@ -15,6 +16,7 @@ Random data (throughput does not depend on it). Writes experiments/results/bench
 """
 import json
 import os
+import statistics
 import sys
 import time
 
@@ -47,6 +49,8 @@ _ROUNDS = flags.DEFINE_integer("rounds", 4, "Timed rounds of the side-by-side ti
 _HOST_DEVICES = flags.DEFINE_list(
     "host_devices", ["2", "8"], "Also run the data-parallel path with the CPU host split into "
     "each of these device counts (mesh.host_cpu_devices; a subprocess each).")
+_SPLIT_ROUNDS = flags.DEFINE_integer("split_rounds", 3, "Rounds of the 1-device and host-split "
+                                     "runs (a subprocess each, in turn per round).")
 _TORCH = flags.DEFINE_bool("torch", True, "Also run the PyTorch eager equivalent.")
 _WORKER = flags.DEFINE_bool("worker", False, "Internal: time the JAX step only, print JSON.")
 _RESUME = flags.DEFINE_bool("resume", False, "Reuse the stages already in "
@@ -109,14 +113,13 @@ def time_jax(config, b: int, steps: int) -> dict:
   for _ in range(2):
     state, m = compiled(state, gb, None)
   jax.block_until_ready(state)
-  with bc.PeakRSS() as rss:
-    tic = time.perf_counter()
-    for _ in range(steps):
-      state, m = compiled(state, gb, None)
-    jax.block_until_ready((state, m))
-    sec = time.perf_counter() - tic
+  tic = time.perf_counter()
+  for _ in range(steps):
+    state, m = compiled(state, gb, None)
+  jax.block_until_ready((state, m))
+  sec = time.perf_counter() - tic
   return dict(steps_per_s=steps / sec, examples_per_s=steps * b / sec, compile_s=compile_s,
-              devices=len(jax.devices()), loss=float(m["loss"]), rss_delta_mib=rss.delta_mib,
+              devices=len(jax.devices()), loss=float(m["loss"]),
               **_mem(mem))
 
 
@@ -147,7 +150,7 @@ def time_variants(config, b: int, names, steps: int, rounds: int, with_torch: bo
     runs["torch"], out["torch"] = torch_runner(config, b, steps), {}
   timed = bc.interleaved_runs(runs, rounds)
   for name, r in timed.items():
-    out[name].update(examples_per_s=steps * b / r["sec"], rss_delta_mib=r["rss_delta_mib"],
+    out[name].update(examples_per_s=steps * b / r["sec"],
                      speed_vs_baseline=bc.paired_ratio(r, timed["baseline"]))
   if with_torch:
     out["baseline"]["speed_vs_torch"] = bc.paired_ratio(timed["baseline"], timed["torch"])
@@ -198,6 +201,26 @@ def torch_runner(config, b: int, steps: int):
   return run
 
 
+def host_split_rounds(config, b: int, rounds: int) -> dict:
+  """The JAX step on 1 device and, on a CPU, on the host split into each of `--host_devices`
+  (XLA_FLAGS=--xla_force_host_platform_device_count=N), a worker subprocess each, run in turn
+  for `rounds` rounds so that the split runs and the 1-device run see the same machine state.
+  Returns {str(N): [the worker's `time_jax` result in each round]}."""
+  counts = [1] + [int(n) for n in (_HOST_DEVICES.value if bc.backend() == "cpu" else [])]
+  out = {str(n): [] for n in counts}
+  for _ in range(rounds):
+    for n in counts:
+      cmd = [sys.executable, os.path.abspath(__file__),
+             f"--config={flags.FLAGS['config'].config_filename}", f"--batch={b}",
+             f"--steps={_STEPS.value}", "--worker",
+             *(a for a in sys.argv[1:] if a.startswith("--config."))]
+      split = [f"--xla_force_host_platform_device_count={n}"] if n > 1 else []
+      xla_flags = " ".join([os.environ.get("XLA_FLAGS", "")] + split).strip()
+      out[str(n)].append(bc.run_json_subprocess(cmd, {"XLA_FLAGS": xla_flags}))
+      print(f"jax {n} device(s):", out[str(n)][-1], file=sys.stderr, flush=True)
+  return out
+
+
 def main(argv):
   del argv
   config = _CONFIG.value
@@ -214,22 +237,12 @@ def main(argv):
   if _RESUME.value and os.path.exists(_raw_path()):
     with open(_raw_path()) as f:
       results.update(json.load(f))
-  if "jax_1dev" not in results:
-    results["jax_1dev"] = time_jax(config, b, _STEPS.value)
+  if "host_splits" not in results:
+    results["host_splits"] = host_split_rounds(config, b, _SPLIT_ROUNDS.value)
     _save(results)
-  print("jax 1 device:", results["jax_1dev"], file=sys.stderr, flush=True)
-  host_devices = _HOST_DEVICES.value if bc.backend() == "cpu" else []   # splits of a CPU host
-  for n in map(int, host_devices):
-    if f"jax_{n}dev" in results:
-      continue
-    cmd = [sys.executable, os.path.abspath(__file__),
-           f"--config={flags.FLAGS['config'].config_filename}", f"--batch={b}",
-           f"--steps={_STEPS.value}", "--worker"]
-    xla_flags = " ".join(x for x in (os.environ.get("XLA_FLAGS", ""),
-                                     f"--xla_force_host_platform_device_count={n}") if x)
-    results[f"jax_{n}dev"] = bc.run_json_subprocess(cmd, {"XLA_FLAGS": xla_flags})
-    print(f"jax {n} devices:", results[f"jax_{n}dev"], file=sys.stderr, flush=True)
-    _save(results)
+  one_device_errors = [r["error"] for r in results["host_splits"]["1"] if "error" in r]
+  if one_device_errors:
+    raise RuntimeError(f"the 1-device train step failed: {one_device_errors[0][-1000:]}")
   if "side_by_side" not in results:
     results["side_by_side"] = time_variants(config, b, _VARIANTS.value, _STEPS.value,
                                             _ROUNDS.value, _TORCH.value)
@@ -243,7 +256,9 @@ def main(argv):
 def write(results: dict) -> None:
   section = bc.section("train")
   e, S, b = [], dict(section=section), results["batch"]
-  j = results["jax_1dev"]
+  splits = {int(n): runs for n, runs in results["host_splits"].items()}
+  failed = {n: runs for n, runs in splits.items() if any("error" in r for r in runs)}
+  j = dict(splits[1][0], steps_per_s=statistics.median(r["steps_per_s"] for r in splits[1]))
   e.append(bc.entry("train_jax_steps_per_s", j["steps_per_s"], "steps/s", f"batch {b}, 1 device",
                     float("nan"), **S))
   e.append(bc.entry("train_jax_compile_s", j["compile_s"], "s", "lower+compile", float("nan"), **S))
@@ -252,11 +267,13 @@ def write(results: dict) -> None:
   if "torch" in sbs:
     e.append(bc.entry("train_jax_vs_torch_eager", base["examples_per_s"], "examples/s",
                       sbs["torch"]["examples_per_s"], base["speed_vs_torch"], **S))
-  host_runs = {k: v for k, v in results.items() if k.endswith("dev") and k != "jax_1dev"}
-  for key, r in host_runs.items():
-    if "steps_per_s" in r:
-      e.append(bc.entry(f"train_{key[4:]}_vs_1dev", r["examples_per_s"], "examples/s",
-                        j["examples_per_s"], **S))
+  for n, runs in splits.items():
+    if n > 1 and n not in failed:
+      e.append(bc.entry(f"train_{n}dev_vs_1dev",
+                        statistics.median(r["examples_per_s"] for r in runs), "examples/s",
+                        statistics.median(r["examples_per_s"] for r in splits[1]),
+                        statistics.median(r["examples_per_s"] / one["examples_per_s"]
+                                          for r, one in zip(runs, splits[1])), **S))
   e.append(bc.entry("train_step_temp_mib_baseline", base["temp_mib"], "MiB",
                     "compiled.memory_analysis() temp buffers", float("nan"), **S))
   for name, m in sbs.items():
@@ -268,9 +285,11 @@ def write(results: dict) -> None:
            f"signal branch (configs' coupled_unet), global batch {b}, {results['steps']} timed steps "
            f"after 2 warm-up steps; threads: BENCH_THREADS={bc.THREADS}; total script time "
            f"{results['total_s']:.0f} s",
-           *(["train_Ndev_vs_1dev: the N-device run is a subprocess with "
-              "--xla_force_host_platform_device_count=N on the same cores (batch split N ways; "
-              "N=2 on 2 cores is what mesh.host_cpu_devices=2 gives the demo)"] if host_runs else []),
+           *([f"train_Ndev_vs_1dev and train_jax_steps_per_s: the step on 1 device and on the host "
+              f"split into N (--xla_force_host_platform_device_count=N on the same cores, batch "
+              f"split N ways; N=2 on 2 cores is what mesh.host_cpu_devices=2 gives the demo), a "
+              f"subprocess each, run in turn for {len(splits[1])} rounds; value / baseline: "
+              f"medians, ratio: median over rounds of the paired ratio"] if len(splits) > 1 else []),
            "memory: XLA's compiled temp-buffer size of one train step (arguments/outputs = state "
            "and batch are the same in every variant)",
            "train_jax_vs_torch_eager and train_<variant>_vs_baseline: the 1-device step, its "
@@ -278,9 +297,8 @@ def write(results: dict) -> None:
            "turn per round); value / baseline: medians, ratio: median over rounds of the paired "
            "ratio"]
   notes += bc.accelerator_note("no CPU host splits")
-  for key, r in host_runs.items():
-    if "error" in r:
-      notes.append(f"{key[4:]} run failed: {r['error'][-300:]!r}")
+  for n, runs in failed.items():
+    notes.append(f"{n}dev run failed: {next(r for r in runs if 'error' in r)['error'][-300:]!r}")
   command = bc.command(sys.argv)
   print(bc.write_results(e, command, notes, section))
 
