@@ -225,10 +225,11 @@ def evaluate_enhancement(config, workdir: str, condition: str) -> tuple[list[dic
   clean, noisy = (audio.center_crop(w, cfg.evaluation.crop_samples) for w in (split["audio"], noisy))
   seconds_of_audio = clean.size / cfg.audio.sample_rate
   mesh = parallel.make_mesh(cfg)
-  waves, scores, rows = {"clean": clean, "noisy": noisy}, {}, []
+  waves, scores, runs = {"clean": clean, "noisy": noisy}, {}, {}
   for method in cfg.evaluation.methods:
+    runs[method] = dict(rtf=0.0, nfe=0)
     if method == "noisy":
-      estimate, seconds, nfe = noisy, 0.0, 0
+      estimate = noisy
     else:
       method_cfg = condition_config(config, condition, method, workdir)
       enhance = get_enhance_fn(method_cfg, method)
@@ -236,27 +237,42 @@ def evaluate_enhancement(config, workdir: str, condition: str) -> tuple[list[dic
       estimate, seconds, compile_seconds = enhance_waveforms(
           enhance, params, frontend, noisy, jax.random.PRNGKey(cfg.evaluation.sampling_seed),
           cfg.evaluation.batch_size, mesh)
-      nfe = enhance.nfe
+      runs[method] = dict(rtf=seconds / seconds_of_audio, nfe=enhance.nfe,
+                          compile_seconds=compile_seconds)
     waves[method] = estimate
+    failed = ~np.isfinite(estimate).all(-1) | ~np.asarray(estimate).any(-1)
+    runs[method]["failed_items"] = int(failed.sum())
     scores[method] = _quality(clean, noisy, estimate, cfg.audio.sample_rate,
                               data.clean_gain_from_config(cfg))
-    row = dict(condition=condition, method=method,
-               **{k: _finite_mean(v) for k, v in scores[method].items()},
-               rtf=seconds / seconds_of_audio, nfe=nfe, items=len(clean),
-               pesq_items=int(np.isfinite(scores[method]["pesq"]).sum()),
-               estoi_items=int(np.isfinite(scores[method]["estoi"]).sum()))
-    if method != "noisy":
-      row["compile_seconds"] = compile_seconds
-    rows.append(row)
     print(f"[{condition}] {method}: " + ", ".join(
-        f"{k} {row[k]:.3f}" for k in ("si_sdr", "si_sir", "si_sar", "pesq", "estoi", "rtf")))
-  if "sgmse" in scores:   # paired differences to the baseline diffusion model
-    for row in rows:
-      if row["method"] in ("exdiff", "discriminative"):
-        d = metrics.paired_bootstrap(scores[row["method"]]["si_sdr"], scores["sgmse"]["si_sdr"])
-        row.update(si_sdr_diff_vs_sgmse=d.diff, si_sdr_diff_ci95=f"[{d.lo:+.3f}, {d.hi:+.3f}]",
-                   si_sdr_wins_vs_sgmse=d.wins, si_sdr_losses_vs_sgmse=d.losses)
-  return rows, waves
+        f"{k} {_finite_mean(v):.3f}" for k, v in scores[method].items())
+        + f", rtf {runs[method]['rtf']:.3f}, failed items {runs[method]['failed_items']}")
+  return _score_rows(condition, scores, runs), waves
+
+
+def _score_rows(condition: str, scores: dict, runs: dict) -> list[dict]:
+  """One row per method from `scores` ({method: {metric: per-item scores [N]}}) and `runs`
+  ({method: its other columns}): each metric's mean over the items that every method scores
+  (finite for all), so that the methods are compared on the same items. `si_items`, `pesq_items`
+  and `estoi_items` count those items (SI-SDR / SIR / SAR share theirs); an item a method fails
+  on (a silent or non-finite estimate: `failed_items`) drops out for every method. Ex-Diff's and
+  the discriminative model's rows add the paired SI-SDR difference to sgmse's."""
+  def scored(metric):
+    return np.all([np.isfinite(s[metric]) for s in scores.values()], axis=0)
+  si = scored("si_sdr") & scored("si_sir") & scored("si_sar")
+  masks = dict(si_sdr=si, si_sir=si, si_sar=si, pesq=scored("pesq"), estoi=scored("estoi"))
+  rows = []
+  for method, score in scores.items():
+    row = dict(condition=condition, method=method,
+               **{k: _finite_mean(v[masks[k]]) for k, v in score.items()},
+               items=len(si), si_items=int(si.sum()), pesq_items=int(masks["pesq"].sum()),
+               estoi_items=int(masks["estoi"].sum()), **runs[method])
+    if method in ("exdiff", "discriminative") and "sgmse" in scores:
+      d = metrics.paired_bootstrap(score["si_sdr"][si], scores["sgmse"]["si_sdr"][si])
+      row.update(si_sdr_diff_vs_sgmse=d.diff, si_sdr_diff_ci95=f"[{d.lo:+.3f}, {d.hi:+.3f}]",
+                 si_sdr_wins_vs_sgmse=d.wins, si_sdr_losses_vs_sgmse=d.losses)
+    rows.append(row)
+  return rows
 
 
 def plot_spectrograms(waves_by_condition: dict, path: str, frontend: audio.Frontend,

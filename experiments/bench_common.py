@@ -152,7 +152,9 @@ def interleaved_runs(runs: dict, repeats: int, budget_s: float = float("inf")) -
   creation, ...; for PyTorch's, those `torch_blocking` made, under `PeakTorchMemory`), then up
   to `repeats` rounds calling each once in turn, so that every one sees the same machine state
   (this VM's speed drifts by 10-30% within minutes), stopping after the first round whose timed
-  calls brought the total past `budget_s` per callable.
+  calls brought the total past `budget_s` per callable. Round r starts r places further along
+  `runs`, so that no callable always runs right after the same other one (a call right after
+  PyTorch's has run up to 1.5x slower here).
   Returns {name: dict(out=first output, sec=median, times, first_s, and for PyTorch's
   torch_peak_mib: its peak tensor memory during the first call)}."""
   res = {}
@@ -163,10 +165,11 @@ def interleaved_runs(runs: dict, repeats: int, budget_s: float = float("inf")) -
       res[name] = dict(out=out, first_s=time.perf_counter() - tic, times=[])
     if mem is not None:
       res[name]["torch_peak_mib"] = mem.mib
-  for _ in range(repeats):
-    for name, fn in runs.items():
+  names = list(runs)
+  for r in range(repeats):
+    for name in names[r % len(names):] + names[:r % len(names)]:
       tic = time.perf_counter()
-      fn()
+      runs[name]()
       res[name]["times"].append(time.perf_counter() - tic)
     if sum(sum(r["times"]) for r in res.values()) > budget_s * len(runs):
       break

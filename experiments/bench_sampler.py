@@ -310,7 +310,8 @@ _UNDONE = {
 
 def bench_parallel(config, params, classifier, b: int, paths, repeats: int, budget: float) -> dict:
   """Items/s, compile time and peak memory (the scan's and PyTorch's) of each path at batch b,
-  all timed side by side (`bc.interleaved_runs`). The `_UNDONE` paths: the scan path with a speed-up undone."""
+  all timed side by side (`bc.interleaved_runs`). The `_UNDONE` paths: the scan path with a
+  speed-up undone."""
   runs, info = {}, {}
   y = make_y(config, jax.random.PRNGKey(2), b)
   key = jax.random.PRNGKey(1)
@@ -713,8 +714,9 @@ def write(results: dict, config) -> None:
            f"threads: BENCH_THREADS={results['threads']} (torch.set_num_threads, OMP), XLA_FLAGS="
            f"'{results['xla_flags']}' ({results['devices']} devices); {n} DDPM steps; every path "
            f"of a batch size timed side by side: one untimed call each, then up to "
-           f"{_REPEATS.value} rounds calling each in turn; value and baseline: each path's "
-           f"median; the ratio of two paths: the median over rounds of their per-round ratio; "
+           f"{_REPEATS.value} rounds calling each in turn, each round starting one path further "
+           f"along; value and baseline: each path's median; the ratio of two paths: the median "
+           f"over rounds of their per-round ratio; "
            f"total script time {results['total_s']:.0f} s",
            f"FLOPs per item per trajectory: {traj_flops / 1e9:.2f} GFLOP (XLA cost analysis per "
            f"network call; {calls}{' + the enhancer once' if 'enhancer' in fl else ''}), as the "

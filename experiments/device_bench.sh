@@ -14,6 +14,10 @@
 #       go to the sections sampler_gpu / train_gpu of experiments/results/bench.json, copied to
 #       $OUT with bench.md, the raw files and the logs. Back here: copy $OUT's bench.json over
 #       experiments/results/bench.json and re-render with `python experiments/bench_common.py`.
+#   there, as a second device call (same carry and limit):  experiments/device_bench.sh speech
+#       the speech sampler (b1 / 16 / 64, scan vs step loop vs PyTorch eager; section
+#       sampler_speech_gpu), under its own limit (SPEECH_S, 500 s). Copy the first call's
+#       bench.json here before it: the working tree travels, so its bench.json then holds both.
 #
 # Locally (PYTHON=.venv/bin/python SKIP_INSTALL=1 OUT=/tmp/out experiments/device_bench.sh run)
 # the same run checks the script on the CPU (sections sampler / train: it rewrites the CPU tables).
@@ -48,8 +52,7 @@ wheels() {
   du -sh .whl
 }
 
-run() {
-  local out=${OUT:?set OUT to the folder for the results}
+setup() {   # installs .whl/ (unless SKIP_INSTALL) and sets the environment of both runs
   if [[ -z ${SKIP_INSTALL:-} ]]; then
     [[ -d .whl ]] || { echo "no .whl/: run 'experiments/device_bench.sh wheels' here first"; exit 1; }
     $PYTHON -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
@@ -62,19 +65,40 @@ run() {
   export PYTHONPATH=.${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1 XLA_PYTHON_CLIENT_MEM_FRACTION=0.5
   $PYTHON -c "import jax, flax, torch; print('jax', jax.__version__, jax.devices(), '| flax',
 flax.__version__, '| torch', torch.__version__, torch.cuda.is_available())"
+}
+
+collect() {   # copies the results into $OUT
+  cp experiments/results/bench.json experiments/results/bench.md "$OUT"/
+  cp experiments/results/bench_*_gpu_raw.json "$OUT"/ 2>/dev/null || true   # 8 files at most come back
+}
+
+run() {
+  : "${OUT:?set OUT to the folder for the results}"
+  setup
   local status=0
   timeout "${SAMPLER_S:-330}" $PYTHON experiments/bench_sampler.py --config configs/mnist_demo.py \
     --batches=1,16,64 --paths=scan,loop,torch --repeats=5 --budget_s=10 --strategy_repeats=3 \
-    2>&1 | tee "$out/sampler.log" || status=1
+    2>&1 | tee "$OUT/sampler.log" || status=1
   timeout "${TRAIN_S:-200}" $PYTHON experiments/bench_train.py --config configs/mnist_demo.py \
-    --rounds=3 --variants=net_remat,accum2 2>&1 | tee "$out/train.log" || status=1
-  cp experiments/results/bench.json experiments/results/bench.md "$out"/
-  cp experiments/results/bench_*_gpu_raw.json "$out"/ 2>/dev/null || true   # 8 files at most come back
+    --rounds=3 --variants=net_remat,accum2 2>&1 | tee "$OUT/train.log" || status=1
+  collect
+  return $status
+}
+
+speech() {
+  : "${OUT:?set OUT to the folder for the results}"
+  setup
+  local status=0
+  timeout "${SPEECH_S:-500}" $PYTHON experiments/bench_sampler.py --config configs/speech_keywords.py \
+    --batches=${SPEECH_BATCHES:-1,16,64} --paths=scan,loop,torch --repeats=3 --budget_s=10 \
+    2>&1 | tee "$OUT/speech.log" || status=1
+  collect
   return $status
 }
 
 case "${1:-}" in
   wheels) wheels ;;
   run) run ;;
-  *) echo "usage: $0 wheels|run"; exit 2 ;;
+  speech) speech ;;
+  *) echo "usage: $0 wheels|run|speech"; exit 2 ;;
 esac

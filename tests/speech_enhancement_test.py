@@ -94,3 +94,18 @@ def test_finite_mean_skips_unscorable_clips_without_warning():
     warnings.simplefilter("error")
     assert speech._finite_mean(np.array([1.0, np.nan, 3.0])) == 2.0
     assert np.isnan(speech._finite_mean(np.array([np.nan, np.nan])))
+
+
+def test_score_rows_compare_methods_on_the_items_every_method_scores():
+  ones = np.ones(4)
+  scores = {"sgmse": dict(si_sdr=np.array([1.0, 2.0, 3.0, 4.0]), si_sir=ones, si_sar=ones,
+                          pesq=ones, estoi=np.array([np.nan, 1.0, 1.0, 1.0])),
+            "exdiff": dict(si_sdr=np.array([np.nan, 3.0, 4.0, 5.0]), si_sir=ones, si_sar=ones,
+                           pesq=2 * ones, estoi=np.array([np.nan, 0.5, 0.5, 0.5]))}
+  runs = {"sgmse": dict(failed_items=0), "exdiff": dict(failed_items=1)}
+  sgmse, exdiff = speech._score_rows("noise", scores, runs)
+  assert sgmse["si_sdr"] == 3.0 and exdiff["si_sdr"] == 4.0   # item 0 dropped for both
+  assert (sgmse["si_items"], sgmse["pesq_items"], sgmse["estoi_items"]) == (3, 4, 3)
+  assert (sgmse["pesq"], exdiff["pesq"], exdiff["estoi"]) == (1.0, 2.0, 0.5)
+  assert exdiff["si_sdr_diff_vs_sgmse"] == pytest.approx(1.0) and exdiff["failed_items"] == 1
+  assert "si_sdr_diff_vs_sgmse" not in sgmse
