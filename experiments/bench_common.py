@@ -1,8 +1,9 @@
 """Shared helpers of the issue-8 benchmarks: thread pinning (import this before jax and torch),
-the PyTorch reference's device, timing (alone, or side by side in rounds), PyTorch's peak memory, the
-machine's matmul peak, and merging entries into experiments/results/bench.{json,md} (and the
-figure bench.png; another folder with BENCH_RESULTS_DIR). `python experiments/bench_common.py`
-re-renders bench.md and bench.png from bench.json and bench_notes.md.
+the PyTorch reference's device, timing (alone, or side by side in rounds), PyTorch's peak
+memory, the machine's matmul peak, and merging entries into experiments/results/bench.{json,md}
+(and the figure bench.png; another folder with BENCH_RESULTS_DIR).
+`python experiments/bench_common.py` re-renders bench.md and bench.png from bench.json and
+bench_notes.md.
 
 Threads: BENCH_THREADS (default 2) sets OMP_NUM_THREADS / MKL_NUM_THREADS and torch's intra-op
 threads; XLA:CPU keeps its default Eigen pool (`--xla_cpu_multi_thread_eigen` on), which is one
@@ -166,8 +167,8 @@ def interleaved_runs(runs: dict, repeats: int, budget_s: float = float("inf")) -
     if mem is not None:
       res[name]["torch_peak_mib"] = mem.mib
   names = list(runs)
-  for r in range(repeats):
-    for name in names[r % len(names):] + names[:r % len(names)]:
+  for i in range(repeats):
+    for name in names[i % len(names):] + names[:i % len(names)]:
       tic = time.perf_counter()
       runs[name]()
       res[name]["times"].append(time.perf_counter() - tic)
