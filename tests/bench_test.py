@@ -12,6 +12,16 @@ import sys
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+def test_interleaved_runs_start_each_round_one_further_along():
+  sys.path.insert(0, os.path.join(ROOT, "experiments"))
+  import bench_common   # pylint: disable=g-import-not-at-top
+  calls = []
+  runs = {name: (lambda name=name: calls.append(name)) for name in "abc"}
+  timed = bench_common.interleaved_runs(runs, repeats=3)
+  assert "".join(calls) == "abc" + "abc" + "bca" + "cab"   # first calls, then 3 rounds
+  assert [len(r["times"]) for r in timed.values()] == [3, 3, 3]
+
+
 def _run(script: str, results_dir, *args: str) -> None:
   """experiments/<script> with `args`, writing into `results_dir`; the config's own XLA flags
   and host split (no XLA_FLAGS from the test process)."""
