@@ -119,8 +119,7 @@ def time_jax(config, b: int, steps: int) -> dict:
   jax.block_until_ready((state, m))
   sec = time.perf_counter() - tic
   return dict(steps_per_s=steps / sec, examples_per_s=steps * b / sec, compile_s=compile_s,
-              devices=len(jax.devices()), loss=float(m["loss"]),
-              **_mem(mem))
+              devices=len(jax.devices()), loss=float(m["loss"]), **_mem(mem))
 
 
 def _mem(mem) -> dict:
@@ -205,11 +204,11 @@ def host_split_rounds(config, b: int, rounds: int) -> dict:
   """The JAX step on 1 device and, on a CPU, on the host split into each of `--host_devices`
   (XLA_FLAGS=--xla_force_host_platform_device_count=N), a worker subprocess each, run in turn
   for `rounds` rounds (each starting one further along, as `bc.interleaved_runs`) so that the
-  split runs and the 1-device run see the same machine state.
-  Returns {str(N): [the worker's `time_jax` result in each round]}."""
+  split runs and the 1-device run see the same machine state; one round where there is no split
+  (an accelerator). Returns {str(N): [the worker's `time_jax` result in each round]}."""
   counts = [1] + [int(n) for n in (_HOST_DEVICES.value if bc.backend() == "cpu" else [])]
   out = {str(n): [] for n in counts}
-  for r in range(rounds):
+  for r in range(rounds if len(counts) > 1 else 1):
     for n in counts[r % len(counts):] + counts[:r % len(counts)]:
       cmd = [sys.executable, os.path.abspath(__file__),
              f"--config={flags.FLAGS['config'].config_filename}", f"--batch={b}",
