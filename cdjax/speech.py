@@ -225,11 +225,11 @@ def evaluate_enhancement(config, workdir: str, condition: str) -> tuple[list[dic
   clean, noisy = (audio.center_crop(w, cfg.evaluation.crop_samples) for w in (split["audio"], noisy))
   seconds_of_audio = clean.size / cfg.audio.sample_rate
   mesh = parallel.make_mesh(cfg)
+  clean_gain = data.clean_gain_from_config(cfg)
   waves, scores, runs = {"clean": clean, "noisy": noisy}, {}, {}
   for method in cfg.evaluation.methods:
-    runs[method] = dict(rtf=0.0, nfe=0)
     if method == "noisy":
-      estimate = noisy
+      estimate, runs[method] = noisy, dict(rtf=0.0, nfe=0)
     else:
       method_cfg = condition_config(config, condition, method, workdir)
       enhance = get_enhance_fn(method_cfg, method)
@@ -242,8 +242,7 @@ def evaluate_enhancement(config, workdir: str, condition: str) -> tuple[list[dic
     waves[method] = estimate
     failed = ~np.isfinite(estimate).all(-1) | ~np.asarray(estimate).any(-1)
     runs[method]["failed_items"] = int(failed.sum())
-    scores[method] = _quality(clean, noisy, estimate, cfg.audio.sample_rate,
-                              data.clean_gain_from_config(cfg))
+    scores[method] = _quality(clean, noisy, estimate, cfg.audio.sample_rate, clean_gain)
     print(f"[{condition}] {method}: " + ", ".join(
         f"{k} {_finite_mean(v):.3f}" for k, v in scores[method].items())
         + f", rtf {runs[method]['rtf']:.3f}, failed items {runs[method]['failed_items']}")

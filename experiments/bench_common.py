@@ -166,9 +166,8 @@ def interleaved_runs(runs: dict, repeats: int, budget_s: float = float("inf")) -
       res[name] = dict(out=out, first_s=time.perf_counter() - tic, times=[])
     if mem is not None:
       res[name]["torch_peak_mib"] = mem.mib
-  names = list(runs)
   for i in range(repeats):
-    for name in names[i % len(names):] + names[:i % len(names)]:
+    for name in round_order(list(runs), i):
       tic = time.perf_counter()
       runs[name]()
       res[name]["times"].append(time.perf_counter() - tic)
@@ -177,6 +176,12 @@ def interleaved_runs(runs: dict, repeats: int, budget_s: float = float("inf")) -
   for r in res.values():
     r["sec"] = statistics.median(r["times"]) if r["times"] else float("nan")
   return res
+
+
+def round_order(items: list, i: int) -> list:
+  """`items` in the order of round i: starting i places further along, wrapping around."""
+  i %= len(items)
+  return items[i:] + items[:i]
 
 
 def paired_ratio(a: dict, b: dict) -> float:

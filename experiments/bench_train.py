@@ -203,17 +203,17 @@ def torch_runner(config, b: int, steps: int):
 def host_split_rounds(config, b: int, rounds: int) -> dict:
   """The JAX step on 1 device and, on a CPU, on the host split into each of `--host_devices`
   (XLA_FLAGS=--xla_force_host_platform_device_count=N), a worker subprocess each, run in turn
-  for `rounds` rounds (each starting one further along, as `bc.interleaved_runs`) so that the
+  for `rounds` rounds (ordered by `bc.round_order`, as `bc.interleaved_runs`) so that the
   split runs and the 1-device run see the same machine state; one round where there is no split
   (an accelerator). Returns {str(N): [the worker's `time_jax` result in each round]}."""
   counts = [1] + [int(n) for n in (_HOST_DEVICES.value if bc.backend() == "cpu" else [])]
   out = {str(n): [] for n in counts}
+  cmd = [sys.executable, os.path.abspath(__file__),
+         f"--config={flags.FLAGS['config'].config_filename}", f"--batch={b}",
+         f"--steps={_STEPS.value}", "--worker",
+         *(a for a in sys.argv[1:] if a.startswith("--config."))]
   for r in range(rounds if len(counts) > 1 else 1):
-    for n in counts[r % len(counts):] + counts[:r % len(counts)]:
-      cmd = [sys.executable, os.path.abspath(__file__),
-             f"--config={flags.FLAGS['config'].config_filename}", f"--batch={b}",
-             f"--steps={_STEPS.value}", "--worker",
-             *(a for a in sys.argv[1:] if a.startswith("--config."))]
+    for n in bc.round_order(counts, r):
       split = [f"--xla_force_host_platform_device_count={n}"] if n > 1 else []
       xla_flags = " ".join([os.environ.get("XLA_FLAGS", "")] + split).strip()
       out[str(n)].append(bc.run_json_subprocess(cmd, {"XLA_FLAGS": xla_flags}))
