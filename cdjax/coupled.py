@@ -106,8 +106,11 @@ class _Branches:
         model.signal_sde, cfg.signal_predictor, cfg.corrector, cfg.snr, cfg.n_corrector,
         x0_transform=None if clip is None else (lambda x0: jnp.clip(x0, *clip)),
         predictor_kwargs=cfg.predictor_kwargs)
+    # Both branches run the corrector before each predictor step, as the official speech sampler
+    # does (annealed Langevin; its image sampler has none).
     self.logits_step = sampling.get_step_fn(
-        model.logits_sde, cfg.logits_predictor, "none", x0_transform=self.standardize)
+        model.logits_sde, cfg.logits_predictor, cfg.corrector, cfg.snr, cfg.n_corrector,
+        x0_transform=self.standardize)
     self.zero_logits = jnp.zeros((y.shape[0], model.num_classes), jnp.float32)
     self.f_y = self.class_logits(y)   # XLA drops it from a program that never reads it
     self.signal_cond = (model.signal_context(params["signal"], y) if signal_cond is None

@@ -7,8 +7,9 @@ Both terms are added to a branch's score:
   Jacobian is (a / std^2) Cov[x0 | x_t]: about I / a(t) at low noise, tending to 0 as a(t) -> 0.
   Dropping only the score network's part of it would leave I / a(t), which grows without bound
   at high noise (about 500 / 3000 at t = T of the 25- / 150-step cosine schedules). For complex
-  x0_hat (speech spectrograms) the gradient is d/dRe + i d/dIm, the conjugate of what `jax.grad`
-  returns;
+  x0_hat (speech spectrograms) the term is (d/dRe + i d/dIm) / 2, half the conjugate of what
+  `jax.grad` returns: the convention of the SDEs' complex scores (noise with E|z|^2 = 1, so
+  log N(m, s^2) has score -(x - m) / s^2), so that s_x = 1 adds log p(c | x0)'s score;
 - logits: `s_l * grad_l0 [-0.5 ||l0_hat - f(x0_hat)||^2] = s_l (f(x0_hat) - l0_hat)`, pulling the
   logit branch toward what the classifier says of the signal branch's estimate.
 """
@@ -23,7 +24,8 @@ def signal_guidance(classify, x0_hat, l0_hat, scale: float, temperature: float):
   def log_likelihood(x):
     return jnp.sum(weights * jax.nn.log_softmax(classify(x), axis=-1))
 
-  return scale * jnp.conj(jax.grad(log_likelihood)(x0_hat))   # conj: a no-op for real x0_hat
+  grad = jax.grad(log_likelihood)(x0_hat)
+  return scale * (jnp.conj(grad) / 2 if jnp.iscomplexobj(grad) else grad)
 
 
 def logits_guidance(l0_hat, classifier_logits, scale: float):

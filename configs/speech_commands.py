@@ -29,7 +29,8 @@ def get_config():
   set_fields(c.corruption, name="noise_reverb", kwargs=dict(rt60=(0.2, 0.8), snr_db=(0.0, 20.0)))
   set_fields(c.classifier, net_kwargs=dict(num_classes=NUM_CLASSES, width=64, depth=4, dropout=0.1,
                                       input_peak=0.5),
-                      num_steps=30_000, batch_size=128)
+                      num_steps=30_000, batch_size=128,
+                      crop_samples=0)   # whole clips, as the signal branch and evaluation see them
   set_fields(c.signal, net_kwargs=dict(nf=128, ch_mult=(1, 1, 2, 2, 2, 2, 2), num_res_blocks=2,
                                   attn_resolutions=(16,), logit_hidden=64, latent_mode="none"),
                   sde_kwargs=dict(theta=1.5, sigma_min=0.05, sigma_max=0.5, N=NUM_STEPS, t_eps=0.03),

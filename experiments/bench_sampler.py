@@ -195,8 +195,9 @@ def torch_flops_per_call(config, b: int) -> dict:
   return {name: float(tr.count_flops(net, *args[name])) for name, net in nets.items()}
 
 
-def signal_calls_per_step(config) -> int:
-  """Signal-network calls per step (the predictor's plus the corrector's): the step's NFE."""
+def calls_per_step(config) -> int:
+  """Network calls per step of each branch (the predictor's plus the corrector's; both branches
+  run the same corrector): the step's NFE."""
   s = config.sampling
   sde = sde_lib.get_sde(config.signal.sde, **config.signal.sde_kwargs)
   return sampling.get_step_fn(sde, s.signal_predictor, s.corrector, s.snr, s.n_corrector).nfe
@@ -606,16 +607,16 @@ def write(results: dict, config) -> None:
   e, S = [], dict(section=section(config))
   n = results["steps"]
   fl = results["flops_jax"]
-  # per item: the networks of each step (the signal net once per predictor / corrector call), the
+  # per item: the networks of each step (each once per predictor / corrector call), the
   # classifier on y once, on x0_hat at each step after the switch and on x0 at the end, plus the
   # enhancer once (speech)
   switch, _ = sde_lib.get_sde(config.signal.sde, **config.signal.sde_kwargs).switch_step(
       config.sampling.switch_t)
   classifier_calls = n - switch + 2
-  traj_flops = n * (signal_calls_per_step(config) * fl["signal"] + fl["logits"]) \
+  k = calls_per_step(config)
+  traj_flops = n * k * (fl["signal"] + fl["logits"]) \
       + classifier_calls * fl["classifier"] + fl.get("enhancer", 0.0)
-  calls = (f"{n} steps x (signal net x {signal_calls_per_step(config)} + logit net) + classifier "
-           f"x {classifier_calls}")
+  calls = f"{n} steps x {k} x (signal net + logit net) + classifier x {classifier_calls}"
   prefix = "speech_" if is_speech(config) else ""
   peak = max(results["matmul_gflops"].values())
   mm = bc.matmul_size()

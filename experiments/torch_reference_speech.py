@@ -11,8 +11,8 @@ with frequency as the height; complex spectrograms are complex64 [B, F, T]. FIR 
 SGMSE+'s `upfirdn2d_native` (zero insertion, padding, a depthwise conv2d, subsampling). The sampler
 is the official-code style: a Python `for` loop over the OUVE steps, per step the signal step
 (annealed Langevin corrector + reverse-diffusion predictor, two score-net calls, conditioned on
-f(y) before the switch, on the previous l0_hat after it) and then the logit step (reverse
-diffusion on the logit OUVE, conditioned on y and f(y) before the switch, on the signal's new
+f(y) before the switch, on the previous l0_hat after it) and then the logit step (the same
+corrector and predictor on the logit OUVE, two logit-net calls, conditioned on y and f(y) before the switch, on the signal's new
 x0_hat and f(x0_hat) after it). Shared pieces come from `torch_reference.py`.
 
 Needs the `bench` extra: `pip install torch==2.13.0`. `bench_sampler.py` records its FLOPs per
@@ -419,7 +419,8 @@ class ParallelSampler:
   """cdjax's Parallel strategy in the speech setting (`parallel_order` signal_first,
   `initial_logits` classifier, `cond_source` clean), written as the official code runs it: a
   Python loop of eager calls. Per step 2 score-net calls (annealed Langevin corrector, then the
-  reverse-diffusion predictor), 1 logit-net call and, after the switch, 1 classifier call; the
+  reverse-diffusion predictor), 2 logit-net calls (the same) and, after the switch, 1 classifier
+  call; the
   enhancer's latent of y and f(y) are computed once."""
 
   def __init__(self, score_net: NCSNpp, enhancer: ResUNetEnhancer, logit_net: SpeechLogitNet,
@@ -439,18 +440,25 @@ class ParallelSampler:
     """Corrector then predictor from t to t_next on x [B, F, T]: (x, x_mean, x0_hat)."""
     sde, t_b = self.signal_sde, torch.full((x.shape[0],), t, device=x.device)
     score_fn = lambda x: sde.score(self.score_net(x, t_b, y, l0_hat, latent), t, self.signal_param)
-    eps = 2 * (self.snr * sde.coeffs(t)[1]) ** 2
-    for _ in range(self.n_corrector):
-      x = x + eps * score_fn(x) + math.sqrt(2 * eps) * tr.randn_like(x)
+    x = self.correct(x, t, sde, score_fn)
     score = score_fn(x)
     return (*sde.reverse_diffusion(x, t, t_next, score, y), sde.x0(x, score, t, y))
 
+  def correct(self, x, t: float, sde, score_fn):
+    """n_corrector annealed Langevin steps of x at t, eps = 2 (snr std(t))^2."""
+    eps = 2 * (self.snr * sde.coeffs(t)[1]) ** 2
+    for _ in range(self.n_corrector):
+      x = x + eps * score_fn(x) + math.sqrt(2 * eps) * tr.randn_like(x)
+    return x
+
   def logits_step(self, l, t, t_next, cond_signal, cond_logits):
-    """Reverse diffusion of the logit OUVE (reverting to cond_logits) on l [B, K]:
+    """Corrector then reverse diffusion of the logit OUVE (reverting to cond_logits) on l [B, K]:
     (l, l_mean, standardised l0_hat)."""
-    sde = self.logits_sde
-    out = self.logit_net(l, torch.full((l.shape[0],), t, device=l.device), cond_logits, cond_signal)
-    score = sde.score(out, t, self.logits_param)
+    sde, t_b = self.logits_sde, torch.full((l.shape[0],), t, device=l.device)
+    score_fn = lambda l: sde.score(self.logit_net(l, t_b, cond_logits, cond_signal), t,
+                                   self.logits_param)
+    l = self.correct(l, t, sde, score_fn)
+    score = score_fn(l)
     l0_hat = standardize_logits(sde.x0(l, score, t, cond_logits), self.std)
     return (*sde.reverse_diffusion(l, t, t_next, score, cond_logits), l0_hat)
 

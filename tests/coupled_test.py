@@ -1,4 +1,6 @@
 """Coupled strategies on a toy with analytic scores: two Gaussian classes and a linear classifier."""
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -184,6 +186,9 @@ def test_nfe_counts():
     nfe(strategy="nested", nested_steps=(39, 19, 2.5))
   assert nfe(strategy="nested", nested_steps=(7, 3), final_signal_run=True) == 4 * 20 + 20
   assert nfe(strategy="parallel", num_samples=3) == 120
+  # The corrector runs on both branches, as in the official speech sampler.
+  assert nfe(strategy="parallel", corrector="langevin") == 80
+  assert nfe(strategy="enhance_then_classify", corrector="langevin") == 40
 
 
 def test_guidance_scale_zero_never_calls_guidance(monkeypatch):
@@ -219,14 +224,15 @@ def test_signal_guidance_moves_toward_the_believed_class():
 
 
 def test_signal_guidance_ascends_on_complex_signals():
-  """Speech x0_hat is complex: the guidance is d/dRe + i d/dIm of log p(c | x) (jax.grad gives
-  its conjugate), so a small step along it raises log p(c | x) in both parts."""
+  """Speech x0_hat is complex: the guidance is (d/dRe + i d/dIm) / 2 of log p(c | x) (jax.grad
+  gives twice its conjugate), the complex SDEs' score convention, so a small step along it raises
+  log p(c | x) in both parts."""
   a, b = jnp.array([1.0, -2.0, 0.5]), jnp.array([0.5, 1.5, -1.0])
   classify = lambda x: jnp.stack([jnp.zeros(x.shape[0]), x.real @ a + x.imag @ b], -1)
   x0 = jnp.zeros((1, 3), jnp.complex64)
   g = guidance.signal_guidance(classify, x0, jnp.array([[0.0, 10.0]]), 1.0, 1.0)
   w1 = jax.nn.softmax(jnp.array([0.0, 10.0]))[1]   # the class weights: grad = (w1 - p1) (a + ib)
-  np.testing.assert_allclose(g[0], (w1 - 0.5) * (a + 1j * b), rtol=1e-5)
+  np.testing.assert_allclose(g[0], (w1 - 0.5) * (a + 1j * b) / 2, rtol=1e-5)
   log_p1 = lambda x: float(jax.nn.log_softmax(classify(x))[0, 1])
   assert log_p1(x0 + 0.1 * g) > log_p1(x0) + 0.05
 
@@ -306,14 +312,34 @@ def test_nested_refreshes_the_signal_before_its_logit_step(first_run):
     assert int(out.nfe) == int(plain.nfe) + 10
 
 
-def test_num_samples_return_the_first_samples_trajectory():
-  _, y = toy_data(4, jax.random.PRNGKey(1))
+def test_num_samples_vote_and_return_the_first_samples_trajectory():
+  """Sample i runs with key split(key, n)[i]; the logits are the majority vote of their classes."""
+  _, y = toy_data(64, jax.random.PRNGKey(1))
   model = make_model(10)
   for strategy in ("parallel", "nested"):
-    one = run(model, sampling_config(strategy=strategy, nested_steps=(3,), return_trajectory=True), y)
-    three = run(model, sampling_config(strategy=strategy, nested_steps=(3,), return_trajectory=True,
-                                       num_samples=3), y)
-    assert jax.tree.map(jnp.shape, three.trajectory) == jax.tree.map(jnp.shape, one.trajectory)
+    cfg = sampling_config(strategy=strategy, nested_steps=(3,), return_trajectory=True)
+    fn = jax.jit(coupled.get_coupled_fn(model, cfg))
+    singles = [fn({"signal": {}, "logits": {}}, {}, k, y)
+               for k in jax.random.split(jax.random.PRNGKey(0), 3)]
+    cfg.num_samples = 3
+    three = run(model, cfg, y)
+    jax.tree.map(np.testing.assert_array_equal, (three.x0, three.trajectory),
+                 (singles[0].x0, singles[0].trajectory))
+    votes = sum(jax.nn.one_hot(o.logits.argmax(-1), 2) for o in singles)
+    np.testing.assert_array_equal(three.logits.argmax(-1), votes.argmax(-1))   # 3 votes: no ties
+    assert len({tuple(np.asarray(o.logits.argmax(-1))) for o in singles}) > 1   # they disagree
+
+@pytest.mark.parametrize("strategy", ["parallel", "alternating", "nested"])
+def test_strategies_clip_x0_and_restandardise_logits(strategy):
+  """With the model's x0 range and logit std (images: [-1, 1] and 0.8), every step's estimates go
+  through them, so the final posterior-mean steps land on a clipped x0 and logits of std 0.8."""
+  _, y = toy_data(16, jax.random.PRNGKey(7))
+  model = dataclasses.replace(make_model(10), signal_x0_range=(-0.5, 0.5), logits_std=0.8)
+  out = run(model, sampling_config(strategy=strategy, rounds=2, nested_steps=(3,)), y)
+  assert float(jnp.abs(out.x0).max()) == 0.5   # the toy's x0 spreads beyond 0.5
+  np.testing.assert_allclose(out.logits.mean(-1), 0.0, atol=1e-6)
+  np.testing.assert_allclose(out.logits.std(-1), 0.8, rtol=1e-5)
+
 
 def test_parallel_trajectory_spans_both_sides_of_the_switch():
   _, y = toy_data(8, jax.random.PRNGKey(6))

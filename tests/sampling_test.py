@@ -149,3 +149,16 @@ def test_langevin_step_size_is_score_sdes(sde_name, alpha):
                                                    jnp.full((2,), t), None, lambda x, t: score, 0.1, 1)
   eps = 2 * alpha(sde, int(t)) * (0.1 * 2.0) ** 2
   np.testing.assert_allclose(x_mean, eps * score, rtol=1e-5)
+
+
+def test_annealed_langevin_step_is_sgmses():
+  """SGMSE+'s `ald`: x_mean = x + eps score and x = x_mean + sqrt(2 eps) z, eps = 2 (snr std(t))^2.
+  (The moment checks above cannot see eps: exact-score Langevin keeps the marginal at any step.)"""
+  sde = sde_lib.get_sde("ouve", N=10)
+  t = jnp.full((2,), 0.6)
+  eps = 2 * (0.5 * float(sde.coeffs(t)[1][0])) ** 2
+  x, x_mean = sampling.CORRECTORS.get("annealed_langevin")(
+      sde, jax.random.PRNGKey(0), jnp.ones((2, 50_000)), t, None, lambda x, t: jnp.full_like(x, 0.5),
+      0.5, 1)
+  np.testing.assert_allclose(x_mean, 1 + eps * 0.5, rtol=1e-6)
+  np.testing.assert_allclose(np.std(x - x_mean), np.sqrt(2 * eps), rtol=0.01)

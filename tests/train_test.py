@@ -213,6 +213,26 @@ def test_schedules_and_optimizers():
   assert float(train.ema_decay(0.999, 10**6)) == pytest.approx(0.999)
 
 
+def test_ema_follows_the_updated_parameters():
+  """ema_k = d_k ema_(k-1) + (1 - d_k) params_k with d_k = ema_decay(decay, k - 1), ema_0 = params_0."""
+  c = default.get_config()
+  c.optim.update(lr=0.1, warmup_steps=0, schedule="constant", grad_clip=0.0)
+  loss_fn = lambda p, f, b, r: (jnp.sum((p["w"] - b["x"].mean(0)) ** 2), {})
+  mesh = parallel.make_mesh(c)
+  optimizer = train.make_optimizer(c.optim, 3)
+  p0 = {"w": jnp.zeros(3)}
+  state = parallel.replicate(train.TrainState.create(p0, optimizer, jax.random.PRNGKey(1)), mesh)
+  step = train.make_train_step(loss_fn, optimizer, c, mesh)
+  ema = np.zeros(3)
+  for k in range(3):
+    batch = {"x": np.full((8, 3), k + 1.0, np.float32)}
+    state, _ = step(state, parallel.global_batch(batch, mesh), None)
+    d = float(train.ema_decay(c.train.ema_decay, k))
+    ema = d * ema + (1 - d) * np.asarray(state.params["w"])
+    assert np.abs(np.asarray(state.params["w"])).min() > 0.05   # the parameters moved
+    np.testing.assert_allclose(state.ema_params["w"], ema, rtol=1e-6)
+
+
 @pytest.fixture(scope="module")
 def classifier_dir(tmp_path_factory):
   """configs/mnist_classifier trained on mnist_local (one device: faster on a CPU than 8 virtual
