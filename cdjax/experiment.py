@@ -78,16 +78,21 @@ def num_steps(cfg, stage: str) -> int:
 
 # Config fields that do not change what a stage learns (where data are read from, evaluation).
 NOT_STAGE_INPUTS = ("data.data_dir", "data.eval_split", "data.max_eval_examples",
-                    "data.worker_count", "data.read_threads", "data.prefetch_buffer_size")
+                    "data.worker_count", "data.read_threads", "data.prefetch_buffer_size",
+                    "train.trainer", "train.remat", "train.log_every", "train.ckpt_every",
+                    "train.tensorboard")
 
 
 def stage_inputs(stage: str) -> tuple[str, ...]:
   """The config sections and fields a trained `stage` depends on: its own section
-  (`train.SECTIONS`), the joint stage also both branches' and the switch its logit net learns,
-  and the data, corruption (not for the clean-data classifier), seed and optimizer."""
+  (`train.SECTIONS`; the joint stage's is `train`), the joint stage also both branches' and the
+  switch its logit net learns, the branch it starts from (`checkpoint.init_*`), and the data,
+  corruption (not for the clean-data classifier), seed, optimizer, EMA decay and micro-batches."""
   joint = ("signal", "logits", "sampling.switch_t") if stage == "joint" else ()
+  init = (f"checkpoint.init_{stage}",) if stage in ("signal", "logits") else ()
   corruption = ("corruption",) if stage != "classifier" else ()
-  return (train.SECTIONS[stage], *joint, "seed", "data", "audio", "optim", *corruption)
+  return (train.SECTIONS[stage], *joint, *init, "seed", "data", "audio", "optim",
+          "train.ema_decay", "train.grad_accum_steps", *corruption)
 
 
 def _changed_fields(cfg, stage_dir: str, stage: str) -> list[str]:

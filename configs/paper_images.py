@@ -25,6 +25,7 @@ def make(tfds_name: str, num_classes: int, p: float, eval_split: str = "test",
                   sde_kwargs=dict(N=150, schedule="cosine"), pretrain_steps=20000, batch_size=128)
   c.train.update(joint_steps=20000, ckpt_every=2000)
   c.optim.update(lr=2e-4, schedule="cosine", warmup_steps=1000)
+  c.corruption.kwargs = dict(p=p)   # what a stage trained on its own (`cdjax.main`) sees
   c.evaluation.corruptions = {f"gn{round(100 * p)}": dict(p=p)}
   c.evaluation.methods = fashion_mnist.get_config().evaluation.methods
   return c

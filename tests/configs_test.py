@@ -51,6 +51,7 @@ def test_paper_image_configs_match_the_paper():
       ("imagenet32_100", "imagenet_resized/32x32", 100, "gn15", "validation", tuple(range(100)))]:
     c = importlib.import_module(f"configs.{name}").get_config()
     assert (c.data.name, c.data.num_classes, list(c.evaluation.corruptions)) == (dataset, k, [corruption])
+    assert dict(c.corruption.kwargs) == {"p": int(corruption[2:]) / 100}   # a stage run on its own
     assert (c.data.eval_split, c.data.label_subset) == (eval_split, labels)
     assert dict(c.signal.sde_kwargs) == {"N": 150, "schedule": "cosine"}
 

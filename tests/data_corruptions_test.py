@@ -38,6 +38,8 @@ def test_gn_replace_fraction_and_values(p):
   y = np.asarray(get_corruption("gn_replace", p=p)(KEY, x))
   replaced = y != 0.25
   assert abs(replaced.mean() - p) < 0.01            # 5 sigma over 49,152 elements
+  # Every element on its own (C x H x W), not whole pixels: all 3 channels replaced w.p. p^3.
+  assert abs(replaced.all(-1).mean() - p ** 3) < 0.01
   assert abs(y[replaced].mean()) < 0.03 and abs(y[replaced].std() - 1) < 0.03
   assert np.abs(y).max() > 3                        # N(0, 1) samples are not clipped
 

@@ -54,15 +54,19 @@ def test_experiment_trains_every_stage_and_writes_the_report(tmp_path, files_und
   config.signal.sde_kwargs.N = 4
   config.evaluation.corruptions.gn30.p = 0.25
   config.data.max_eval_examples = 48
+  config.train.update(ema_decay=0.95, log_every=7, joint_lr_scales=dict(signal=1.0, logits=0.5))
+  config.checkpoint.init_signal = "runs/elsewhere"
   experiment.train_all(config, workdir)
   assert files_under(workdir) == before
   said = dict(line[1:].split("] ", 1) for line in capsys.readouterr().out.splitlines())
   changed = {stage: line.partition("trained with other ")[2].partition(":")[0]
              for stage, line in said.items()}
   assert all(line.startswith("reusing") for line in said.values())
-  assert changed == {"classifier": "", "signal": "corruption.kwargs.p, signal.sde_kwargs.N",
-                     "logits": "corruption.kwargs.p",
-                     "joint": "corruption.kwargs.p, signal.sde_kwargs.N"}
+  ema = "train.ema_decay"
+  assert changed == {"classifier": ema, "signal": f"checkpoint.init_signal, corruption.kwargs.p, signal.sde_kwargs.N, {ema}",
+                     "logits": f"corruption.kwargs.p, {ema}",
+                     "joint": f"corruption.kwargs.p, signal.sde_kwargs.N, {ema}, "
+                              "train.joint_lr_scales.logits"}
 
   # A frozen classifier whose export was cut short (no provenance record yet) is exported again.
   provenance = os.path.join(workdir, "classifier", "classifier", "provenance.json")

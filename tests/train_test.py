@@ -157,6 +157,21 @@ def test_grad_accumulation_equals_full_batch():
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
 
 
+def test_each_micro_batch_draws_its_own_randomness():
+  """Micro-batch i of step s uses fold_in(fold_in(state rng, s), i): its noise and times differ."""
+  c = default.get_config()
+  c.train.grad_accum_steps = 4
+  loss_fn = lambda p, f, b, r: (jnp.sum(p["w"] * 0.0), {"draw": jax.random.normal(r, ())})
+  params = {"w": jnp.zeros(2)}
+  state, metrics = _run_steps(loss_fn, params, [{"x": np.zeros((8, 1), np.float32)}] * 2, c,
+                              parallel.make_mesh(c))
+  rng = train.TrainState.create(params, train.make_optimizer(c.optim, 2), jax.random.PRNGKey(1)).rng
+  draws = [float(jax.random.normal(jax.random.fold_in(jax.random.fold_in(rng, 1), i), ()))
+           for i in range(4)]
+  np.testing.assert_allclose(metrics["draw"], np.mean(draws), rtol=1e-6)   # the last step's mean
+  assert np.std(draws) > 0.1
+
+
 class ConvClassifier(nn.Module):
   """Three 32-channel convolutions: activations, not parameters, fill the step's memory."""
 
