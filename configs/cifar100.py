@@ -7,4 +7,4 @@ from configs import paper_images
 
 
 def get_config():
-  return paper_images.make("cifar100", 100, 0.3)
+  return paper_images.make("cifar100", 100, 0.3, train_examples=50_000)

@@ -8,8 +8,10 @@ python experiments/image_table.py --config configs/imagenet32_100.py --workdir r
 from configs import paper_images
 
 NUM_CLASSES = 100
+TRAIN_EXAMPLES = 128_000   # about: ImageNet has 732-1300 training images per class
 
 
 def get_config():
-  return paper_images.make("imagenet_resized/32x32", NUM_CLASSES, 0.15, eval_split="validation",
+  return paper_images.make("imagenet_resized/32x32", NUM_CLASSES, 0.15, train_examples=TRAIN_EXAMPLES,
+                           eval_split="validation",
                            label_subset=tuple(range(NUM_CLASSES)))

@@ -45,13 +45,15 @@ def test_audio_classifier_trains_on_the_clip_length_it_is_evaluated_on(name):
 
 def test_paper_image_configs_match_the_paper():
   """(One step of each of their stages: paper_configs_test.py.)"""
-  for name, dataset, k, corruption, eval_split, labels in [
-      ("cifar10", "cifar10", 10, "gn30", "test", None),
-      ("cifar100", "cifar100", 100, "gn30", "test", None),
-      ("imagenet32_100", "imagenet_resized/32x32", 100, "gn15", "validation", tuple(range(100)))]:
+  for name, dataset, k, corruption, eval_split, labels, epoch_steps in [
+      ("cifar10", "cifar10", 10, "gn30", "test", None, 391),
+      ("cifar100", "cifar100", 100, "gn30", "test", None, 391),
+      ("imagenet32_100", "imagenet_resized/32x32", 100, "gn15", "validation", tuple(range(100)),
+       1000)]:
     c = importlib.import_module(f"configs.{name}").get_config()
     assert (c.data.name, c.data.num_classes, list(c.evaluation.corruptions)) == (dataset, k, [corruption])
     assert dict(c.corruption.kwargs) == {"p": int(corruption[2:]) / 100}   # a stage run on its own
+    assert abs(c.signal.pretrain_steps - 10 * epoch_steps) <= 10   # the official 10 epochs
     assert (c.data.eval_split, c.data.label_subset) == (eval_split, labels)
     assert dict(c.signal.sde_kwargs) == {"N": 150, "schedule": "cosine"}
 
