@@ -150,6 +150,12 @@ class Checkpointer:
   def close(self) -> None:
     self.manager.close()
 
+  def __enter__(self):
+    return self
+
+  def __exit__(self, *exc) -> None:
+    self.close()
+
 
 def _brief(e: Exception, most: int = 300) -> str:
   """`Type: first line of the message`, at most `most` characters of it (orbax's errors embed

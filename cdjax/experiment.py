@@ -124,8 +124,10 @@ def train_stage(cfg, stage_dir: str, stage: str) -> None:
   parallel.initialize_distributed()   # before the Checkpointer below starts JAX's backend
   steps = num_steps(cfg, stage)
   ckpt_dir = os.path.join(stage_dir, "checkpoints")
-  done = (os.path.isdir(ckpt_dir)
-          and checkpoint.Checkpointer(ckpt_dir, cfg.checkpoint).latest_step() == steps)
+  done = False
+  if os.path.isdir(ckpt_dir):
+    with checkpoint.Checkpointer(ckpt_dir, cfg.checkpoint) as ckpt:
+      done = ckpt.latest_step() == steps
   if stage == "classifier":   # written last: an export cut short is redone from the checkpoint
     done = done and os.path.exists(os.path.join(stage_dir, "classifier", checkpoint.PROVENANCE))
   if done:

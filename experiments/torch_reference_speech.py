@@ -12,8 +12,8 @@ SGMSE+'s `upfirdn2d_native` (zero insertion, padding, a depthwise conv2d, subsam
 is the official-code style: a Python `for` loop over the OUVE steps, per step the signal step
 (annealed Langevin corrector + reverse-diffusion predictor, two score-net calls, conditioned on
 f(y) before the switch, on the previous l0_hat after it) and then the logit step (the same
-corrector and predictor on the logit OUVE, two logit-net calls, conditioned on y and f(y) before the switch, on the signal's new
-x0_hat and f(x0_hat) after it). Shared pieces come from `torch_reference.py`.
+corrector and predictor on the logit OUVE, two logit-net calls, conditioned on y and f(y) before
+the switch, on the signal's new x0_hat and f(x0_hat) after it). Shared pieces come from `torch_reference.py`.
 
 Needs the `bench` extra: `pip install torch==2.13.0`. `bench_sampler.py` records its FLOPs per
 call next to XLA's for the JAX networks.
@@ -420,8 +420,7 @@ class ParallelSampler:
   `initial_logits` classifier, `cond_source` clean), written as the official code runs it: a
   Python loop of eager calls. Per step 2 score-net calls (annealed Langevin corrector, then the
   reverse-diffusion predictor), 2 logit-net calls (the same) and, after the switch, 1 classifier
-  call; the
-  enhancer's latent of y and f(y) are computed once."""
+  call; the enhancer's latent of y and f(y) are computed once."""
 
   def __init__(self, score_net: NCSNpp, enhancer: ResUNetEnhancer, logit_net: SpeechLogitNet,
                classifier: SpeechClassifier, config):
