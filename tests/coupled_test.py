@@ -329,6 +329,7 @@ def test_num_samples_vote_and_return_the_first_samples_trajectory():
     np.testing.assert_array_equal(three.logits.argmax(-1), votes.argmax(-1))   # 3 votes: no ties
     assert len({tuple(np.asarray(o.logits.argmax(-1))) for o in singles}) > 1   # they disagree
 
+
 @pytest.mark.parametrize("strategy", ["parallel", "alternating", "nested"])
 def test_strategies_clip_x0_and_restandardise_logits(strategy):
   """With the model's x0 range and logit std (images: [-1, 1] and 0.8), every step's estimates go
