@@ -8,7 +8,9 @@ batch and an interrupted run goes on from the last saved batch.
 import dataclasses
 import functools
 import hashlib
+import json
 import os
+import sys
 import time
 from typing import Optional
 import zipfile
@@ -22,6 +24,7 @@ from tqdm.auto import tqdm
 from cdjax import coupled
 from cdjax import metrics
 from cdjax import parallel
+from cdjax import provenance
 
 DEGRADE_CHUNK = 1000   # items degraded per corruption call; item keys depend only on their index
 
@@ -174,6 +177,24 @@ def markdown_table(rows: list[dict], columns: list[str]) -> str:
   lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
   lines += ["| " + " | ".join(fmt(row.get(c)) for c in columns) + " |" for row in rows]
   return "\n".join(lines)
+
+
+def write_results(out_prefix: str, config: ml_collections.ConfigDict, rows: list[dict],
+                  columns: list[str], note: str = "") -> str:
+  """Writes `<out_prefix>.json` (command, commit, machine, config, rows) and `<out_prefix>.md`
+  (the command, the commit and machine, a Markdown table of `columns`, then `note`); returns the
+  table."""
+  os.makedirs(os.path.dirname(os.path.abspath(out_prefix)), exist_ok=True)
+  command = " ".join([os.path.basename(sys.executable)] + sys.argv)
+  commit, machine = provenance.git_commit(), provenance.machine()
+  with open(out_prefix + ".json", "w") as f:
+    json.dump(dict(command=command, commit=commit, machine=machine,
+                   config=json.loads(config.to_json_best_effort()), rows=rows), f, indent=2)
+  table = markdown_table(rows, columns)
+  with open(out_prefix + ".md", "w") as f:
+    f.write(f"Command: `{command}`\n\nCommit {commit}, on {machine}.\n\n{table}\n"
+            + (f"\n{note}\n" if note else ""))
+  return table
 
 
 def plot_examples(title: str, outputs: dict, path: str, methods=("enhance_then_classify", "parallel"),

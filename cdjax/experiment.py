@@ -11,7 +11,6 @@ overrides of config.sampling, nested sections merged}).
 import copy
 import json
 import os
-import sys
 from typing import Optional
 
 import jax
@@ -272,14 +271,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, out_prefix: str) -> lis
         config, workdir, corruption, dict(config.evaluation.methods))
     rows += corruption_rows
     figure_data = (corruption, outputs)
-  command = " ".join([os.path.basename(sys.executable)] + sys.argv)
-  os.makedirs(os.path.dirname(os.path.abspath(out_prefix)), exist_ok=True)
-  with open(out_prefix + ".json", "w") as f:
-    json.dump(dict(command=command, config=json.loads(config.to_json_best_effort()), rows=rows),
-              f, indent=2)
-  table = evaluate.markdown_table(rows, TABLE_COLUMNS)
-  with open(out_prefix + ".md", "w") as f:
-    f.write(f"Command: `{command}`\n\n{table}\n")
+  table = evaluate.write_results(out_prefix, config, rows, TABLE_COLUMNS)
   evaluate.plot_examples(*figure_data, path=out_prefix + ".png",
                          methods=config.evaluation.figure_methods)
   print(table)

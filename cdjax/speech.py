@@ -15,9 +15,7 @@ the final mean.
 """
 import copy
 import dataclasses
-import json
 import os
-import sys
 import time
 from typing import Callable, Optional
 
@@ -304,22 +302,6 @@ def plot_spectrograms(waves_by_condition: dict, path: str, frontend: audio.Front
   plt.close(fig)
 
 
-def _command() -> str:
-  return " ".join([os.path.basename(sys.executable)] + sys.argv)
-
-
-def _write(out_prefix: str, config, rows: list[dict], columns: list[str], note: str = "") -> str:
-  os.makedirs(os.path.dirname(os.path.abspath(out_prefix)), exist_ok=True)
-  command = _command()
-  with open(out_prefix + ".json", "w") as f:
-    json.dump(dict(command=command, config=json.loads(config.to_json_best_effort()), rows=rows),
-              f, indent=2)
-  table = evaluate.markdown_table(rows, columns)
-  with open(out_prefix + ".md", "w") as f:
-    f.write(f"Command: `{command}`\n\n{table}\n" + (f"\n{note}\n" if note else ""))
-  return table
-
-
 def check_enhancement(config: ml_collections.ConfigDict) -> None:
   """Raises ValueError, naming the config field, on an unknown method of `evaluation.methods`
   (`ENHANCEMENT_METHODS`), `sampling` predictor or corrector, or an `evaluation.batch_size` the
@@ -347,7 +329,7 @@ def run_enhancement(config: ml_collections.ConfigDict, workdir: str, out_prefix:
     condition_rows, waves[condition] = evaluate_enhancement(config, workdir, condition)
     rows += condition_rows
   note = _relative_note(rows)
-  table = _write(out_prefix, config, rows, ENHANCEMENT_COLUMNS, note)
+  table = evaluate.write_results(out_prefix, config, rows, ENHANCEMENT_COLUMNS, note)
   plot_spectrograms(waves, out_prefix + ".png", audio.Frontend.from_config(config))
   print(table + "\n" + note)
   print(f"Wrote {out_prefix}.json, .md and .png")
@@ -390,7 +372,7 @@ def run_keywords(config: ml_collections.ConfigDict, workdir: str, out_prefix: st
           "half-width); error_rate_f_x0: of the frozen classifier on the enhanced signal; "
           "diff_vs_reference: paired error-rate difference to enhance_then_classify (bootstrap "
           "95% CI; wins = items only this method gets right).")
-  table = _write(out_prefix, config, rows, KEYWORD_COLUMNS, note)
+  table = evaluate.write_results(out_prefix, config, rows, KEYWORD_COLUMNS, note)
   print(table)
   print(f"Wrote {out_prefix}.json and .md")
   return rows

@@ -17,7 +17,6 @@ the GPU. Nothing changes on a CPU-only machine.
 import contextlib
 import json
 import os
-import platform
 import re
 import statistics
 import subprocess
@@ -27,6 +26,8 @@ import time
 THREADS = int(os.environ.setdefault("BENCH_THREADS", "2"))
 for _var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
   os.environ.setdefault(_var, str(THREADS))
+
+from cdjax.provenance import machine  # noqa: E402  (imports no jax: after the thread pinning)
 
 RESULTS_DIR = os.environ.get("BENCH_RESULTS_DIR") or os.path.join(
     os.path.dirname(os.path.abspath(__file__)), "results")
@@ -97,28 +98,6 @@ def torch_blocking(fn):
     return out
   run.uses_torch = True   # `interleaved_runs` measures its memory
   return run
-
-
-def machine() -> str:
-  """CPU model with its widest vector ISA (this VM's bare "AMD EPYC" has been machines whose
-  2048^2 matmul ran at 87 to 475 GFLOP/s), cores, memory and OS; plus the accelerators where
-  JAX's backend is not the CPU."""
-  cpu = platform.processor() or platform.machine()
-  try:
-    with open("/proc/cpuinfo") as f:
-      info = {k.strip(): v for k, v in (l.split(":", 1) for l in f if ":" in l)}
-    flags = info["flags"].split()
-    isa = ["AVX-512" if "avx512f" in flags else "AVX2" if "avx2" in flags else "SSE"]
-    isa += ["AMX"] if "amx_tile" in flags else []
-    cpu = f"{info['model name'].strip()} ({' + '.join(isa)})"
-  except (OSError, KeyError):
-    pass
-  mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
-  host = f"{cpu}, {os.cpu_count()} cores, {mem:.0f} GiB, {platform.system()} {platform.release()}"
-  if backend() == "cpu":
-    return host
-  import jax
-  return f"{len(jax.devices())} x {jax.devices()[0].device_kind} ({backend()}); host: {host}"
 
 
 def command(argv: list[str]) -> str:

@@ -5,6 +5,7 @@ import os
 import pytest
 
 from cdjax import experiment
+from cdjax import provenance
 from cdjax import train
 from configs import mnist_demo
 
@@ -37,6 +38,7 @@ def test_experiment_trains_every_stage_and_writes_the_report(tmp_path, files_und
   assert saved == ["enhance_then_classify", "nested", "noisy", "parallel"]   # resumable evaluation
   report = json.load(open(out + ".json"))
   assert report["command"] and report["config"]["data"]["name"] == "mnist_local"
+  assert report["commit"] == provenance.git_commit() and report["machine"] == provenance.machine()
   methods = [r["method"] for r in report["rows"]]
   assert methods == ["noisy", "enhance_then_classify", "nested", "parallel"]
   by_method = {r["method"]: r for r in rows}
@@ -44,7 +46,8 @@ def test_experiment_trains_every_stage_and_writes_the_report(tmp_path, files_und
   for r in rows:
     assert 0.0 <= r["ci95_lo"] <= r["accuracy"] <= r["ci95_hi"] <= 1.0
   assert "diff_vs_reference" in by_method["parallel"] and "diff_vs_reference" not in by_method["enhance_then_classify"]
-  assert open(out + ".md").read().startswith("Command: `")
+  assert open(out + ".md").read().startswith(
+      f"Command: `{report['command']}`\n\nCommit {report['commit']}, on {report['machine']}.\n\n| ")
   assert os.path.getsize(out + ".png") > 1000
 
   # Training again reuses every finished stage: no checkpoint is rewritten; a stage whose inputs
@@ -69,11 +72,11 @@ def test_experiment_trains_every_stage_and_writes_the_report(tmp_path, files_und
                               "train.joint_lr_scales.logits"}
 
   # A frozen classifier whose export was cut short (no provenance record yet) is exported again.
-  provenance = os.path.join(workdir, "classifier", "classifier", "provenance.json")
-  record = json.load(open(provenance))
-  os.remove(provenance)
+  record_path = os.path.join(workdir, "classifier", "classifier", "provenance.json")
+  record = json.load(open(record_path))
+  os.remove(record_path)
   experiment.train_stage(config, os.path.join(workdir, "classifier"), "classifier")
-  assert json.load(open(provenance))["sha256"] == record["sha256"]
+  assert json.load(open(record_path))["sha256"] == record["sha256"]
 
 
 def test_stage_config_uses_the_stage_learning_rate():

@@ -1,0 +1,41 @@
+"""Where a result came from: the machine it ran on and the code's git commit. Results files and
+benchmarks record both, so that a number that moves between runs can be traced to a different
+CPU or a different commit."""
+import os
+import platform
+import subprocess
+
+
+def machine() -> str:
+  """CPU model with its widest vector ISA (this VM's bare "AMD EPYC" has been machines whose
+  2048^2 matmul ran at 87 to 475 GFLOP/s), cores, memory and OS; plus the accelerators where
+  JAX's default backend is not the CPU (so call it after XLA's flags are set)."""
+  cpu = platform.processor() or platform.machine()
+  try:
+    with open("/proc/cpuinfo") as f:
+      info = {k.strip(): v for k, v in (l.split(":", 1) for l in f if ":" in l)}
+    flags = info["flags"].split()
+    isa = ["AVX-512" if "avx512f" in flags else "AVX2" if "avx2" in flags else "SSE"]
+    isa += ["AMX"] if "amx_tile" in flags else []
+    cpu = f"{info['model name'].strip()} ({' + '.join(isa)})"
+  except (OSError, KeyError):
+    pass
+  mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+  host = f"{cpu}, {os.cpu_count()} cores, {mem:.0f} GiB, {platform.system()} {platform.release()}"
+  import jax
+  backend = jax.default_backend()
+  if backend == "cpu":
+    return host
+  return f"{len(jax.devices())} x {jax.devices()[0].device_kind} ({backend}); host: {host}"
+
+
+def git_commit() -> str:
+  """The commit of the git checkout in the working directory, with "+changes" where tracked files
+  differ from it; "unknown" outside a checkout or without git."""
+  try:
+    run = lambda *args: subprocess.run(["git", *args], capture_output=True, text=True,
+                                       check=True).stdout.strip()
+    return run("rev-parse", "--short", "HEAD") + (
+        "+changes" if run("status", "--porcelain", "--untracked-files=no") else "")
+  except (OSError, subprocess.CalledProcessError):
+    return "unknown"

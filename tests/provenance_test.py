@@ -1,0 +1,32 @@
+"""Tests of cdjax.provenance: the commit and machine that results files record."""
+import os
+import subprocess
+
+from cdjax import provenance
+
+
+def test_git_commit_names_the_checkout_and_its_changes(tmp_path, monkeypatch):
+  repo = tmp_path / "repo"
+  repo.mkdir()
+  git = lambda *args: subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", *args],
+                                     cwd=repo, check=True, capture_output=True, text=True).stdout
+  git("init", "-q")
+  (repo / "a.py").write_text("x = 1\n")
+  git("add", "a.py")
+  git("commit", "-q", "-m", "first")
+  head = git("rev-parse", "--short", "HEAD").strip()
+  monkeypatch.chdir(repo)
+  (repo / "untracked.txt").write_text("not code\n")
+  assert provenance.git_commit() == head   # untracked files are not changes
+  (repo / "a.py").write_text("x = 2\n")
+  assert provenance.git_commit() == head + "+changes"
+  outside = tmp_path / "outside"
+  outside.mkdir()
+  monkeypatch.chdir(outside)
+  monkeypatch.setenv("GIT_CEILING_DIRECTORIES", str(tmp_path))
+  assert provenance.git_commit() == "unknown"
+
+
+def test_machine_names_cores_and_memory():
+  text = provenance.machine()
+  assert f"{os.cpu_count()} cores" in text and " GiB, " in text
