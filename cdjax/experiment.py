@@ -211,7 +211,9 @@ def check_methods(config: ml_collections.ConfigDict) -> None:
   """Raises ValueError, naming the config field, where a method of `config.evaluation.methods`
   (merged over `config.sampling` as `evaluate_corruption` merges it) picks parameters that do
   not train, an unknown strategy, predictor or corrector, or a batch size the devices of the
-  mesh do not divide: `run` checks before anything trains."""
+  mesh do not divide, and where the numbers of classes disagree (`train.check_num_classes`):
+  `run` checks before anything trains."""
+  train.check_num_classes(config)
   parallel.initialize_distributed()   # before the mesh starts JAX's backend
   mesh = parallel.make_mesh(config)
   checks = dict(SAMPLING_NAMES, batch_size=lambda b: parallel.check_batch_size(b, mesh))

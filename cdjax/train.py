@@ -497,6 +497,22 @@ def stage_config(config: ml_collections.ConfigDict, trainer_name: str) -> ml_col
   return config
 
 
+def check_num_classes(config: ml_collections.ConfigDict) -> None:
+  """Raises ValueError where `data.label_subset` (K labels, relabelled 0..K-1) or a network's
+  `net_kwargs.num_classes` (classifier, signal, logits) disagrees with `data.num_classes`."""
+  k = config.data.num_classes
+  subset = config.data.label_subset
+  if subset is not None and len(subset) != k:
+    raise ValueError(f"data.label_subset keeps {len(subset)} labels (relabelled 0..{len(subset) - 1}) "
+                     f"but data.num_classes={k}: set data.num_classes={len(subset)}.")
+  for section in ("classifier", "signal", "logits"):
+    n = config[section].net_kwargs.get("num_classes", k) if section in config else k
+    if n != k:
+      raise ValueError(f"{section}.net_kwargs.num_classes={n} but data.num_classes={k}: the "
+                       "classifier's logits, the logit branch and the signal net's logit input "
+                       "must have the data's number of classes; set them equal.")
+
+
 def train(config: ml_collections.ConfigDict, workdir: str, trainer_name: str) -> dict:
   """Trains `trainer_name` (a `TRAINERS` entry) in `workdir`, resuming from its latest checkpoint.
 
@@ -511,6 +527,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, trainer_name: str) ->
   for field in ("grad_accum_steps", "log_every", "ckpt_every"):
     if config.train[field] < 1:
       raise ValueError(f"train.{field}={config.train[field]}; it must be at least 1.")
+  check_num_classes(config)
   config = stage_config(config, trainer_name)
   mesh = parallel.make_mesh(config)
   trainer = TRAINERS.get(trainer_name)(config)

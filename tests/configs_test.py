@@ -14,6 +14,7 @@ import pytest
 import configs
 from cdjax import coupled
 from cdjax import nets
+from cdjax import train
 from cdjax.nets.layers import count_params
 
 CONFIGS = sorted(m.name for m in pkgutil.iter_modules(configs.__path__)
@@ -41,6 +42,31 @@ def test_audio_classifier_trains_on_the_clip_length_it_is_evaluated_on(name):
   config = importlib.import_module(f"configs.{name}").get_config()
   if config.classifier.net == "speech_classifier":   # (speech_enhancement has no classifier)
     assert config.classifier.crop_samples == config.evaluation.crop_samples
+
+
+@pytest.mark.parametrize("name", CONFIGS)
+def test_numbers_of_classes_agree(name):
+  train.check_num_classes(importlib.import_module(f"configs.{name}").get_config())
+
+
+@pytest.mark.parametrize("config_name,field,value,message", [
+    ("imagenet32_100", "data.num_classes", 10,
+     r"data.label_subset keeps 100 labels .* set data.num_classes=100"),
+    ("mnist_demo", "logits.net_kwargs.num_classes", 5,
+     r"logits.net_kwargs.num_classes=5 but data.num_classes=10"),
+    ("cifar100", "classifier.net_kwargs.num_classes", 10,
+     r"classifier.net_kwargs.num_classes=10 but data.num_classes=100")])
+def test_disagreeing_numbers_of_classes_stop_training_before_it_starts(tmp_path, config_name,
+                                                                       field, value, message):
+  config = importlib.import_module(f"configs.{config_name}").get_config()
+  section, *path = field.split(".")
+  target = config[section]
+  for key in path[:-1]:
+    target = target[key]
+  target[path[-1]] = value
+  with pytest.raises(ValueError, match=message):
+    train.train(config, str(tmp_path / "work"), "classifier")
+  assert not os.path.exists(tmp_path / "work")
 
 
 def test_paper_image_configs_match_the_paper():
