@@ -7,8 +7,8 @@ import subprocess
 
 
 def machine() -> str:
-  """CPU model with its widest vector ISA (this VM's bare "AMD EPYC" has been machines whose
-  2048^2 matmul ran at 87 to 475 GFLOP/s), cores, memory and OS; plus the accelerators where
+  """CPU model with its family / model numbers and widest vector ISA (this VM's bare "AMD EPYC"
+  has been machines whose 2048^2 matmul ran at 87 to 475 GFLOP/s), cores, memory and OS; plus the accelerators where
   JAX's default backend is not the CPU (so call it after XLA's flags are set)."""
   cpu = platform.processor() or platform.machine()
   try:
@@ -17,7 +17,9 @@ def machine() -> str:
     flags = info["flags"].split()
     isa = ["AVX-512" if "avx512f" in flags else "AVX2" if "avx2" in flags else "SSE"]
     isa += ["AMX"] if "amx_tile" in flags else []
-    cpu = f"{info['model name'].strip()} ({' + '.join(isa)})"
+    model = f"family {info['cpu family'].strip()} model {info['model'].strip()}, " if (
+        "cpu family" in info and "model" in info) else ""
+    cpu = f"{info['model name'].strip()} ({model}{' + '.join(isa)})"
   except (OSError, KeyError):
     pass
   mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
