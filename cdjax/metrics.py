@@ -2,7 +2,9 @@
 
 Speech metrics take waveforms `[..., L]` (leading axes are items) and return one value per
 item. SI-SDR / SI-SIR / SI-SAR follow SGMSE+'s `energy_ratios` (Le Roux et al. 2019 scale
-invariance): with reference s, noise n = y - s and estimate e,
+invariance): with reference s, noise n = y - g s (what the corruption added to the clean signal;
+g is the clean signal's gain in the mixture y, 1 for additive noise, see
+`data.clean_gain_from_config`) and estimate e,
   s_target = (<e, s> / |s|^2) s,   e_noise = (<e, n> / |n|^2) n,   e_art = e - s_target - e_noise,
   SI-SDR = 10 log10 |s_target|^2 / |e - s_target|^2,
   SI-SIR = 10 log10 |s_target|^2 / |e_noise|^2,
@@ -53,7 +55,8 @@ def energy_ratios(reference: np.ndarray, estimate: np.ndarray,
                   noise: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
   """(SI-SDR, SI-SIR, SI-SAR) in dB, each [...], from reference, estimate, noise [..., L].
 
-  `noise` is the interference of the observation (y - reference); see the module docstring.
+  `noise` is what the corruption added to the observation (y - g * reference); see the module
+  docstring.
   """
   s, e, n = (np.asarray(a, np.float64) for a in (reference, estimate, noise))
   s_target, e_noise = _project(e, s), _project(e, n)

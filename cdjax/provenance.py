@@ -8,8 +8,9 @@ import subprocess
 
 def machine() -> str:
   """CPU model with its family / model numbers and widest vector ISA (this VM's bare "AMD EPYC"
-  has been machines whose 2048^2 matmul ran at 87 to 475 GFLOP/s), cores, memory and OS; plus the accelerators where
-  JAX's default backend is not the CPU (so call it after XLA's flags are set)."""
+  has been machines whose 2048^2 matmul ran at 87 to 475 GFLOP/s), cores, memory and OS; plus
+  the accelerators where JAX's default backend is not the CPU (call it after XLA's flags are
+  set)."""
   cpu = platform.processor() or platform.machine()
   try:
     with open("/proc/cpuinfo") as f:

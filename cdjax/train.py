@@ -503,8 +503,9 @@ def check_num_classes(config: ml_collections.ConfigDict) -> None:
   k = config.data.num_classes
   subset = config.data.label_subset
   if subset is not None and len(subset) != k:
-    raise ValueError(f"data.label_subset keeps {len(subset)} labels (relabelled 0..{len(subset) - 1}) "
-                     f"but data.num_classes={k}: set data.num_classes={len(subset)}.")
+    raise ValueError(f"data.label_subset keeps {len(subset)} labels (relabelled 0.."
+                     f"{len(subset) - 1}) but data.num_classes={k}: set data.num_classes="
+                     f"{len(subset)}.")
   for section in ("classifier", "signal", "logits"):
     n = config[section].net_kwargs.get("num_classes", k) if section in config else k
     if n != k:

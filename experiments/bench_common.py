@@ -27,7 +27,7 @@ THREADS = int(os.environ.setdefault("BENCH_THREADS", "2"))
 for _var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
   os.environ.setdefault(_var, str(THREADS))
 
-from cdjax.provenance import machine  # noqa: E402  (imports no jax: after the thread pinning)
+from cdjax.provenance import git_commit, machine  # noqa: E402  (no jax import: after the pinning)
 
 RESULTS_DIR = os.environ.get("BENCH_RESULTS_DIR") or os.path.join(
     os.path.dirname(os.path.abspath(__file__)), "results")
@@ -240,8 +240,8 @@ def entry(name: str, value: float, unit: str, baseline, ratio=None, **extra) -> 
 
 def write_results(entries: list[dict], command: str, notes: list[str], section: str) -> str:
   """Merges `entries` into results/bench.json (replacing `section`'s entries from an earlier run;
-  other sections keep theirs, also under the same names), records `command`, the machine and
-  `notes` under `section`, and rewrites results/bench.md. Returns the json path."""
+  other sections keep theirs, also under the same names), records `command`, the commit, the
+  machine and `notes` under `section`, and rewrites results/bench.md. Returns the json path."""
   os.makedirs(RESULTS_DIR, exist_ok=True)
   path = os.path.join(RESULTS_DIR, "bench.json")
   here = machine()
@@ -250,7 +250,7 @@ def write_results(entries: list[dict], command: str, notes: list[str], section: 
     with open(path) as f:
       data.update(json.load(f))
   data["entries"] = [e for e in data["entries"] if e.get("section") != section] + entries
-  data["runs"][section] = dict(command=command, machine=here, notes=notes)
+  data["runs"][section] = dict(command=command, commit=git_commit(), machine=here, notes=notes)
   data["command"] = " && ".join(r["command"] for r in data["runs"].values())
   data["machine"] = here
   with open(path, "w") as f:   # strict JSON: NaN (no ratio, no value) as null
@@ -349,7 +349,8 @@ def _write_md(data: dict) -> None:
   for section, run in data["runs"].items():
     lines += [f"## {section}", "", "```", run["command"], "```", ""]
     if "machine" in run:
-      lines += [f"Machine: {run['machine']}", ""]
+      commit = f", commit {run['commit']}" if "commit" in run else ""
+      lines += [f"Machine: {run['machine']}{commit}", ""]
     lines += [f"- {n}" for n in run["notes"]] + [""]
     lines += ["| name | value | unit | baseline | ratio |", "|---|---|---|---|---|"]
     for e in data["entries"]:
