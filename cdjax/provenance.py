@@ -32,12 +32,13 @@ def machine() -> str:
   return f"{len(jax.devices())} x {jax.devices()[0].device_kind} ({backend}); host: {host}"
 
 
-def git_commit() -> str:
-  """The commit of the git checkout in the working directory, with "+changes" where tracked files
-  differ from it; "unknown" outside a checkout or without git."""
+def git_commit(directory: str = os.path.dirname(os.path.abspath(__file__))) -> str:
+  """The commit of the git checkout that holds `directory` (default: this package's code, the code
+  that ran), with "+changes" where tracked files differ from it; "unknown" outside a checkout or
+  without git."""
   try:
-    run = lambda *args: subprocess.run(["git", *args], capture_output=True, text=True,
-                                       check=True).stdout.strip()
+    run = lambda *args: subprocess.run(["git", "-C", directory, *args], capture_output=True,
+                                       text=True, check=True).stdout.strip()
     return run("rev-parse", "--short", "HEAD") + (
         "+changes" if run("status", "--porcelain", "--untracked-files=no") else "")
   except (OSError, subprocess.CalledProcessError):
