@@ -507,7 +507,7 @@ def check_num_classes(config: ml_collections.ConfigDict) -> None:
                      f"{len(subset) - 1}) but data.num_classes={k}: set data.num_classes="
                      f"{len(subset)}.")
   for section in ("classifier", "signal", "logits"):
-    n = config[section].net_kwargs.get("num_classes", k) if section in config else k
+    n = config[section].net_kwargs.get("num_classes", k)
     if n != k:
       raise ValueError(f"{section}.net_kwargs.num_classes={n} but data.num_classes={k}: the "
                        "classifier's logits, the logit branch and the signal net's logit input "

@@ -13,7 +13,8 @@ is the official-code style: a Python `for` loop over the OUVE steps, per step th
 (annealed Langevin corrector + reverse-diffusion predictor, two score-net calls, conditioned on
 f(y) before the switch, on the previous l0_hat after it) and then the logit step (the same
 corrector and predictor on the logit OUVE, two logit-net calls, conditioned on y and f(y) before
-the switch, on the signal's new x0_hat and f(x0_hat) after it). Shared pieces come from `torch_reference.py`.
+the switch, on the signal's new x0_hat and f(x0_hat) after it). Shared pieces come from
+`torch_reference.py`.
 
 Needs the `bench` extra: `pip install torch==2.13.0`. `bench_sampler.py` records its FLOPs per
 call next to XLA's for the JAX networks.
