@@ -132,18 +132,20 @@ class NCSNAttention(nn.Module):
 
 
 class LogitConditioning(nn.Module):
-  """h [B, C, F', T'] + sigmoid(g) * Conv1x1(tile(MLP(logits [B, K]))) (cdjax `LogitConditioning`
-  with one logit vector per item)."""
+  """h [B, C, F', T'] + gate(temb) * Conv1x1(tile(MLP(LayerNorm(logits [B, K])))) (cdjax
+  `LogitConditioning` with one logit vector per item; official `ncsnpp_48k_logits_conditioned`)."""
 
-  def __init__(self, num_classes: int, hidden: int, channels: int, gate_init: float):
+  def __init__(self, num_classes: int, hidden: int, channels: int, temb: int):
     super().__init__()
+    self.norm = nn.LayerNorm(num_classes)
     self.d1, self.d2 = nn.Linear(num_classes, hidden), nn.Linear(hidden, hidden)
     self.conv = nn.Conv2d(hidden, channels, 1)
-    self.gate = nn.Parameter(torch.tensor(math.log(gate_init / (1 - gate_init))))
+    self.gate = nn.Sequential(nn.Linear(temb, hidden), nn.SiLU(), nn.Linear(hidden, 1),
+                              nn.Sigmoid())
 
-  def forward(self, h, logits):
-    e = self.d2(F.silu(self.d1(logits)))[:, :, None, None].expand(-1, -1, *h.shape[2:])
-    return h + torch.sigmoid(self.gate) * self.conv(e)
+  def forward(self, h, logits, temb):
+    e = self.d2(F.silu(self.d1(self.norm(logits))))[:, :, None, None].expand(-1, -1, *h.shape[2:])
+    return h + self.gate(temb)[:, :, None, None] * self.conv(e)
 
 
 class LatentFiLM(nn.Module):
@@ -168,7 +170,7 @@ class NCSNpp(nn.Module):
   Gaussian Fourier features of log t -> Dense-SiLU-Dense (4 nf); input channels (re, im) of x_t
   and y; per level `num_res_blocks` BigGAN blocks (+ attention where F / 2^i is in
   `attn_resolutions`), FIR downsampling blocks with the input pyramid summed in by 1x1 convs;
-  logit conditioning at the bottleneck, Res-Attn-Res middle; the up path concatenates skips and
+  Res-Attn-Res middle, then the logit conditioning; the up path concatenates skips and
   sums an output pyramid (GN-SiLU-Conv3x3 per level, FIR upsampled), divided by t, 1x1 to
   (re, im). The latent's FiLM sits at the end of the down level `latent_level`, by default the
   one whose 2^i is closest (in log2) to the enhancer's total stride `latent_stride`.
@@ -178,7 +180,7 @@ class NCSNpp(nn.Module):
                ch_mult: Sequence[int] = (1, 2, 2, 2), num_res_blocks: int = 1,
                attn_resolutions: Sequence[int] = (32,), fir_kernel: Sequence[int] = (1, 3, 3, 1),
                embedding: str = "fourier", fourier_scale: float = 16.0, fourier_seed: int = 0,
-               scale_by_t: bool = True, logit_hidden: int = 64, logit_gate_init: float = 0.05,
+               scale_by_t: bool = True, logit_hidden: int = 64,
                latent_mode: str = "none", latent_level: Optional[int] = None,
                latent_channels: int = 0, latent_stride: Sequence[int] = (1, 1), **unused):
     super().__init__()
@@ -213,8 +215,8 @@ class NCSNpp(nn.Module):
         level.sample, level.combine = block(c, c, "down"), nn.Conv2d(4, c, 1)
         skips.append(c)
       self.down.append(level)
-    self.logits = LogitConditioning(num_classes, logit_hidden, c, logit_gate_init)
     self.mid = nn.ModuleList([block(c, c), NCSNAttention(c), block(c, c)])
+    self.logits = LogitConditioning(num_classes, logit_hidden, c, temb)
     self.up, self.fir_up = nn.ModuleList(), FIR(fir_kernel, True)
     for i in reversed(range(levels)):
       level = nn.ModuleDict(dict(res=nn.ModuleList()))
@@ -243,8 +245,8 @@ class NCSNpp(nn.Module):
       if "sample" in level:
         pyramid_in = self.fir_down(pyramid_in)
         hs.append(level.sample(h, temb) + level.combine(pyramid_in))
-    h = self.logits(hs[-1], logits)
-    h = self.mid[2](self.mid[1](self.mid[0](h, temb)), temb)
+    h = self.mid[2](self.mid[1](self.mid[0](hs[-1], temb)), temb)
+    h = self.logits(h, logits, temb)
     pyramid = None
     for level in self.up:
       for res in level.res:

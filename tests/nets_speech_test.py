@@ -7,7 +7,7 @@ import pytest
 
 from cdjax.nets import NETWORKS, get_network
 from cdjax.nets.layers import count_params
-from cdjax.nets.speech import LatentIntegration, _fir
+from cdjax.nets.speech import LatentIntegration, LogitConditioning, _fir
 
 # rbg keys: XLA compiles the threefry-based initialisers of a whole net far more slowly on CPU.
 KEY = jax.random.key(0, impl="rbg")
@@ -48,8 +48,38 @@ def test_ncsnpp_shapes_and_logit_gate():
   out = jax.jit(net.apply)(params, x_t, t, y, logits, latent)
   assert out.shape == (B, F, T) and out.dtype == jnp.complex64
   params = params["params"]
-  assert float(jax.nn.sigmoid(params["logits"]["gate"])) == pytest.approx(0.05, rel=1e-5)
+  assert params["logits"]["Conv_0"]["kernel"].shape == (1, 1, 16, 16)   # after the middle blocks
   assert params["latent"]["Conv_0"]["kernel"].shape == (1, 1, 6, 16)   # level 1: F/2 x T/2
+
+
+def test_logit_conditioning_gate_and_layernorm():
+  """h + sigmoid(gate(temb)) * Conv1x1(tile(MLP(LayerNorm(l)))): the identity at init, the gate
+  sigmoid(-3) until its zero kernel moves, then a function of temb; LayerNorm makes the fusion
+  blind to a shift and a positive scale of the logits (as softmax is to the shift)."""
+  rng = np.random.default_rng(1)
+  h = jnp.asarray(rng.standard_normal((B, 4, 2, 6)), jnp.float32)
+  temb = jnp.asarray(rng.standard_normal((B, 12)), jnp.float32)
+  logits = jnp.asarray(rng.standard_normal((B, K)), jnp.float32)
+  module = LogitConditioning(hidden=8)
+  params = module.init(KEY, h, logits, temb)["params"]
+  np.testing.assert_array_equal(module.apply({"params": params}, h, logits, temb), h)
+
+  p = flax.core.unfreeze(params)
+  p["Conv_0"] = _perturb(p["Conv_0"], rng)
+  delta = module.apply({"params": p}, h, logits, temb) - h
+  e = module.apply({"params": dict(p, Dense_3=dict(kernel=p["Dense_3"]["kernel"],
+                                                   bias=jnp.full((1,), 50.0)))},
+                   h, logits, temb) - h   # gate 1: the conditioning map itself
+  np.testing.assert_allclose(delta, float(jax.nn.sigmoid(-3.0)) * e, rtol=1e-5, atol=1e-7)
+  assert float(jnp.abs(e).min()) > 0 and e.shape == h.shape
+  np.testing.assert_allclose(e[:, :1], e[:, 1:2], atol=1e-6)   # tiled over frequency and time
+  np.testing.assert_allclose(e[:, :, :1], e[:, :, 1:], atol=1e-6)
+
+  np.testing.assert_allclose(module.apply({"params": p}, h, 2.5 * logits + 3.0, temb) - h, delta,
+                             rtol=1e-4, atol=1e-6)
+  p["Dense_3"] = _perturb(p["Dense_3"], rng)   # the gate now reads temb
+  moved = [module.apply({"params": p}, h, logits, s * temb) - h for s in (1.0, -1.0)]
+  assert not np.allclose(moved[0], moved[1], atol=1e-5)
 
 
 def test_ncsnpp_logits_and_latent_enter_only_when_given():

@@ -139,30 +139,34 @@ def _resize(x: jax.Array, height: int, width: int) -> jax.Array:
 
 
 class LogitConditioning(nn.Module):
-  """Logits at the bottleneck (coupled paper, speech): h + sigmoid(g) * Conv1x1(tile(MLP(l))).
+  """Logits after the middle blocks (the coupled paper's speech net, official
+  `ncsnpp_48k_logits_conditioned`): h + gate(temb) * Conv1x1(tile(MLP(LayerNorm(logits)))).
 
-  h [B, F', T', C]; logits [B, K] (one vector per item) or [B, L, K] (a sequence, e.g. per
-  token, linearly interpolated along time to T'). The 1x1 conv is zero-initialised and the
-  scalar gate g starts at logit(gate_init), so the branch starts as the identity.
+  h [B, F', T', C]; temb [B, D]; logits [B, K] (one vector per item) or [B, L, K] (a sequence,
+  e.g. per token, linearly interpolated along time to T'). MLP: Dense-SiLU-Dense to `hidden`;
+  gate(temb) = sigmoid(Dense(SiLU(Dense(temb)))) [B, 1], `hidden` wide (64 and 64 officially).
+  The 1x1 conv and the gate's last kernel start at zero and its bias at `gate_bias` (sigmoid(-3)
+  ~ 0.05), so the branch starts as the identity. LayerNorm eps 1e-5, as torch's.
   """
   hidden: int
-  gate_init: float = 0.05
+  gate_bias: float = -3.0
 
   @nn.compact
-  def __call__(self, h: jax.Array, logits: jax.Array) -> jax.Array:
+  def __call__(self, h: jax.Array, logits: jax.Array, temb: jax.Array) -> jax.Array:
     b, f, t, c = h.shape
     if logits.ndim == 2:
       logits = logits[:, None]
     if logits.ndim != 3 or logits.shape[0] != b:
       raise ValueError(f"ncsnpp: logits must be [B, K] or [B, L, K] with B={b}, got "
                        f"{list(logits.shape)}.")
-    e = nn.Dense(self.hidden)(nn.silu(nn.Dense(self.hidden)(logits.astype(h.dtype))))
+    e = nn.Dense(self.hidden)(nn.LayerNorm(epsilon=1e-5)(logits.astype(h.dtype)))
+    e = nn.Dense(self.hidden)(nn.silu(e))
     e = jax.image.resize(e, (b, t, self.hidden), "linear")
     e = jnp.broadcast_to(e[:, None], (b, f, t, self.hidden))
     e = _conv(c, 1, zero=True)(e)
-    gate_logit = math.log(self.gate_init / (1 - self.gate_init))
-    gate = self.param("gate", nn.initializers.constant(gate_logit), ())
-    return h + jax.nn.sigmoid(gate) * e
+    gate = nn.silu(nn.Dense(self.hidden)(temb))
+    gate = nn.Dense(1, kernel_init=_zeros, bias_init=nn.initializers.constant(self.gate_bias))(gate)
+    return h + jax.nn.sigmoid(gate)[:, None, None] * e
 
 
 class LatentIntegration(nn.Module):
@@ -210,7 +214,7 @@ class NCSNpp(nn.Module):
   `scale_by_t`: divide the pyramid by t before the output map (SGMSE+'s `scale_by_sigma` with
   sigma = t). F and T must be divisible by 2^(len(ch_mult) - 1) (see `audio.pad_frames`).
 
-  logits [B, K] or [B, L, K]: `LogitConditioning` on the bottleneck input (skipped if None).
+  logits [B, K] or [B, L, K]: `LogitConditioning` after the middle blocks (skipped if None).
   latent [B, F', T', C'] (Ex-Diff): `LatentIntegration(latent_mode)` at the end of the down
   level whose F / 2^i, T / 2^i is closest (in log2) to F', T' (or level `latent_level`);
   ignored when latent_mode is "none" or latent is None.
@@ -230,7 +234,7 @@ class NCSNpp(nn.Module):
   time_scale: float = 1000.0
   scale_by_t: bool = True
   logit_hidden: int = 64
-  logit_gate_init: float = 0.05
+  logit_gate_bias: float = -3.0
   latent_mode: str = "none"
   latent_level: Optional[int] = None
   remat: bool = False
@@ -302,12 +306,11 @@ class NCSNpp(nn.Module):
         h = h + _conv(h.shape[-1], 1, name=f"down{i}_combine")(pyramid_in)
         hs.append(h)
 
-    h = hs[-1]
-    if logits is not None:
-      h = LogitConditioning(self.logit_hidden, self.logit_gate_init, name="logits")(h, logits)
-    h = block(name="mid_res0")(h, temb, train)
+    h = block(name="mid_res0")(hs[-1], temb, train)
     h = attn(name="mid_attn")(h)
     h = block(name="mid_res1")(h, temb, train)
+    if logits is not None:
+      h = LogitConditioning(self.logit_hidden, self.logit_gate_bias, name="logits")(h, logits, temb)
 
     pyramid = None
     for i in reversed(range(levels)):
