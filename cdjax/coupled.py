@@ -90,6 +90,13 @@ class CoupledOutput(NamedTuple):
   trajectory: Any = None         # strategy-specific clean estimates, or None
 
 
+def logits_corrector(cfg) -> str:
+  """The logit branch's corrector: `cfg.logits_corrector`, or "same" (default): `cfg.corrector`,
+  as the official speech sampler runs its annealed Langevin on both branches (its image sampler
+  has none)."""
+  return cfg.corrector if cfg.logits_corrector == "same" else cfg.logits_corrector
+
+
 class _Branches:
   """One signal step and one logit step with their conditioning; shared by every strategy."""
 
@@ -106,10 +113,8 @@ class _Branches:
         model.signal_sde, cfg.signal_predictor, cfg.corrector, cfg.snr, cfg.n_corrector,
         x0_transform=None if clip is None else (lambda x0: jnp.clip(x0, *clip)),
         predictor_kwargs=cfg.predictor_kwargs)
-    # Both branches run the corrector before each predictor step, as the official speech sampler
-    # does (annealed Langevin; its image sampler has none).
     self.logits_step = sampling.get_step_fn(
-        model.logits_sde, cfg.logits_predictor, cfg.corrector, cfg.snr, cfg.n_corrector,
+        model.logits_sde, cfg.logits_predictor, logits_corrector(cfg), cfg.snr, cfg.n_corrector,
         x0_transform=self.standardize)
     self.zero_logits = jnp.zeros((y.shape[0], model.num_classes), jnp.float32)
     self.f_y = self.class_logits(y)   # XLA drops it from a program that never reads it

@@ -196,7 +196,8 @@ def method_sampling(sampling_cfg: ml_collections.ConfigDict,
 # sampling fields -> the lookup that rejects an unknown name (suggesting close ones)
 SAMPLING_NAMES = {"strategy": coupled.STRATEGIES.get, "signal_predictor": sampling.PREDICTORS.get,
                   "logits_predictor": sampling.PREDICTORS.get,
-                  "corrector": sampling.CORRECTORS.get}
+                  "corrector": sampling.CORRECTORS.get,
+                  "logits_corrector": lambda name: name == "same" or sampling.CORRECTORS.get(name)}
 
 
 def check_setting(field: str, value, check) -> None:

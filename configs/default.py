@@ -99,6 +99,7 @@ def get_config() -> ml_collections.ConfigDict:
       strategy="parallel",       # parallel | alternating | nested
       signal_predictor="ancestral", logits_predictor="posterior_mean",
       corrector="none", snr=0.16, n_corrector=1,
+      logits_corrector="same",   # the logit branch's: same (as corrector) | none | langevin | ...
       predictor_kwargs=dict(),   # signal predictor's extra arguments, e.g. eta for ddim
       parallel_order="logits_first",   # images; speech: signal_first
       initial_logits="zeros",    # round-one logits: zeros (images) | classifier = f(y) (speech)

@@ -189,6 +189,20 @@ def test_nfe_counts():
   # The corrector runs on both branches, as in the official speech sampler.
   assert nfe(strategy="parallel", corrector="langevin") == 80
   assert nfe(strategy="enhance_then_classify", corrector="langevin") == 40
+  assert nfe(strategy="parallel", corrector="langevin", logits_corrector="none") == 60
+
+
+def test_logits_corrector_switch():
+  """The logit branch alone (card): its corrector follows `corrector` by default; with
+  logits_corrector "none" it runs as with no corrector at all, whatever the signal's."""
+  _, y = toy_data(8, jax.random.PRNGKey(3))
+  model = make_model(10)
+  card = lambda **kw: run(model, sampling_config(strategy="card", **kw), y).logits
+  plain = card()
+  np.testing.assert_array_equal(card(corrector="langevin", logits_corrector="none"), plain)
+  np.testing.assert_array_equal(card(logits_corrector="langevin"),
+                                card(corrector="langevin"))
+  assert not np.allclose(card(corrector="langevin"), plain, atol=1e-3)
 
 
 def test_guidance_scale_zero_never_calls_guidance(monkeypatch):

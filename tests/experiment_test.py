@@ -118,6 +118,8 @@ def test_corruption_entries_set_kwargs_name_and_init_paths():
      r"sampling.signal_predictor='ancestrl': Unknown predictor 'ancestrl'. Did you mean "
      r"'ancestral'"),
     ("sampling.corrector", "langevn", r"sampling.corrector='langevn': .*Did you mean 'langevin'"),
+    ("evaluation.methods.parallel.logits_corrector", "sme",
+     r"evaluation.methods.parallel.logits_corrector='sme': Unknown corrector"),
     ("evaluation.methods.parallel.strategy", "paralel",
      r"evaluation.methods.parallel.strategy='paralel': Unknown strategy .*Did you mean 'parallel'"),
     ("evaluation.methods.nested.logits_predictor", "posterior",
