@@ -55,7 +55,8 @@ def test_ncsnpp_shapes_and_logit_gate():
 def test_logit_conditioning_gate_and_layernorm():
   """h + sigmoid(gate(temb)) * Conv1x1(tile(MLP(LayerNorm(l)))): the identity at init, the gate
   sigmoid(-3) until its zero kernel moves, then a function of temb; LayerNorm makes the fusion
-  blind to a shift and a positive scale of the logits (as softmax is to the shift)."""
+  blind to a shift and a positive scale of the logits (as softmax is to the shift); sequences
+  resampled along time as the official code does."""
   rng = np.random.default_rng(1)
   h = jnp.asarray(rng.standard_normal((B, 4, 2, 6)), jnp.float32)
   temb = jnp.asarray(rng.standard_normal((B, 12)), jnp.float32)
@@ -77,6 +78,14 @@ def test_logit_conditioning_gate_and_layernorm():
 
   np.testing.assert_allclose(module.apply({"params": p}, h, 2.5 * logits + 3.0, temb) - h, delta,
                              rtol=1e-4, atol=1e-6)
+  # A logit sequence [B, L, K] is resampled to T' as torch's F.interpolate (linear, half-pixel,
+  # no antialiasing): at L = 2 T' each frame reads the mean of its two tokens, so repeating
+  # every token twice changes nothing (an antialiasing filter would blend neighbours).
+  seq = jnp.asarray(rng.standard_normal((B, 2, K)), jnp.float32)
+  np.testing.assert_allclose(module.apply({"params": p}, h, jnp.repeat(seq, 2, axis=1), temb),
+                             module.apply({"params": p}, h, seq, temb), rtol=1e-5, atol=1e-6)
+  assert not np.allclose(module.apply({"params": p}, h, seq[:, ::-1], temb),
+                         module.apply({"params": p}, h, seq, temb), atol=1e-4)
   p["Dense_3"] = _perturb(p["Dense_3"], rng)   # the gate now reads temb
   moved = [module.apply({"params": p}, h, logits, s * temb) - h for s in (1.0, -1.0)]
   assert not np.allclose(moved[0], moved[1], atol=1e-5)

@@ -161,7 +161,7 @@ class LogitConditioning(nn.Module):
                        f"{list(logits.shape)}.")
     e = nn.Dense(self.hidden)(nn.LayerNorm(epsilon=1e-5)(logits.astype(h.dtype)))
     e = nn.Dense(self.hidden)(nn.silu(e))
-    e = jax.image.resize(e, (b, t, self.hidden), "linear")
+    e = jax.image.resize(e, (b, t, self.hidden), "linear", antialias=False)   # as F.interpolate
     e = jnp.broadcast_to(e[:, None], (b, f, t, self.hidden))
     e = _conv(c, 1, zero=True)(e)
     gate = nn.silu(nn.Dense(self.hidden)(temb))
