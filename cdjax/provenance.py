@@ -34,12 +34,14 @@ def machine() -> str:
 
 def git_commit(directory: str = os.path.dirname(os.path.abspath(__file__))) -> str:
   """The commit of the git checkout that holds `directory` (default: this package's code, the code
-  that ran), with "+changes" where tracked files differ from it; "unknown" outside a checkout or
-  without git."""
+  that ran), with "+changes" where tracked files anywhere in it differ from it, except results
+  files (experiments/results, which the scripts themselves rewrite); "unknown" outside a checkout
+  or without git."""
   try:
     run = lambda *args: subprocess.run(["git", "-C", directory, *args], capture_output=True,
                                        text=True, check=True).stdout.strip()
     return run("rev-parse", "--short", "HEAD") + (
-        "+changes" if run("status", "--porcelain", "--untracked-files=no") else "")
+        "+changes" if run("status", "--porcelain", "--untracked-files=no", "--", ":(top)",
+                          ":(top,exclude)experiments/results") else "")
   except (OSError, subprocess.CalledProcessError):
     return "unknown"

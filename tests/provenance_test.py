@@ -12,14 +12,19 @@ def test_git_commit_names_the_checkout_and_its_changes(tmp_path, monkeypatch):
   git = lambda *args: subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", *args],
                                      cwd=repo, check=True, capture_output=True, text=True).stdout
   git("init", "-q")
-  (repo / "a.py").write_text("x = 1\n")
-  git("add", "a.py")
+  (repo / "pkg").mkdir()
+  (repo / "experiments" / "results").mkdir(parents=True)
+  for name in ("a.py", "pkg/b.py", "experiments/results/bench.json"):
+    (repo / name).write_text("x = 1\n")
+  git("add", ".")
   git("commit", "-q", "-m", "first")
   head = git("rev-parse", "--short", "HEAD").strip()
   (repo / "untracked.txt").write_text("not code\n")
   assert provenance.git_commit(str(repo)) == head   # untracked files are not changes
-  (repo / "a.py").write_text("x = 2\n")
-  assert provenance.git_commit(str(repo)) == head + "+changes"
+  (repo / "experiments/results/bench.json").write_text("x = 2\n")
+  assert provenance.git_commit(str(repo)) == head   # nor results files the scripts rewrite
+  (repo / "a.py").write_text("x = 2\n")   # a change outside the package's own folder counts
+  assert provenance.git_commit(str(repo / "pkg")) == head + "+changes"
   outside = tmp_path / "outside"
   outside.mkdir()
   monkeypatch.setenv("GIT_CEILING_DIRECTORIES", str(tmp_path))
