@@ -4,7 +4,9 @@ The batch is sharded over `data`, parameters are replicated; under `jax.jit` the
 global-batch mean is then averaged across devices (pmap semantics, no explicit `pmean`).
 """
 import functools
+import hashlib
 import os
+import platform
 
 import jax
 import ml_collections
@@ -39,7 +41,10 @@ def configure_xla(mesh_config: ml_collections.ConfigDict) -> None:
   makes data parallelism spread the work over the cores of a CPU-only machine (XLA:CPU runs the
   small convolutions of these networks on about one core per device); accelerator backends are
   not affected. A flag already in XLA_FLAGS wins. Takes effect only before JAX's backends start;
-  afterwards it warns and does nothing. Warns about flag combinations known to be wrong."""
+  afterwards it warns and does nothing. Warns about flag combinations known to be wrong. Also
+  turns on the persistent compilation cache (`configure_compilation_cache`)."""
+  configure_compilation_cache(mesh_config.compilation_cache_dir,
+                              mesh_config.compilation_cache_max_gib)
   wanted = _flags("mesh.xla_flags", mesh_config.xla_flags)
   if mesh_config.host_cpu_devices > 0:
     wanted.append(f"--xla_force_host_platform_device_count={mesh_config.host_cpu_devices}")
@@ -54,6 +59,34 @@ def configure_xla(mesh_config: ml_collections.ConfigDict) -> None:
                     "running (set XLA_FLAGS='%s' before starting instead).", " ".join(missing))
     return
   os.environ["XLA_FLAGS"] = " ".join([current] + missing).strip()
+
+
+def configure_compilation_cache(path: str, max_gib: float) -> None:
+  """Keeps every program that took >= 1 s to compile in `path`/<host_id()> (JAX's persistent
+  compilation cache, least recently used entries evicted beyond `max_gib`), so a restarted or
+  repeated job loads it instead of compiling again. "" turns it off; a cache directory JAX
+  already has (JAX_COMPILATION_CACHE_DIR) wins. Takes effect only before the process's first
+  compilation. Entries are native code for the CPU that compiled them, and JAX's cache key does
+  not name the CPU: the per-host subdirectory keeps a cache on a shared filesystem from handing
+  one machine another's code. An unreadable entry is compiled again, with JAX's warning ("Error
+  reading persistent compilation cache entry"), each time until the directory is deleted."""
+  if not max_gib > 0:
+    raise ValueError(f"mesh.compilation_cache_max_gib={max_gib}: give a size > 0 in GiB, or set "
+                     "mesh.compilation_cache_dir='' to turn the cache off.")
+  if path and not jax.config.jax_compilation_cache_dir:
+    jax.config.update("jax_compilation_cache_dir",
+                      os.path.join(os.path.expanduser(path), host_id()))
+    jax.config.update("jax_compilation_cache_max_size", int(max_gib * 2**30))
+
+
+def host_id() -> str:
+  """`<architecture>-<12 hex digits>`: names this host's CPU model and instruction-set features."""
+  try:
+    with open("/proc/cpuinfo") as f:
+      cpu = sorted({line for line in f if line.startswith(("model name", "flags", "Features"))})
+  except OSError:
+    cpu = [platform.processor()]
+  return f"{platform.machine()}-{hashlib.sha256(''.join(cpu).encode()).hexdigest()[:12]}"
 
 
 def _flags(name: str, flags: str) -> list:

@@ -141,10 +141,15 @@ def get_config() -> ml_collections.ConfigDict:
   # for samplers' programs where the CPU host is one device (parallel.sample_compiler_options):
   # image sampling 1.1x faster there (the speech configs set "": 0.92x). Both are written as
   # XLA_FLAGS are; a name or value XLA does not take raises a ValueError naming the field.
+  # compilation_cache_dir: programs that took >= 1 s to compile are kept there (a subdirectory per
+  # CPU type; the least recently used go beyond compilation_cache_max_gib) and loaded by later
+  # runs, e.g. after a preemption; "" turns it off, and JAX_COMPILATION_CACHE_DIR wins
+  # (parallel.configure_compilation_cache).
   ynn_reductions = "--xla_cpu_experimental_ynn_fusion_type=LIBRARY_FUSION_TYPE_REDUCE"
   c.mesh = ml_collections.ConfigDict(dict(data=-1, host_cpu_devices=0, xla_flags=(
       "--xla_cpu_experimental_ynn_fusion_type=LIBRARY_FUSION_TYPE_INDIVIDUAL_CONVOLUTION"),
-      cpu_train_xla_flags=ynn_reductions, cpu_sample_xla_flags=ynn_reductions))
+      cpu_train_xla_flags=ynn_reductions, cpu_sample_xla_flags=ynn_reductions,
+      compilation_cache_dir="~/.cache/cdjax/xla", compilation_cache_max_gib=4.0))
   c.checkpoint = ml_collections.ConfigDict(dict(
       keep=3, best_metric="", best_mode="max",   # keep the last `keep` (+ the best, if a metric)
       classifier="",     # frozen classifier dir (<classifier workdir>/classifier)

@@ -100,6 +100,16 @@ def torch_blocking(fn):
   return run
 
 
+def configure_xla(mesh_config) -> None:
+  """`parallel.configure_xla` without the config's persistent compilation cache, so that compile
+  times are compilations (a JAX_COMPILATION_CACHE_DIR in the environment still wins:
+  bench_compile_cache.py times cache loads with it)."""
+  from cdjax import parallel   # pylint: disable=g-import-not-at-top  (after the thread pinning)
+  mesh_config = mesh_config.copy_and_resolve_references()
+  mesh_config.compilation_cache_dir = ""
+  parallel.configure_xla(mesh_config)
+
+
 def command(argv: list[str]) -> str:
   """The shell command that reproduces this run from the repository root."""
   here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -21,7 +21,8 @@ Writes experiments/results/bench.{json,md} (merged with bench_train.py's entries
 The JAX paths run with the XLA flags the config asks for (`parallel.configure_xla`: the
 config's `mesh.host_cpu_devices` split and `mesh.xla_flags`; XLA_FLAGS in the environment win),
 and, where the host is one device, with the sampler's own options, as evaluation compiles them
-(`parallel.sample_compiler_options`: `mesh.cpu_sample_xla_flags`).
+(`parallel.sample_compiler_options`: `mesh.cpu_sample_xla_flags`), and compile without the
+persistent compilation cache (`bench_common.configure_xla`).
 `--xla_variants` re-runs the scan path at one batch size in a subprocess per XLA_FLAGS value,
 which replaces the config's flags ("none": no flags), e.g.
 `--xla_variants=none,--xla_force_host_platform_device_count=2`: the scan path shards its batch
@@ -539,7 +540,7 @@ def main(argv):
   _CONFIG_PATH = flags.FLAGS["config"].config_filename
   config = with_steps(_CONFIG.value, _STEPS.value)
   xla_flags_before = os.environ.get("XLA_FLAGS", "")
-  parallel.configure_xla(config.mesh)
+  bc.configure_xla(config.mesh)
   bc.full_float32()
   load_before = bc.load_average()
   t_start = time.perf_counter()

@@ -8,7 +8,8 @@ and the data-parallel path on the CPU host split into 2 and 8 devices
 (XLA_FLAGS=--xla_force_host_platform_device_count=N) vs 1 device: a subprocess each, in turn for
 `--split_rounds` rounds. Every JAX step runs with the
 config's `mesh.xla_flags` (`parallel.configure_xla`; XLA_FLAGS in the environment win) and the
-train step's own `mesh.cpu_train_xla_flags` (`parallel.train_compiler_options`).
+train step's own `mesh.cpu_train_xla_flags` (`parallel.train_compiler_options`), and compiles
+without the persistent compilation cache (`bench_common.configure_xla`).
 
 PYTHONPATH=. .venv/bin/python experiments/bench_train.py --config configs/mnist_demo.py
 
@@ -227,7 +228,7 @@ def main(argv):
   b = _BATCH.value or config.signal.batch_size
   one_device = config.mesh.copy_and_resolve_references()
   one_device.host_cpu_devices = 0   # the N-device runs below split the host themselves
-  parallel.configure_xla(one_device)
+  bc.configure_xla(one_device)
   bc.full_float32()
   if _WORKER.value:
     print(json.dumps(time_jax(config, b, _STEPS.value)))

@@ -75,6 +75,22 @@ def test_image_sampler_and_train_benchmarks_write_one_merged_table(tmp_path, fil
   assert (tmp_path / "bench.png").stat().st_size > 10_000
 
 
+def test_compile_cache_benchmark(tmp_path, monkeypatch):
+  """Cold and warm runs of the image sampler and train step, each from its own cache directory
+  (not the tests' one); every program cached, however fast it compiled."""
+  monkeypatch.setenv("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+  _run("bench_compile_cache.py", tmp_path, "--configs=configs/mnist_demo.py", "--rounds=1",
+       "--child_flags=--config.signal.sde_kwargs.N=4,--config.logits.sde_kwargs.N=4,"
+       "--config.signal.batch_size=4")
+  e = _entries(tmp_path, "compile_cache")
+  for job in ("sampler_b1", "train_step"):
+    name = f"compile_cache_mnist_demo_{job}"
+    assert e[f"{name}_cache_mib"]["value"] > 0.01, e     # the cold run wrote its programs
+    for kind in ("compile", "process"):
+      run = e[f"{name}_{kind}_cold_vs_warm"]
+      assert 0 < run["baseline"] < 600 and run["ratio"] == run["value"] / run["baseline"]
+
+
 def test_speech_sampler_benchmark(tmp_path):
   _run("bench_sampler.py", tmp_path, "--config=configs/speech_keywords.py", "--frames=64",
        "--steps=2", "--batches=1", "--paths=scan,loop", "--repeats=1", "--budget_s=0")

@@ -13,7 +13,7 @@ import jax   # pylint: disable=g-import-not-at-top   (after XLA_FLAGS; no backen
 # before it starts the xdist workers), its workers and the subprocesses tests start all inherit the
 # directory, so a program that several tests compile (same HLO, shapes and flags) compiles once.
 # Most of the suite's time is XLA compiling small networks. Removed when the run ends. Entries
-# are compressed with zstandard (test extra): zlib took 14 of one test's 160 s.
+# are compressed with zstandard (a dependency): zlib took 14 of one test's 160 s.
 _OWN_CACHE = "JAX_COMPILATION_CACHE_DIR" not in os.environ
 if _OWN_CACHE:
   os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="cdjax-test-xla-cache-")

@@ -2,6 +2,7 @@
 multi-host detection, splitting a CPU host into devices and the XLA flags set before JAX starts."""
 import json
 import os
+import re
 import subprocess
 import sys
 import types
@@ -74,14 +75,21 @@ def test_multihost_environment_detection(monkeypatch):
   assert parallel.is_multihost_env()
 
 
-def _run_configured(code: str, xla_flags: str, host_cpu_devices: int = 3, mesh_flags=None) -> str:
+def _run_configured(code: str, xla_flags: str, host_cpu_devices: int = 3, mesh_flags=None,
+                    cache_dir=None) -> str:
   """stdout of `code` run in a fresh process after `configure_xla` of the default mesh config
-  (with `host_cpu_devices` and, if given, `mesh.xla_flags = mesh_flags`)."""
+  (with `host_cpu_devices` and, if given, `mesh.xla_flags = mesh_flags`). With `cache_dir`:
+  `mesh.compilation_cache_dir = cache_dir`, and the process does not inherit the tests' cache
+  (conftest.py); programs are kept however fast they compiled."""
   setup = (f"from configs import default; from cdjax import parallel; m = default.get_config().mesh; "
            f"m.host_cpu_devices = {host_cpu_devices}; "
            + (f"m.xla_flags = {mesh_flags!r}; " if mesh_flags is not None else "")
+           + (f"m.compilation_cache_dir = {cache_dir!r}; " if cache_dir is not None else "")
            + "parallel.configure_xla(m); import os, jax; ")
   env = dict(os.environ, XLA_FLAGS=xla_flags, JAX_PLATFORMS="cpu")
+  if cache_dir is not None:
+    env.pop("JAX_COMPILATION_CACHE_DIR", None)
+    env["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
   return subprocess.run([sys.executable, "-c", setup + code], env=env, capture_output=True,
                         text=True, check=True).stdout
 
@@ -200,3 +208,49 @@ def test_default_ynnpack_convolutions_compute_the_same_networks():
   for name in ("unet", "enhancer", "ncsnpp", "grad"):
     assert xla[name][0] > 1e-3, name                                  # a non-trivial output
     np.testing.assert_allclose(ynn[name], xla[name], rtol=1e-4, err_msg=name)
+
+
+_CACHED_RUN = """
+import json, sys, warnings
+sys.path.insert(0, "tests")
+import parallel_test
+hits = []
+jax.monitoring.register_event_listener(lambda e, **kw: hits.append(e) if e.endswith("/cache_hits") else None)
+with warnings.catch_warnings(record=True) as w:
+  warnings.simplefilter("always")
+  out = parallel_test.network_outputs()
+print(json.dumps(dict(dir=jax.config.jax_compilation_cache_dir, hits=len(hits), out=out,
+                      warned=any("cache" in str(x.message) for x in w))))
+"""
+
+
+def test_compilation_cache_reloads_the_same_programs_per_host(tmp_path):
+  """mesh.compilation_cache_dir: a second process loads the networks' programs the first one
+  compiled (YNNPACK convolutions, FIR resampling, a gradient) from <dir>/<host_id> and computes
+  bit for bit the same outputs; unreadable entries are compiled again, with a warning."""
+  run = lambda: json.loads(_run_configured(_CACHED_RUN, "", 0, cache_dir=str(tmp_path)).split("\n")[-2])
+  cold = run()
+  assert cold["dir"] == str(tmp_path / parallel.host_id()) and cold["hits"] == 0
+  entries = list((tmp_path / parallel.host_id()).glob("*-cache"))
+  assert len(entries) >= 4, entries                        # 3 networks and a gradient at least
+  warm = run()
+  assert warm["hits"] >= len(entries) and warm["out"] == cold["out"] and not warm["warned"]
+  for entry in entries:
+    entry.write_bytes(b"not a compiled program")
+  corrupt = run()
+  assert corrupt["hits"] == 0 and corrupt["out"] == cold["out"] and corrupt["warned"]
+
+
+def test_compilation_cache_off_or_the_environments_own(tmp_path, monkeypatch):
+  """"" turns the cache off; a JAX_COMPILATION_CACHE_DIR wins; the size limit is the config's."""
+  last_line = lambda code, **kw: _run_configured(f"print({code})", "", 0, **kw).split("\n")[-2]
+  assert default.get_config().mesh.compilation_cache_dir.startswith("~")   # on unless turned off
+  assert last_line("jax.config.jax_compilation_cache_dir", cache_dir="") == "None"
+  assert last_line("jax.config.jax_compilation_cache_max_size", cache_dir=str(tmp_path)) == str(4 * 2**30)
+  monkeypatch.setenv("JAX_COMPILATION_CACHE_DIR", str(tmp_path / "mine"))
+  assert last_line("jax.config.jax_compilation_cache_dir") == str(tmp_path / "mine")
+  c = default.get_config()
+  c.mesh.compilation_cache_max_gib = 0
+  with pytest.raises(ValueError, match="mesh.compilation_cache_max_gib=0.*> 0"):
+    parallel.configure_xla(c.mesh)
+  assert re.fullmatch(r"\w+-[0-9a-f]{12}", parallel.host_id())   # architecture-CPU hash
