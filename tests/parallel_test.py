@@ -227,7 +227,8 @@ print(json.dumps(dict(dir=jax.config.jax_compilation_cache_dir, hits=len(hits), 
 def test_compilation_cache_reloads_the_same_programs_per_host(tmp_path):
   """mesh.compilation_cache_dir: a second process loads the networks' programs the first one
   compiled (YNNPACK convolutions, FIR resampling, a gradient) from <dir>/<host_id> and computes
-  bit for bit the same outputs; unreadable entries are compiled again, with a warning."""
+  the same outputs (max and sum of |out| equal to the last bit); unreadable entries are compiled
+  again, with a warning."""
   run = lambda: json.loads(_run_configured(_CACHED_RUN, "", 0, cache_dir=str(tmp_path)).split("\n")[-2])
   cold = run()
   assert cold["dir"] == str(tmp_path / parallel.host_id()) and cold["hits"] == 0
@@ -242,7 +243,8 @@ def test_compilation_cache_reloads_the_same_programs_per_host(tmp_path):
 
 
 def test_compilation_cache_off_or_the_environments_own(tmp_path, monkeypatch):
-  """"" turns the cache off; a JAX_COMPILATION_CACHE_DIR wins; the size limit is the config's."""
+  """An empty mesh.compilation_cache_dir turns the cache off; a JAX_COMPILATION_CACHE_DIR wins;
+  the size limit is the config's."""
   last_line = lambda code, **kw: _run_configured(f"print({code})", "", 0, **kw).split("\n")[-2]
   assert default.get_config().mesh.compilation_cache_dir.startswith("~")   # on unless turned off
   assert last_line("jax.config.jax_compilation_cache_dir", cache_dir="") == "None"
