@@ -7,9 +7,9 @@ time and the cache's size; medians over `--rounds`, each round from a new empty 
 
 PYTHONPATH=. .venv/bin/python experiments/bench_compile_cache.py
 
-The cache is JAX's (JAX_COMPILATION_CACHE_DIR, with JAX's default of keeping programs that took
->= 1 s to compile), as `parallel.configure_compilation_cache` sets it up. Writes the section
-`compile_cache` of experiments/results/bench.{json,md}.
+The runs get the cache through JAX_COMPILATION_CACHE_DIR (which wins over the config's, see
+`parallel.configure_compilation_cache`), with JAX's default of keeping the programs that took
+>= 1 s to compile. Writes the section `compile_cache` of experiments/results/bench.{json,md}.
 """
 import os
 import statistics
@@ -24,7 +24,8 @@ from absl import app  # noqa: E402
 from absl import flags  # noqa: E402
 
 _CONFIGS = flags.DEFINE_list("configs", ["configs/mnist_demo.py", "configs/speech_keywords.py"],
-                             "Configs to run; the train step for image configs only.")
+                             "Configs to run; the train step too where the path does not "
+                             "name speech.")
 _ROUNDS = flags.DEFINE_integer("rounds", 2, "Rounds (cold then warm), each from an empty cache.")
 _CHILD_FLAGS = flags.DEFINE_list("child_flags", [], "Config overrides for every run, e.g. "
                                  "--config.signal.batch_size=4 (what the sampler and train step read).")
