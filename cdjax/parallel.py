@@ -69,14 +69,23 @@ def configure_compilation_cache(path: str, max_gib: float) -> None:
   compilation. Entries are native code for the CPU that compiled them, and JAX's cache key does
   not name the CPU: the per-host subdirectory keeps a cache on a shared filesystem from handing
   one machine another's code. An unreadable entry is compiled again, with JAX's warning ("Error
-  reading persistent compilation cache entry"), each time until the directory is deleted."""
+  reading persistent compilation cache entry"), each time until the directory is deleted. A
+  local directory that cannot be created leaves the cache off, with a warning."""
   if not max_gib > 0:
     raise ValueError(f"mesh.compilation_cache_max_gib={max_gib}: give a size > 0 in GiB, or set "
                      "mesh.compilation_cache_dir='' to turn the cache off.")
-  if path and not jax.config.jax_compilation_cache_dir:
-    jax.config.update("jax_compilation_cache_dir",
-                      os.path.join(os.path.expanduser(path), host_id()))
-    jax.config.update("jax_compilation_cache_max_size", int(max_gib * 2**30))
+  if not path or jax.config.jax_compilation_cache_dir:
+    return
+  path = os.path.join(os.path.expanduser(path), host_id())
+  if "://" not in path:   # local (JAX also takes gs:// and other etils paths)
+    try:
+      os.makedirs(path, exist_ok=True)
+    except OSError as e:
+      logging.warning("mesh.compilation_cache_dir: cannot create %s (%s); compiling without the "
+                      "persistent cache. Give a writable directory, or '' to turn it off.", path, e)
+      return
+  jax.config.update("jax_compilation_cache_dir", path)
+  jax.config.update("jax_compilation_cache_max_size", int(max_gib * 2**30))
 
 
 def host_id() -> str:

@@ -243,16 +243,36 @@ def test_compilation_cache_reloads_the_same_programs_per_host(tmp_path):
 
 
 def test_compilation_cache_off_or_the_environments_own(tmp_path, monkeypatch):
-  """An empty mesh.compilation_cache_dir turns the cache off; a JAX_COMPILATION_CACHE_DIR wins;
-  the size limit is the config's."""
+  """An empty mesh.compilation_cache_dir turns the cache off, so does one that cannot be created;
+  a JAX_COMPILATION_CACHE_DIR wins; the size limit is the config's."""
   last_line = lambda code, **kw: _run_configured(f"print({code})", "", 0, **kw).split("\n")[-2]
   assert default.get_config().mesh.compilation_cache_dir.startswith("~")   # on unless turned off
   assert last_line("jax.config.jax_compilation_cache_dir", cache_dir="") == "None"
+  (tmp_path / "a_file").write_text("")
+  unwritable = str(tmp_path / "a_file" / "cache")
+  assert last_line("jax.config.jax_compilation_cache_dir", cache_dir=unwritable) == "None"
   assert last_line("jax.config.jax_compilation_cache_max_size", cache_dir=str(tmp_path)) == str(4 * 2**30)
   monkeypatch.setenv("JAX_COMPILATION_CACHE_DIR", str(tmp_path / "mine"))
   assert last_line("jax.config.jax_compilation_cache_dir") == str(tmp_path / "mine")
+
+
+def test_compilation_cache_settings_and_errors(tmp_path, monkeypatch):
+  """What configure_compilation_cache sets in a JAX without a cache directory (this process's
+  has the tests' one: a stand-in); a directory that cannot be created warns, naming it; a size
+  <= 0 raises, naming the field."""
+  messages, updates = [], []
+  monkeypatch.setattr(parallel.logging, "warning", lambda msg, *args: messages.append(msg % args))
+  monkeypatch.setattr(parallel, "jax", types.SimpleNamespace(config=types.SimpleNamespace(
+      jax_compilation_cache_dir=None, update=lambda *a: updates.append(a))))
+  parallel.configure_compilation_cache(str(tmp_path / "ok"), 0.5)
+  assert updates == [("jax_compilation_cache_dir", str(tmp_path / "ok" / parallel.host_id())),
+                     ("jax_compilation_cache_max_size", 2**29)] and not messages
+  assert re.fullmatch(r"\w+-[0-9a-f]{12}", parallel.host_id())   # architecture-CPU hash
+  (tmp_path / "a_file").write_text("")
+  parallel.configure_compilation_cache(str(tmp_path / "a_file" / "cache"), 4)
+  assert len(updates) == 2 and len(messages) == 1
+  assert "cannot create" in messages[0] and str(tmp_path / "a_file") in messages[0]
   c = default.get_config()
   c.mesh.compilation_cache_max_gib = 0
   with pytest.raises(ValueError, match="mesh.compilation_cache_max_gib=0.*> 0"):
     parallel.configure_xla(c.mesh)
-  assert re.fullmatch(r"\w+-[0-9a-f]{12}", parallel.host_id())   # architecture-CPU hash
