@@ -181,18 +181,18 @@ def markdown_table(rows: list[dict], columns: list[str]) -> str:
 
 def write_results(out_prefix: str, config: ml_collections.ConfigDict, rows: list[dict],
                   columns: list[str], note: str = "") -> str:
-  """Writes `<out_prefix>.json` (command, commit, machine, config, rows) and `<out_prefix>.md`
-  (the command, the commit and machine, a Markdown table of `columns`, then `note`); returns the
-  table."""
+  """Writes `<out_prefix>.json` (command, commit, machine, software, config, rows) and
+  `<out_prefix>.md` (the command, the commit, machine and software, a Markdown table of `columns`,
+  then `note`); returns the table."""
   os.makedirs(os.path.dirname(os.path.abspath(out_prefix)), exist_ok=True)
   command = " ".join([os.path.basename(sys.executable)] + sys.argv)
-  commit, machine = provenance.git_commit(), provenance.machine()
+  commit, machine, software = provenance.git_commit(), provenance.machine(), provenance.software()
   with open(out_prefix + ".json", "w") as f:
-    json.dump(dict(command=command, commit=commit, machine=machine,
+    json.dump(dict(command=command, commit=commit, machine=machine, software=software,
                    config=json.loads(config.to_json_best_effort()), rows=rows), f, indent=2)
   table = markdown_table(rows, columns)
   with open(out_prefix + ".md", "w") as f:
-    f.write(f"Command: `{command}`\n\nCommit {commit}, on {machine}.\n\n{table}\n"
+    f.write(f"Command: `{command}`\n\nCommit {commit}, on {machine}; {software}.\n\n{table}\n"
             + (f"\n{note}\n" if note else ""))
   return table
 

@@ -1,6 +1,8 @@
-"""Where a result came from: the machine it ran on and the code's git commit. Results files and
-benchmarks record both, so that a number that moves between runs can be traced to a different
-CPU or a different commit."""
+"""Where a result came from: the machine it ran on, the code's git commit and the versions of the
+libraries that ran it. Results files and benchmarks record all three, so that a number that moves
+between runs can be traced to a different CPU, commit or library (a lent GPU machine runs its
+image's jax and torch, not the pins)."""
+from importlib import metadata
 import os
 import platform
 import subprocess
@@ -30,6 +32,17 @@ def machine() -> str:
   if backend == "cpu":
     return host
   return f"{len(jax.devices())} x {jax.devices()[0].device_kind} ({backend}); host: {host}"
+
+
+def software(packages=("jax", "jaxlib", "flax", "torch")) -> str:
+  """"Python 3.11.7; jax 0.10.2, ..." for those of `packages` installed (others left out)."""
+  versions = []
+  for name in packages:
+    try:
+      versions.append(f"{name} {metadata.version(name)}")
+    except metadata.PackageNotFoundError:
+      pass
+  return f"Python {platform.python_version()}; " + ", ".join(versions)
 
 
 def git_commit(directory: str = os.path.dirname(os.path.abspath(__file__))) -> str:

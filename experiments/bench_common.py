@@ -27,7 +27,7 @@ THREADS = int(os.environ.setdefault("BENCH_THREADS", "2"))
 for _var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
   os.environ.setdefault(_var, str(THREADS))
 
-from cdjax.provenance import git_commit, machine  # noqa: E402  (no jax import: after the pinning)
+from cdjax.provenance import git_commit, machine, software  # noqa: E402  (no jax import: after the pinning)
 
 RESULTS_DIR = os.environ.get("BENCH_RESULTS_DIR") or os.path.join(
     os.path.dirname(os.path.abspath(__file__)), "results")
@@ -251,7 +251,7 @@ def entry(name: str, value: float, unit: str, baseline, ratio=None, **extra) -> 
 def write_results(entries: list[dict], command: str, notes: list[str], section: str) -> str:
   """Merges `entries` into results/bench.json (replacing `section`'s entries from an earlier run;
   other sections keep theirs, also under the same names), records `command`, the commit, the
-  machine and `notes` under `section`, and rewrites results/bench.md. Returns the json path."""
+  machine, the library versions and `notes` under `section`, and rewrites results/bench.md. Returns the json path."""
   os.makedirs(RESULTS_DIR, exist_ok=True)
   path = os.path.join(RESULTS_DIR, "bench.json")
   here = machine()
@@ -260,7 +260,8 @@ def write_results(entries: list[dict], command: str, notes: list[str], section: 
     with open(path) as f:
       data.update(json.load(f))
   data["entries"] = [e for e in data["entries"] if e.get("section") != section] + entries
-  data["runs"][section] = dict(command=command, commit=git_commit(), machine=here, notes=notes)
+  data["runs"][section] = dict(command=command, commit=git_commit(), machine=here,
+                              software=software(), notes=notes)
   data["command"] = " && ".join(r["command"] for r in data["runs"].values())
   data["machine"] = here
   with open(path, "w") as f:   # strict JSON: NaN (no ratio, no value) as null
@@ -361,6 +362,8 @@ def _write_md(data: dict) -> None:
     if "machine" in run:
       commit = f", commit {run['commit']}" if "commit" in run else ""
       lines += [f"Machine: {run['machine']}{commit}", ""]
+    if "software" in run:
+      lines += [f"Software: {run['software']}", ""]
     lines += [f"- {n}" for n in run["notes"]] + [""]
     lines += ["| name | value | unit | baseline | ratio |", "|---|---|---|---|---|"]
     for e in data["entries"]:

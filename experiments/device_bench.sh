@@ -21,6 +21,9 @@
 #
 # Locally (PYTHON=.venv/bin/python SKIP_INSTALL=1 OUT=/tmp/out experiments/device_bench.sh run)
 # the same run checks the script on the CPU (sections sampler / train: it rewrites the CPU tables).
+# With PYTHON a Python 3.12 venv holding the image's versions instead (jax 0.11.2, numpy 2.5.2,
+# torch 2.11.0, cython, wheel, and what else the image lists; bench_notes.md, session 57) and no
+# SKIP_INSTALL, it rehearses the install from .whl/ too; run it in a clone.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
@@ -57,7 +60,7 @@ setup() {   # installs .whl/ (unless SKIP_INSTALL) and sets the environment of b
     [[ -d .whl ]] || { echo "no .whl/: run 'experiments/device_bench.sh wheels' here first"; exit 1; }
     $PYTHON -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
       --target /tmp/site .whl/*.whl
-    PIP_NO_INDEX=1 PIP_FIND_LINKS=.whl $PYTHON -m pip install -q --no-index --no-deps \
+    PIP_NO_INDEX=1 PIP_FIND_LINKS="$PWD/.whl" $PYTHON -m pip install -q --no-index --no-deps \
       --no-build-isolation --target /tmp/site .whl/pesq-*.tar.gz
     export PYTHONPATH=/tmp/site
   fi

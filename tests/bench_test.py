@@ -9,6 +9,8 @@ import os
 import subprocess
 import sys
 
+from cdjax import provenance
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -72,6 +74,7 @@ def test_image_sampler_and_train_benchmarks_write_one_merged_table(tmp_path, fil
 
   md = (tmp_path / "bench.md").read_text()
   assert "## sampler" in md and "## train" in md and "--batches=1,2" in md
+  assert md.count(f"Software: {provenance.software()}") == 2   # what ran each section
   assert (tmp_path / "bench.png").stat().st_size > 10_000
 
 

@@ -39,6 +39,7 @@ def test_experiment_trains_every_stage_and_writes_the_report(tmp_path, files_und
   report = json.load(open(out + ".json"))
   assert report["command"] and report["config"]["data"]["name"] == "mnist_local"
   assert report["commit"] == provenance.git_commit() and report["machine"] == provenance.machine()
+  assert report["software"] == provenance.software()
   methods = [r["method"] for r in report["rows"]]
   assert methods == ["noisy", "enhance_then_classify", "nested", "parallel"]
   by_method = {r["method"]: r for r in rows}
@@ -47,7 +48,8 @@ def test_experiment_trains_every_stage_and_writes_the_report(tmp_path, files_und
     assert 0.0 <= r["ci95_lo"] <= r["accuracy"] <= r["ci95_hi"] <= 1.0
   assert "diff_vs_reference" in by_method["parallel"] and "diff_vs_reference" not in by_method["enhance_then_classify"]
   assert open(out + ".md").read().startswith(
-      f"Command: `{report['command']}`\n\nCommit {report['commit']}, on {report['machine']}.\n\n| ")
+      f"Command: `{report['command']}`\n\nCommit {report['commit']}, on {report['machine']}; "
+      f"{report['software']}.\n\n| ")
   assert os.path.getsize(out + ".png") > 1000
 
   # Training again reuses every finished stage: no checkpoint is rewritten; a stage whose inputs

@@ -34,3 +34,10 @@ def test_git_commit_names_the_checkout_and_its_changes(tmp_path, monkeypatch):
 def test_machine_names_cores_and_memory():
   text = provenance.machine()
   assert f"{os.cpu_count()} cores" in text and " GiB, " in text
+
+
+def test_software_names_the_running_versions_and_leaves_out_what_is_not_installed():
+  import platform
+  import jax
+  text = provenance.software(("jax", "no-such-package-cdjax"))
+  assert text == f"Python {platform.python_version()}; jax {jax.__version__}"
