@@ -27,7 +27,8 @@ THREADS = int(os.environ.setdefault("BENCH_THREADS", "2"))
 for _var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
   os.environ.setdefault(_var, str(THREADS))
 
-from cdjax.provenance import git_commit, machine, software  # noqa: E402  (no jax import: after the pinning)
+# after the thread pinning (provenance imports jax only inside machine())
+from cdjax.provenance import git_commit, machine, software  # noqa: E402
 
 RESULTS_DIR = os.environ.get("BENCH_RESULTS_DIR") or os.path.join(
     os.path.dirname(os.path.abspath(__file__)), "results")
@@ -251,7 +252,8 @@ def entry(name: str, value: float, unit: str, baseline, ratio=None, **extra) -> 
 def write_results(entries: list[dict], command: str, notes: list[str], section: str) -> str:
   """Merges `entries` into results/bench.json (replacing `section`'s entries from an earlier run;
   other sections keep theirs, also under the same names), records `command`, the commit, the
-  machine, the library versions and `notes` under `section`, and rewrites results/bench.md. Returns the json path."""
+  machine, the library versions and `notes` under `section`, and rewrites results/bench.md.
+  Returns the json path."""
   os.makedirs(RESULTS_DIR, exist_ok=True)
   path = os.path.join(RESULTS_DIR, "bench.json")
   here = machine()
