@@ -186,13 +186,14 @@ def write_results(out_prefix: str, config: ml_collections.ConfigDict, rows: list
   then `note`); returns the table."""
   os.makedirs(os.path.dirname(os.path.abspath(out_prefix)), exist_ok=True)
   command = " ".join([os.path.basename(sys.executable)] + sys.argv)
-  commit, machine, software = provenance.git_commit(), provenance.machine(), provenance.software()
+  prov = provenance.record()
   with open(out_prefix + ".json", "w") as f:
-    json.dump(dict(command=command, commit=commit, machine=machine, software=software,
-                   config=json.loads(config.to_json_best_effort()), rows=rows), f, indent=2)
+    json.dump(dict(command=command, **prov, config=json.loads(config.to_json_best_effort()),
+                   rows=rows), f, indent=2)
   table = markdown_table(rows, columns)
   with open(out_prefix + ".md", "w") as f:
-    f.write(f"Command: `{command}`\n\nCommit {commit}, on {machine}; {software}.\n\n{table}\n"
+    f.write(f"Command: `{command}`\n\nCommit {prov['commit']}, on {prov['machine']}; "
+            f"{prov['software']}.\n\n{table}\n"
             + (f"\n{note}\n" if note else ""))
   return table
 

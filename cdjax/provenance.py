@@ -45,6 +45,11 @@ def software(packages=("jax", "jaxlib", "flax", "torch")) -> str:
   return f"Python {platform.python_version()}; " + ", ".join(versions)
 
 
+def record() -> dict:
+  """{"commit", "machine", "software"}: what results files and benchmark sections record."""
+  return dict(commit=git_commit(), machine=machine(), software=software())
+
+
 def git_commit(directory: str = os.path.dirname(os.path.abspath(__file__))) -> str:
   """The commit of the git checkout that holds `directory` (default: this package's code, the code
   that ran), with "+changes" where tracked files anywhere in it differ from it, except results

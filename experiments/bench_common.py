@@ -28,7 +28,7 @@ for _var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
   os.environ.setdefault(_var, str(THREADS))
 
 # after the thread pinning (provenance imports jax only inside machine())
-from cdjax.provenance import git_commit, machine, software  # noqa: E402
+from cdjax import provenance  # noqa: E402
 
 RESULTS_DIR = os.environ.get("BENCH_RESULTS_DIR") or os.path.join(
     os.path.dirname(os.path.abspath(__file__)), "results")
@@ -256,16 +256,14 @@ def write_results(entries: list[dict], command: str, notes: list[str], section: 
   Returns the json path."""
   os.makedirs(RESULTS_DIR, exist_ok=True)
   path = os.path.join(RESULTS_DIR, "bench.json")
-  here = machine()
   data = {"command": "", "entries": [], "runs": {}}
   if os.path.exists(path):
     with open(path) as f:
       data.update(json.load(f))
   data["entries"] = [e for e in data["entries"] if e.get("section") != section] + entries
-  data["runs"][section] = dict(command=command, commit=git_commit(), machine=here,
-                              software=software(), notes=notes)
+  data["runs"][section] = dict(command=command, **provenance.record(), notes=notes)
   data["command"] = " && ".join(r["command"] for r in data["runs"].values())
-  data["machine"] = here
+  data["machine"] = data["runs"][section]["machine"]
   with open(path, "w") as f:   # strict JSON: NaN (no ratio, no value) as null
     json.dump(_nan_to_none(data), f, indent=2, allow_nan=False)
   _write_md(data)

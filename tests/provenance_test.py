@@ -1,6 +1,9 @@
-"""Tests of cdjax.provenance: the commit and machine that results files record."""
+"""Tests of cdjax.provenance: the commit, machine and library versions that results files record."""
 import os
+import platform
 import subprocess
+
+import jax
 
 from cdjax import provenance
 
@@ -37,7 +40,5 @@ def test_machine_names_cores_and_memory():
 
 
 def test_software_names_the_running_versions_and_leaves_out_what_is_not_installed():
-  import platform
-  import jax
   text = provenance.software(("jax", "no-such-package-cdjax"))
   assert text == f"Python {platform.python_version()}; jax {jax.__version__}"
