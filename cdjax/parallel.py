@@ -65,8 +65,8 @@ def configure_compilation_cache(path: str, max_gib: float) -> None:
   """Keeps every program that took >= 1 s to compile in `path`/<host_id()> (JAX's persistent
   compilation cache, least recently used entries evicted beyond `max_gib`), so a restarted or
   repeated job loads it instead of compiling again. "" turns it off; a cache directory JAX
-  already has (JAX_COMPILATION_CACHE_DIR) wins. Takes effect only before the process's first
-  compilation. Entries are native code for the CPU that compiled them, and JAX's cache key does
+  already has (JAX_COMPILATION_CACHE_DIR) wins. Programs compiled before the call are not kept,
+  later ones are. Entries are native code for the CPU that compiled them, and JAX's cache key does
   not name the CPU: the per-host subdirectory keeps a cache on a shared filesystem from handing
   one machine another's code. An unreadable entry is compiled again, with JAX's warning ("Error
   reading persistent compilation cache entry"), each time until the directory is deleted. A

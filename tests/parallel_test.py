@@ -256,6 +256,18 @@ def test_compilation_cache_off_or_the_environments_own(tmp_path, monkeypatch):
   assert last_line("jax.config.jax_compilation_cache_dir") == str(tmp_path / "mine")
 
 
+def test_compilation_cache_configured_after_a_compilation_keeps_later_programs(tmp_path):
+  """JAX looks for its cache directory when a program is compiled, not at start-up: a process
+  that compiled before configure_compilation_cache still keeps what it compiles afterwards."""
+  code = ("import jax; jax.jit(lambda v: v * 2)(1.0); from cdjax import parallel; "
+          f"parallel.configure_compilation_cache({str(tmp_path)!r}, 1); "
+          "jax.jit(lambda later: later * 3 + 1)(2.0)")
+  env = dict(os.environ, JAX_PLATFORMS="cpu", JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
+  env.pop("JAX_COMPILATION_CACHE_DIR", None)
+  subprocess.run([sys.executable, "-c", code], env=env, check=True)
+  assert list((tmp_path / parallel.host_id()).glob("jit__lambda-*-cache"))
+
+
 def test_compilation_cache_settings_and_errors(tmp_path, monkeypatch):
   """What configure_compilation_cache sets in a JAX without a cache directory (this process's
   has the tests' one: a stand-in); a directory that cannot be created warns, naming it; a size
