@@ -36,7 +36,9 @@ def get_config(scale: str = "full"):
   c.evaluation.methods = {
       "noisy": dict(strategy="noisy"),
       # Baselines sample with the pre-trained branches: enhancement alone, logits given y alone.
-      "enhance_then_classify": dict(strategy="enhance_then_classify", params="pretrained"),
+      # The official enhancement baseline is deterministic (signal_predictor="posterior_mean").
+      "enhance_then_classify": dict(strategy="enhance_then_classify", params="pretrained",
+                                    signal_predictor="ancestral"),
       "card": dict(strategy="card", params="pretrained"),
       "parallel": dict(strategy="parallel"),
       "alternating_k5": dict(strategy="alternating", rounds=5, **DETERMINISTIC),
