@@ -21,6 +21,7 @@ from cdjax import checkpoint
 from cdjax import coupled
 from cdjax import data
 from cdjax import evaluate
+from cdjax import overrides as overrides_lib
 from cdjax import parallel
 from cdjax import sampling
 from cdjax import train
@@ -208,19 +209,35 @@ def check_setting(field: str, value, check) -> None:
     raise ValueError(f"{field}={value!r}: {e.args[0]}") from e
 
 
+def _check_override_fields(sampling_cfg: ml_collections.ConfigDict, overrides, where: str):
+  """ValueError naming `where.<field>` and the closest `sampling` fields for each key of
+  `overrides` that `sampling_cfg` lacks; nested sections are checked field by field, except
+  open ones (empty by default, e.g. predictor_kwargs)."""
+  for key, value in overrides.items():
+    try:
+      overrides_lib.check_field(sampling_cfg, key)
+    except KeyError as e:
+      raise ValueError(f"{where}.{key}: not a sampling field, so it would be ignored. "
+                       f"{e.args[0]}") from None
+    field = sampling_cfg[key]
+    if isinstance(value, dict) and isinstance(field, ml_collections.ConfigDict) and field:
+      _check_override_fields(field, value, f"{where}.{key}")
+
+
 def check_methods(config: ml_collections.ConfigDict) -> None:
-  """Raises ValueError, naming the config field, where a method of `config.evaluation.methods`
-  (merged over `config.sampling` as `evaluate_corruption` merges it) picks parameters that do
-  not train, an unknown strategy, predictor or corrector, or a batch size the devices of the
-  mesh do not divide, and where the numbers of classes disagree (`train.check_num_classes`):
-  `run` checks before anything trains."""
+  """Raises an error, naming the config field, where a method of `config.evaluation.methods`
+  (merged over `config.sampling` as `evaluate_corruption` merges it) overrides a field that
+  `sampling` lacks, picks parameters that do not train, an unknown strategy, predictor or
+  corrector, or a batch size the devices of the mesh do not divide, and where the numbers of
+  classes disagree (`train.check_num_classes`): `run` checks before anything trains."""
   train.check_num_classes(config)
   parallel.initialize_distributed()   # before the mesh starts JAX's backend
   mesh = parallel.make_mesh(config)
   checks = dict(SAMPLING_NAMES, batch_size=lambda b: parallel.check_batch_size(b, mesh))
   for name in method_order(config.evaluation.methods):
     _, overrides = method_params(dict.fromkeys(param_sources(config)), name,
-                                 dict(config.evaluation.methods[name]))
+                                 config.evaluation.methods[name].to_dict())
+    _check_override_fields(config.sampling, overrides, f"evaluation.methods.{name}")
     cfg = method_sampling(config.sampling, overrides)
     for key, check in checks.items():
       where = f"evaluation.methods.{name}" if key in overrides else "sampling"

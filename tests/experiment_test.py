@@ -141,3 +141,21 @@ def test_run_refuses_a_bad_method_before_training(field, value, message, monkeyp
   monkeypatch.setattr(train, "train", lambda *args: pytest.fail("training started"))
   with pytest.raises(ValueError, match=message):
     experiment.run(config, str(tmp_path / "work"), str(tmp_path / "out"))
+
+
+@pytest.mark.parametrize("method, message", [
+    (dict(strategy="alternating", round=3),
+     r"evaluation.methods.m.round: not a sampling field.*Closest fields: rounds"),
+    (dict(strategy="parallel", guidance=dict(signal_scal=1.0)),
+     r"evaluation.methods.m.guidance.signal_scal: not a sampling field.*signal_scale"),
+])
+def test_run_refuses_a_method_field_that_sampling_lacks(method, message, monkeypatch, tmp_path):
+  """A misspelt field in a method's overrides would be merged in and ignored: `run` names it
+  before training. Open sections (predictor_kwargs) take any field."""
+  config = tiny_config()
+  config.evaluation.methods["ok"] = dict(strategy="parallel", predictor_kwargs=dict(eta=0.5))
+  experiment.check_methods(config)
+  config.evaluation.methods["m"] = method
+  monkeypatch.setattr(train, "train", lambda *args: pytest.fail("training started"))
+  with pytest.raises(ValueError, match=message):
+    experiment.run(config, str(tmp_path / "work"), str(tmp_path / "out"))
