@@ -264,12 +264,25 @@ def _write_json(path: str, obj: Any) -> None:
 
 def save_classifier(directory: str, params, accuracy: float,
                     config: ml_collections.ConfigDict) -> dict:
-  """Saves frozen classifier `params` and its provenance record; returns the record."""
+  """Saves frozen classifier `params` and its provenance record; returns the record. Raises
+  `CheckpointError` rather than replace another classifier saved there (other stages may have
+  been trained against it)."""
   directory = os.path.abspath(directory)
   params = jax.device_get(params)
+  sha = params_sha256(params)
+  try:
+    with open(os.path.join(directory, PROVENANCE)) as f:
+      saved = json.load(f)["sha256"]
+  except (OSError, ValueError, KeyError):
+    saved = sha   # none there, or an export cut short: save
+  if saved != sha:
+    raise CheckpointError(
+        f"{directory} holds another frozen classifier (sha256 {saved}), which stages trained "
+        f"since may depend on; the new one (sha256 {sha}) was not saved over it. Move or delete "
+        f"{directory} and rerun to export the new one from its last checkpoint.")
   with ocp.StandardCheckpointer() as ckptr:
     ckptr.save(os.path.join(directory, "params"), params, force=True)
-  record = dict(checkpoint=directory, sha256=params_sha256(params),
+  record = dict(checkpoint=directory, sha256=sha,
                 clean_test_accuracy=float(accuracy), config=json.loads(config.to_json_best_effort()))
   if jax.process_index() == 0:
     _write_json(os.path.join(directory, PROVENANCE), record)

@@ -120,7 +120,8 @@ def train_stage(cfg, stage_dir: str, stage: str) -> None:
   """Trains `stage` (a `train.TRAINERS` name) in `stage_dir` unless its final checkpoint (and,
   for the classifier, the exported classifier's record) is already there; a reused stage
   whose inputs (`stage_inputs`) have changed since is named with the changed fields (its folder
-  must be deleted to retrain it)."""
+  must be deleted to retrain it). An exported classifier is never trained further
+  (CheckpointError): the other stages are trained against it."""
   parallel.initialize_distributed()   # before the Checkpointer below starts JAX's backend
   steps = num_steps(cfg, stage)
   ckpt_dir = os.path.join(stage_dir, "checkpoints")
@@ -129,7 +130,14 @@ def train_stage(cfg, stage_dir: str, stage: str) -> None:
     with checkpoint.Checkpointer(ckpt_dir, cfg.checkpoint) as ckpt:
       done = ckpt.latest_step() == steps
   if stage == "classifier":   # written last: an export cut short is redone from the checkpoint
-    done = done and os.path.exists(os.path.join(stage_dir, "classifier", checkpoint.PROVENANCE))
+    exported = os.path.exists(os.path.join(stage_dir, "classifier", checkpoint.PROVENANCE))
+    if exported and not done:
+      raise checkpoint.CheckpointError(
+          f"[classifier] {stage_dir} holds a frozen classifier that this workdir's stages are "
+          f"trained against; classifier.num_steps={steps} would train it again and replace it. "
+          f"Set classifier.num_steps back to its last checkpoint's step, or delete {stage_dir} "
+          "and the stages trained on it to start over.")
+    done = done and exported
   if done:
     changed = _changed_fields(cfg, stage_dir, stage)
     print(f"[{stage}] reusing {stage_dir}" + (

@@ -109,6 +109,11 @@ def test_frozen_classifier_provenance_and_hash_checks(tmp_path):
 
   other = jax.tree.map(lambda x: x + 1, params)
   assert checkpoint.params_sha256(other) != record["sha256"]
+  checkpoint.save_classifier(str(tmp_path / "clf"), params, 0.97, config)   # the same again: fine
+  with pytest.raises(checkpoint.CheckpointError, match="holds another frozen classifier"):
+    checkpoint.save_classifier(str(tmp_path / "clf"), other, 0.98, config)
+  loaded, _ = checkpoint.load_classifier(str(tmp_path / "clf"), expected_sha256=record["sha256"])
+  np.testing.assert_array_equal(loaded["dense"]["kernel"], params["dense"]["kernel"])   # kept
   with open(tmp_path / "clf" / checkpoint.PROVENANCE, "w") as f:   # record of another classifier
     json.dump(dict(saved, sha256=checkpoint.params_sha256(other)), f)
   with pytest.raises(checkpoint.CheckpointError, match="files were changed"):

@@ -4,6 +4,7 @@ import os
 
 import pytest
 
+from cdjax import checkpoint
 from cdjax import experiment
 from cdjax import provenance
 from cdjax import train
@@ -78,6 +79,11 @@ def test_experiment_trains_every_stage_and_writes_the_report(tmp_path, files_und
   record = json.load(open(record_path))
   os.remove(record_path)
   experiment.train_stage(config, os.path.join(workdir, "classifier"), "classifier")
+  assert json.load(open(record_path))["sha256"] == record["sha256"]
+  # More steps would replace the classifier the other stages were trained against: refused.
+  config.classifier.num_steps += 1
+  with pytest.raises(checkpoint.CheckpointError, match=r"classifier.num_steps=3 would train it"):
+    experiment.train_stage(config, os.path.join(workdir, "classifier"), "classifier")
   assert json.load(open(record_path))["sha256"] == record["sha256"]
 
 
