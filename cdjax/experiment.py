@@ -9,6 +9,7 @@ kwargs picking another corruption than `config.corruption.name`) and the methods
 overrides of config.sampling, nested sections merged}).
 """
 import copy
+import inspect
 import json
 import os
 from typing import Optional
@@ -232,15 +233,26 @@ def _check_override_fields(sampling_cfg: ml_collections.ConfigDict, overrides, w
       _check_override_fields(field, value, f"{where}.{key}")
 
 
-def check_methods(config: ml_collections.ConfigDict) -> None:
-  """Raises an error, naming the config field, where a method of `config.evaluation.methods`
+def check_config(config: ml_collections.ConfigDict) -> None:
+  """Raises ValueError, naming the config field, where a method of `config.evaluation.methods`
   (merged over `config.sampling` as `evaluate_corruption` merges it) overrides a field that
   `sampling` lacks, picks parameters that do not train, an unknown strategy, predictor or
-  corrector, or a batch size the devices of the mesh do not divide, and where the numbers of
-  classes disagree (`train.check_num_classes`): `run` checks before anything trains."""
+  corrector, Parallel settings it cannot run (`coupled.parallel_schedule`) or a batch size the
+  devices of the mesh do not divide; where an entry of `evaluation.corruptions` names an unknown
+  corruption or an argument it does not take; where the numbers of classes disagree
+  (`train.check_num_classes`); and where `data.shape` is not the shape of the dataset's images.
+  `run` checks before anything trains."""
   train.check_num_classes(config)
+  _check_corruptions(config)
+  if config.data.modality == "image":
+    d = config.data
+    shape = tuple(data.get_source(d.name, d.train_split, d.data_dir)[0]["image"].shape)
+    if shape != tuple(d.shape):
+      raise ValueError(f"data.shape={tuple(d.shape)}, but {d.name}'s images are {shape}: set "
+                       f"data.shape={shape}.")
   parallel.initialize_distributed()   # before the mesh starts JAX's backend
   mesh = parallel.make_mesh(config)
+  model = coupled.model_from_config(config)
   checks = dict(SAMPLING_NAMES, batch_size=lambda b: parallel.check_batch_size(b, mesh))
   for name in method_order(config.evaluation.methods):
     _, overrides = method_params(dict.fromkeys(param_sources(config)), name,
@@ -250,6 +262,25 @@ def check_methods(config: ml_collections.ConfigDict) -> None:
     for key, check in checks.items():
       where = f"evaluation.methods.{name}" if key in overrides else "sampling"
       check_setting(f"{where}.{key}", cfg[key], check)
+    if cfg.strategy == "parallel":
+      check_setting(f"evaluation.methods.{name}.strategy", cfg.strategy,
+                    lambda _: coupled.parallel_schedule(model, cfg))
+
+
+def _check_corruptions(config: ml_collections.ConfigDict) -> None:
+  """ValueError naming the entry of `config.evaluation.corruptions` whose corruption is unknown
+  or does not take one of its arguments."""
+  for name, entry in config.evaluation.corruptions.items():
+    cfg = with_corruption(config, name)
+    where = f"evaluation.corruptions.{name}"
+    check_setting(f"{where}.name" if "name" in entry else "corruption.name", cfg.corruption.name,
+                  data.CORRUPTIONS.get)
+    factory = data.CORRUPTIONS.get(cfg.corruption.name)
+    try:
+      inspect.signature(factory).bind_partial(**cfg.corruption.kwargs)
+    except TypeError as e:
+      raise ValueError(f"{where}: {e} (corruption {cfg.corruption.name!r} takes "
+                       f"{', '.join(inspect.signature(factory).parameters)}).") from None
 
 
 def evaluate_corruption(config, workdir: str, corruption: str, methods: dict, to_model=None,
@@ -291,7 +322,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, out_prefix: str) -> lis
   """Trains what is missing, evaluates every method on every corruption, and writes
   `<out_prefix>.json` (command, config, rows), `<out_prefix>.md` and `<out_prefix>.png`."""
   parallel.configure_xla(config.mesh)
-  check_methods(config)   # not after hours of training
+  check_config(config)   # not after hours of training
   train_all(config, workdir)
   rows, figure_data = [], None
   for corruption in config.evaluation.corruptions:

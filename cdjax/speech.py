@@ -357,7 +357,7 @@ def run_keywords(config: ml_collections.ConfigDict, workdir: str, out_prefix: st
   (/ joint) branches (`experiment.train_all`); evaluates every method of `evaluation.methods` on
   the same degraded test clips; writes `<out_prefix>.json` and `.md` (error rates, 95% CIs)."""
   parallel.configure_xla(config.mesh)
-  experiment.check_methods(config)   # not after hours of training
+  experiment.check_config(config)   # not after hours of training
   experiment.train_all(config, workdir)
   frontend = audio.Frontend.from_config(config)
   analyze = jax.jit(lambda y: frontend.analyze(y)[0])

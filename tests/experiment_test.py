@@ -137,10 +137,19 @@ def test_corruption_entries_set_kwargs_name_and_init_paths():
     ("sampling.batch_size", 7, r"sampling.batch_size=7: .*use a multiple of 2, e.g. 8"),
     ("evaluation.methods.noisy.batch_size", 5,
      r"evaluation.methods.noisy.batch_size=5: .*use a multiple of 2"),
+    ("logits.sde_kwargs.N", 7,
+     r"methods.parallel.strategy='parallel': Parallel needs equal step counts; signal N=3, "
+     r"logits N=7"),
+    ("corruption.name", "gn_replac", r"corruption.name='gn_replac': Unknown corruption"),
+    ("evaluation.corruptions.gn30", dict(q=0.3),
+     r"evaluation.corruptions.gn30: got an unexpected keyword argument 'q' \(corruption "
+     r"'gn_replace' takes p\)"),
+    ("data.shape", (32, 32, 3), r"data.shape=\(32, 32, 3\), but mnist_local's images are "
+                                r"\(28, 28, 1\): set data.shape=\(28, 28, 1\)"),
 ])
 def test_run_refuses_a_bad_method_before_training(field, value, message, monkeypatch, tmp_path):
-  """Each method's sampling config, merged as evaluation merges it, is checked before `run`
-  trains anything; the error names the field."""
+  """Each method's sampling config, merged as evaluation merges it, the corruptions and the
+  data's shape are checked before `run` trains anything; the error names the field."""
   config = tiny_config()
   config.mesh.data = 2
   config.update_from_flattened_dict({field: value})
@@ -160,7 +169,7 @@ def test_run_refuses_a_method_field_that_sampling_lacks(method, message, monkeyp
   before training. Open sections (predictor_kwargs) take any field."""
   config = tiny_config()
   config.evaluation.methods["ok"] = dict(strategy="parallel", predictor_kwargs=dict(eta=0.5))
-  experiment.check_methods(config)
+  experiment.check_config(config)
   config.evaluation.methods["m"] = method
   monkeypatch.setattr(train, "train", lambda *args: pytest.fail("training started"))
   with pytest.raises(ValueError, match=message):
