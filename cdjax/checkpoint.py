@@ -115,9 +115,20 @@ class Checkpointer:
           f"{', '.join(sorted(metrics or {}))}. Set checkpoint.best_metric to one of them, or to "
           "'' to keep only the latest checkpoints.")
     data = {} if data_state is None else {"hosts": [json.loads(s) for s in all_hosts(data_state)]}
-    self.manager.save(step, args=ocp.args.Composite(
-        state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data),
-        meta=ocp.args.JsonSave(meta)), metrics=metrics)
+    try:
+      self.manager.save(step, args=ocp.args.Composite(
+          state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data),
+          meta=ocp.args.JsonSave(meta)), metrics=metrics)
+    except Exception as e:
+      raise self._save_failed(e) from e
+
+  def _save_failed(self, e: Exception) -> "CheckpointError":
+    """The CheckpointError of a save that failed (disk full, a directory that went away)."""
+    latest = self.latest_step()
+    return CheckpointError(
+        f"Saving a checkpoint in {self.directory} failed ({_brief(e)}). The finished ones are "
+        f"intact (latest: {'none yet' if latest is None else self.path(latest)}); free space or "
+        "fix the directory, then rerun the same command to resume from the latest.")
 
   def restore(self, state_like, step: Optional[int] = None):
     """Restores step `step` (default: the latest) into the structure, shapes and shardings of
@@ -144,11 +155,18 @@ class Checkpointer:
     return out.state, _this_host(out.data, path), out.meta
 
   def wait(self) -> None:
-    """Blocks until pending asynchronous saves are on disk."""
-    self.manager.wait_until_finished()
+    """Blocks until pending asynchronous saves are on disk (CheckpointError if one failed)."""
+    try:
+      self.manager.wait_until_finished()
+    except Exception as e:
+      raise self._save_failed(e) from e
 
   def close(self) -> None:
-    self.manager.close()
+    """Waits for pending saves (CheckpointError if one failed) and stops the manager."""
+    try:
+      self.manager.close()
+    except Exception as e:
+      raise self._save_failed(e) from e
 
   def __enter__(self):
     return self

@@ -12,6 +12,8 @@ from absl import app
 from absl import flags
 import ml_collections
 
+from cdjax import checkpoint
+
 
 def field_paths(config: ml_collections.ConfigDict, prefix: str = "") -> list[str]:
   """Every dotted field path of `config`, sections included (e.g. "optim", "optim.lr")."""
@@ -86,7 +88,7 @@ def run(main: Callable, default_config: Optional[str] = None) -> None:
   """`app.run(main)` with `parse_flags`, adding `--config=<default_config>` when the command
   line gives none (define the `config` flag without a default: ml_collections applies a
   default file's overrides as the flag is defined, before any check could name a typo); Ctrl-C
-  ends it with one line."""
+  and a `CheckpointError` end it with one line."""
   def parser(argv):
     if default_config and _config_arg(argv) is None:
       argv = argv[:1] + [f"--config={default_config}"] + argv[1:]
@@ -97,4 +99,6 @@ def run(main: Callable, default_config: Optional[str] = None) -> None:
       return main(argv)
     except KeyboardInterrupt as e:
       sys.exit(f"cdjax: interrupted{': ' + str(e) if str(e) else '.'}")
+    except checkpoint.CheckpointError as e:   # the last line, after the storage layer's noise
+      sys.exit(f"cdjax: {e}")
   app.run(interruptible, flags_parser=parser)

@@ -436,8 +436,10 @@ def _check_finite(window: list[dict], first_step: int, last_good: Optional[str])
       raise FloatingPointError(
           f"Non-finite {bad} in step {first_step + i + 1} (loss {float(m['loss'])}); training "
           f"stopped. The last good checkpoint, kept: "
-          f"{last_good or 'none (no checkpoint was saved yet)'}. Lower optim.lr, set "
-          "optim.grad_clip, or check the data; rerunning resumes from that checkpoint.")
+          f"{last_good or 'none (no checkpoint was saved yet)'}. Lower optim.lr or check the "
+          "data, then rerun: it resumes from that checkpoint, or starts over without one. "
+          "Switching optim.grad_clip between 0 and > 0 changes the optimizer's state: do that in "
+          "a new workdir.")
   return {k: float(np.mean([m[k] for m in window])) for k in window[0]}
 
 

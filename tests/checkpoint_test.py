@@ -2,6 +2,7 @@
 and frozen classifiers (provenance, hash checks)."""
 import json
 import os
+import re
 
 import jax
 import jax.numpy as jnp
@@ -90,6 +91,31 @@ def test_unreadable_checkpoint_names_path_and_is_kept(tmp_path):
   assert state_dir.is_dir()
   message = str(info.value)   # the cause's first line, not orbax's whole TensorStore spec
   assert "\n" not in message and len(message) < 700 and message.endswith("an earlier one.")
+
+
+def test_a_failed_save_names_the_directory_and_the_last_good_checkpoint(tmp_path, monkeypatch):
+  """A save that fails (here: the disk is full) is a CheckpointError naming the directory, the
+  cause and the newest finished checkpoint, which stays and restores."""
+  ckpt = checkpoint.Checkpointer(str(tmp_path), _ckpt_config())
+  ckpt.save(1, _state(1.0), None, {})
+  ckpt.wait()
+
+  def disk_full(*args, **kwargs):
+    raise OSError(28, "No space left on device")
+  expected = (rf"Saving a checkpoint in {re.escape(str(tmp_path))} failed \(OSError: \[Errno 28\] "
+              rf"No space left on device\)\. The finished ones are intact \(latest: "
+              rf"{re.escape(str(tmp_path / '1'))}\); free space")
+  monkeypatch.setattr(ckpt.manager, "save", disk_full)
+  with pytest.raises(checkpoint.CheckpointError, match=expected):
+    ckpt.save(2, _state(2.0), None, {})
+  monkeypatch.setattr(ckpt.manager, "wait_until_finished", disk_full)   # a pending save's failure
+  with pytest.raises(checkpoint.CheckpointError, match=expected):
+    ckpt.wait()
+  monkeypatch.undo()
+  ckpt.close()
+  with checkpoint.Checkpointer(str(tmp_path), _ckpt_config()) as again:
+    assert again.latest_step() == 1
+    np.testing.assert_array_equal(again.restore(_state(0.0))[0]["params"]["w"], np.ones((3, 2)))
 
 
 def test_frozen_classifier_provenance_and_hash_checks(tmp_path):

@@ -36,6 +36,19 @@ def test_cli_unknown_override_fails_before_running(tmp_path, command):
   assert not os.listdir(tmp_path)
 
 
+def test_a_checkpoint_error_ends_the_command_with_one_line():
+  """A CheckpointError (a corrupt checkpoint, a full disk) ends a command with its message as
+  one line, after whatever the storage layer printed."""
+  code = ("from cdjax import checkpoint, overrides\n"
+          "def main(argv):\n"
+          "  raise checkpoint.CheckpointError('Checkpoint /w/4 is unreadable (cause).')\n"
+          "overrides.run(main)")
+  out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
+                       timeout=120)
+  assert out.returncode == 1
+  assert out.stderr.strip().splitlines() == ["cdjax: Checkpoint /w/4 is unreadable (cause)."]
+
+
 def test_sweep_members_product_times_zip(tmp_path):
   sweep = dict(product={"optim.lr": [1e-3, 3e-3]}, zip={"seed": [0, 1], "optim.b1": [0.9, 0.8]})
   members = main.sweep_members(sweep, "/w")
