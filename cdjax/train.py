@@ -209,14 +209,24 @@ def frozen_sha256(frozen: Optional[dict]) -> dict:
   return {name: checkpoint.params_sha256(p) for name, p in (frozen or {}).items()}
 
 
-def _init_or_restore(init: Callable, path: str, frozen: Optional[dict]) -> Callable:
+def _init_or_restore(init: Callable, branch: str, path: str, frozen: Optional[dict]) -> Callable:
   """`init`, or the EMA params of the latest checkpoint under `path` (a workdir) when set; that
-  checkpoint must have been trained against the frozen networks `frozen` ({name: params})."""
+  checkpoint must have been trained against the frozen networks `frozen` ({name: params}) and
+  hold the parameters `init` makes (CheckpointError naming `checkpoint.init_<branch>`)."""
   if not path:
     return init
   ckpt_dir = os.path.join(path, "checkpoints")
-  return lambda rng, batch: checkpoint.restore_params(ckpt_dir,
-                                                      frozen_sha256=frozen_sha256(frozen))
+
+  def restore(rng, batch):
+    params = checkpoint.restore_params(ckpt_dir, frozen_sha256=frozen_sha256(frozen))
+    difference = checkpoint.tree_difference(params, jax.eval_shape(init, rng, batch))
+    if difference:
+      raise checkpoint.CheckpointError(
+          f"checkpoint.init_{branch}={path} holds other parameters than {branch}.net / "
+          f"{branch}.net_kwargs build: {difference}. Set those as in {path}/config.json, or "
+          f"point checkpoint.init_{branch} at a run of this network.")
+    return params
+  return restore
 
 
 @OBSERVATIONS.register("image")
@@ -243,12 +253,23 @@ def _observe(config):
 
 def _frozen_classifier(config):
   """(classify(params, x) -> logits in inference mode, params) of the frozen classifier at
-  `config.checkpoint.classifier`."""
+  `config.checkpoint.classifier`; CheckpointError if its record names another network than
+  `config.classifier` builds."""
   path = config.checkpoint.classifier
   if not path:
     raise ValueError("This trainer needs a frozen classifier: set config.checkpoint.classifier to "
                      "the `classifier` directory written by the classifier trainer.")
-  params, _ = checkpoint.load_classifier(path)
+  params, record = checkpoint.load_classifier(path)
+  saved = record["config"].get("classifier")   # None: saved by hand, not by the trainer
+  trained = {k: (saved or {}).get(k) for k in ("net", "net_kwargs")}
+  wanted = {k: v for k, v in json.loads(config.classifier.to_json_best_effort()).items()
+            if k in trained}
+  if saved is not None and trained != wanted:
+    raise checkpoint.CheckpointError(
+        f"checkpoint.classifier={path} is a classifier.net={trained['net']!r} with net_kwargs "
+        f"{trained['net_kwargs']} (its {checkpoint.PROVENANCE}); this config builds "
+        f"{wanted['net']!r} with {wanted['net_kwargs']}. Set classifier.net and net_kwargs as it "
+        "was trained.")
   net = _network(config, config.classifier)
   classify = lambda p, x: net.apply({"params": p}, x, train=False)
   return classify, params
@@ -352,7 +373,7 @@ def signal_trainer(config) -> Trainer:
   loss_fn = functools.partial(losses.signal_loss, apply=_train_apply(net), sde=sde,
                               observe=observe, num_classes=config.data.num_classes,
                               parameterization=param, latent=latent)
-  return Trainer(loss_fn, _init_or_restore(init, config.checkpoint.init_signal, frozen),
+  return Trainer(loss_fn, _init_or_restore(init, "signal", config.checkpoint.init_signal, frozen),
                  config.signal.pretrain_steps, config.signal.batch_size, frozen=frozen or None)
 
 
@@ -366,7 +387,7 @@ def logits_trainer(config) -> Trainer:
                               observe=observe, classify=classify,
                               std=config.logits.standardize_std, parameterization=param)
   frozen = {"classifier": classifier_params}
-  return Trainer(loss_fn, _init_or_restore(init, config.checkpoint.init_logits, frozen),
+  return Trainer(loss_fn, _init_or_restore(init, "logits", config.checkpoint.init_logits, frozen),
                  config.logits.pretrain_steps, config.logits.batch_size, frozen=frozen)
 
 
@@ -403,8 +424,8 @@ def joint_trainer(config) -> Trainer:
   classify, classifier_params = _frozen_classifier(config)
   s_net, s_sde, s_param, s_init, latent, frozen = _signal_branch(config, observe)
   l_net, l_sde, l_param, l_init = _logits_branch(config, observe)
-  s_init = _init_or_restore(s_init, config.checkpoint.init_signal, frozen)
-  l_init = _init_or_restore(l_init, config.checkpoint.init_logits,
+  s_init = _init_or_restore(s_init, "signal", config.checkpoint.init_signal, frozen)
+  l_init = _init_or_restore(l_init, "logits", config.checkpoint.init_logits,
                             {"classifier": classifier_params})
   loss_fn = functools.partial(
       losses.joint_loss, signal_apply=_train_apply(s_net), logits_apply=_train_apply(l_net),

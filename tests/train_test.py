@@ -3,6 +3,7 @@ accuracy, exact resume in a new process, NaN stop, frozen-classifier hash checks
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 
@@ -283,7 +284,7 @@ def _cli(workdir, fields):
 @pytest.mark.slow
 def test_exact_resume_in_a_new_process(tmp_path):
   """train 3 + save + restore in a new process + train 3 == train 6, bitwise (same XLA flags),
-  with the state replicated over all 8 devices."""
+  with the state replicated over all 8 devices; the 3-step export is never overwritten."""
   sharded = dict(TINY, **{"mesh.data": -1})
   base = overrides.apply_overrides(mnist_classifier.get_config(), sharded)
   straight, resumed = str(tmp_path / "straight"), str(tmp_path / "resumed")
@@ -291,8 +292,18 @@ def test_exact_resume_in_a_new_process(tmp_path):
   train.train(overrides.apply_overrides(base, {"classifier.num_steps": 3}), resumed, "classifier")
   # The CLI adds mesh.xla_flags to XLA_FLAGS; this process runs XLA's own convolutions, and
   # bitwise equality needs the same kernels in both.
-  out = _cli(resumed, dict(sharded, **{"classifier.num_steps": 6, "mesh.xla_flags": ""}))
+  longer = dict(sharded, **{"classifier.num_steps": 6, "mesh.xla_flags": ""})
+  out = _cli(resumed, longer)
+  # The 3-step run's exported classifier is not replaced (stages may have been trained against
+  # it): the longer run trains and checkpoints, then stops before exporting over it.
+  assert out.returncode == 1
+  assert out.stderr.strip().splitlines()[-1].startswith(
+      f"cdjax: {os.path.join(resumed, 'classifier')} holds another frozen classifier")
+  shutil.rmtree(os.path.join(resumed, "classifier"))
+  out = _cli(resumed, longer)   # moved aside: the rerun exports from the last checkpoint
   assert out.returncode == 0, out.stderr[-3000:]
+  assert checkpoint.load_classifier(os.path.join(resumed, "classifier"))[1]["sha256"] == (
+      checkpoint.load_classifier(os.path.join(straight, "classifier"))[1]["sha256"])
   for ema in (False, True):
     a = checkpoint.restore_params(os.path.join(straight, "checkpoints"), ema=ema)
     b = checkpoint.restore_params(os.path.join(resumed, "checkpoints"), ema=ema)
@@ -428,7 +439,8 @@ def test_resume_with_another_network_names_the_difference_and_keeps_the_run(tmp_
 
 @pytest.mark.slow
 def test_logits_trainer_records_and_checks_classifier(classifier_dir, tmp_path):
-  """A logit branch trained against classifier A refuses to resume or load with classifier B."""
+  """A logit branch trained against classifier A refuses to resume or load with classifier B; a
+  classifier or init_logits run of another network is refused, naming the fields."""
   clf_a = os.path.join(classifier_dir[0], "classifier")
   params, record = checkpoint.load_classifier(clf_a)
   clf_b = str(tmp_path / "other_classifier")
@@ -450,6 +462,18 @@ def test_logits_trainer_records_and_checks_classifier(classifier_dir, tmp_path):
   with pytest.raises(checkpoint.CheckpointError, match="trained against the frozen classifier"):
     train.train(overrides.apply_overrides(config, {"checkpoint.classifier": clf_b,
                                               "logits.pretrain_steps": 4}), workdir, "logits")
+  # Networks other than the checkpoints hold: named by their config fields, before training.
+  with pytest.raises(checkpoint.CheckpointError, match=(
+      r"checkpoint.classifier=.* is a classifier.net='cnn_classifier' with net_kwargs .*'width': "
+      r"8.*provenance.json\); this config builds 'cnn_classifier' with .*'width': 16")):
+    train.train(overrides.apply_overrides(config, {"classifier.net_kwargs.width": 16}),
+                str(tmp_path / "wider_classifier"), "logits")
+  with pytest.raises(checkpoint.CheckpointError, match=(
+      rf"checkpoint.init_logits={re.escape(workdir)} holds other parameters than logits.net / "
+      r"logits.net_kwargs build: \d+ other shapes")):
+    train.train(overrides.apply_overrides(config, {"checkpoint.init_logits": workdir,
+                                                   "logits.net_kwargs.hidden": 32}),
+                str(tmp_path / "wider_logits"), "logits")
 
 
 def test_remat_from_config_reaches_the_networks():
