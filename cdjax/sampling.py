@@ -22,14 +22,18 @@ CORRECTORS = Registry("corrector")
 
 # ---- predictors --------------------------------------------------------------------------------
 @PREDICTORS.register("euler_maruyama")
-def euler_maruyama(sde, key, x, t, t_next, score, x0_hat, y):
-  """x_{t-dt} = x - [f - g^2 score] dt + g sqrt(dt) z."""
+def euler_maruyama(sde, key, x, t, t_next, score, x0_hat, y, probability_flow: bool = False):
+  """x_{t-dt} = x - [f - g^2 score] dt + g sqrt(dt) z; with `probability_flow`, an Euler step
+  of the probability-flow ODE, x - [f - g^2 score / 2] dt (score_sde's flag)."""
   del x0_hat
   dt = bcast(t - t_next, x)
-  rsde = sde.reverse(lambda *_: score)
+  rsde = sde.reverse(lambda *_: score, probability_flow)
   x_mean = x - rsde.drift(x, t, y) * dt
   noise = bcast(rsde.diffusion(t), x) * jnp.sqrt(dt) * sde_lib.normal(key, x.shape, x.dtype)
   return x_mean + noise, x_mean
+
+
+PREDICTORS.register("probability_flow")(functools.partial(euler_maruyama, probability_flow=True))
 
 
 @PREDICTORS.register("reverse_diffusion")

@@ -71,6 +71,22 @@ def test_recovers_gaussian_data(sde_name, predictor, corrector, snr):
   np.testing.assert_allclose(std, DATA_STD[:4], rtol=0.08)
 
 
+@pytest.mark.parametrize("sde_name", list(SDES))
+def test_probability_flow_ode_recovers_gaussian_data(sde_name):
+  """The deterministic probability-flow ODE (Euler steps) carries the exact marginal at t = T to
+  the data's moments, without noise: the same start gives the same samples for any key."""
+  x0 = _run(sde_name, "probability_flow", "none", 0.0)
+  mean, std = _moments(x0)
+  np.testing.assert_allclose(mean, DATA_MEAN[:4], atol=0.04)
+  np.testing.assert_allclose(std, DATA_STD[:4], rtol=0.08)
+  sde = sde_lib.get_sde(sde_name, **SDES[sde_name])
+  y = jnp.broadcast_to(Y, (NUM, DIM)) if sde.reverts_to_y else None
+  step = sampling.get_step_fn(sde, "probability_flow", "none")
+  x_init = exact_x_T(sde, jax.random.PRNGKey(0), y)
+  other_key = sampling.sample(step, sde, gaussian_score(sde, y), jax.random.PRNGKey(7), x_init, y)[0]
+  np.testing.assert_allclose(np.asarray(other_key), x0, atol=1e-5)
+
+
 def test_posterior_mean_keeps_the_mean_and_shrinks_the_spread():
   """The official "DDIM" flag (noise dropped) is not a sampler of the data: it under-disperses."""
   mean, std = _moments(_run("vp_discrete", "posterior_mean", "none", 0.0))
@@ -131,7 +147,8 @@ def test_complex_states_work_with_ouve():
 
 def test_unknown_predictor_and_corrector():
   sde = sde_lib.get_sde("ve")
-  with pytest.raises(KeyError, match="Known: ancestral, ddim, euler_maruyama, posterior_mean, reverse_diffusion"):
+  with pytest.raises(KeyError, match="Known: ancestral, ddim, euler_maruyama, posterior_mean, "
+                     "probability_flow, reverse_diffusion"):
     sampling.get_step_fn(sde, "heun")
   with pytest.raises(KeyError, match="Known: annealed_langevin, langevin, none"):
     sampling.get_step_fn(sde, "ddim", "ald")

@@ -1,0 +1,34 @@
+"""The results table's rows: accuracies, f(x0)'s accuracy and the paired comparison with the
+reference method, on hand-made predictions."""
+import numpy as np
+
+from cdjax import evaluate
+
+
+def _result(method, predictions, classifier_predictions):
+  return evaluate.MethodResult(method, np.asarray(predictions), np.asarray(classifier_predictions),
+                               nfe=50, seconds_per_item=0.1, compile_seconds=2.0, x0=np.zeros(1))
+
+
+def test_rows_pair_each_method_with_the_reference():
+  """Reference right on 6 of 10 items, the method on 8: right on 3 the reference gets wrong,
+  wrong on 1 it gets right, so +0.2 with 3 wins and 1 loss; f(x0)'s accuracy comes from the
+  classifier's predictions; the reference's row has no difference."""
+  labels = np.arange(10) % 3
+  wrong = (labels + 1) % 3
+  ref_right = np.array([1, 1, 1, 1, 1, 1, 0, 0, 0, 0], bool)
+  method_right = np.array([1, 1, 1, 1, 1, 0, 1, 1, 1, 0], bool)
+  ref = _result("enhance_then_classify", np.where(ref_right, labels, wrong), labels)
+  method = _result("parallel", np.where(method_right, labels, wrong), wrong)
+  rows = {r["method"]: r for r in evaluate.result_rows([ref, method], labels, corruption="gn30")}
+
+  assert rows["parallel"]["accuracy"] == 0.8 and rows["enhance_then_classify"]["accuracy"] == 0.6
+  assert rows["parallel"]["accuracy_f_x0"] == 0.0 and rows["enhance_then_classify"]["accuracy_f_x0"] == 1.0
+  assert abs(rows["parallel"]["diff_vs_reference"] - 0.2) < 1e-12
+  assert (rows["parallel"]["wins"], rows["parallel"]["losses"]) == (3, 1)
+  lo, hi = (float(v) for v in rows["parallel"]["diff_ci95"].strip("[]").split(","))
+  assert -0.25 < lo < 0.2 < hi < 0.65           # 4 discordant items of 10: wide, around +0.2
+  assert "diff_vs_reference" not in rows["enhance_then_classify"]
+  assert rows["parallel"]["corruption"] == "gn30" and rows["parallel"]["nfe"] == 50
+  lo95, hi95 = rows["parallel"]["ci95_lo"], rows["parallel"]["ci95_hi"]
+  assert lo95 < 0.8 < hi95 and abs(rows["parallel"]["ci95"] - (hi95 - lo95) / 2) < 1e-12
