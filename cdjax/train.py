@@ -584,7 +584,13 @@ def train(config: ml_collections.ConfigDict, workdir: str, trainer_name: str) ->
     checkpoint.check_frozen(checkpoint.recorded_frozen(saved), meta["frozen_sha256"],
                             f"Checkpoint {last_good}")
     if data_state is not None:
-      batches.set_state(data_state)
+      try:
+        batches.set_state(data_state)
+      except ValueError as e:   # grain: another dataset, subset or shuffle than the saved one
+        raise checkpoint.CheckpointError(
+            f"Checkpoint {last_good} was saved reading other data than this config reads "
+            f"({str(e).splitlines()[0][:300]}). Resume with the data.* settings of "
+            f"{os.path.join(workdir, 'config.json')}, or train in a new workdir.") from e
   if is_main:   # after the restore: a config that cannot resume leaves the old record in place
     with open(os.path.join(workdir, "config.json"), "w") as f:
       f.write(config.to_json_best_effort(indent=2, sort_keys=True))

@@ -438,6 +438,22 @@ def test_resume_with_another_network_names_the_difference_and_keeps_the_run(tmp_
 
 
 @pytest.mark.slow
+def test_resuming_with_other_data_names_the_checkpoint_and_leaves_the_workdir(classifier_dir,
+                                                                             files_under):
+  """A checkpoint saved reading other data (here: another shuffle) does not resume; the error
+  names it and the config.json to resume with, and nothing in the workdir changes."""
+  workdir = classifier_dir[0]
+  before = files_under(workdir)
+  config = overrides.apply_overrides(mnist_classifier.get_config(),
+                                     {"mesh.data": 1, "data.shuffle_seed": 5})
+  with pytest.raises(checkpoint.CheckpointError, match=(
+      rf"Checkpoint {re.escape(workdir)}/checkpoints/400 was saved reading other data .* the "
+      rf"data.\* settings of {re.escape(workdir)}/config.json")):
+    train.train(config, workdir, "classifier")
+  assert files_under(workdir) == before
+
+
+@pytest.mark.slow
 def test_logits_trainer_records_and_checks_classifier(classifier_dir, tmp_path):
   """A logit branch trained against classifier A refuses to resume or load with classifier B; a
   classifier or init_logits run of another network is refused, naming the fields."""
