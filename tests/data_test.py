@@ -5,6 +5,7 @@ Every dataset is built from scratch into a temporary data dir (about 25 s of CPU
 import hashlib
 import os
 import re
+import shutil
 
 import numpy as np
 import pytest
@@ -45,6 +46,22 @@ def test_reuses_built_dataset(data_dir):
   mtime = os.path.getmtime(info)
   data.get_source("mnist_local", "test", data_dir)
   assert os.path.getmtime(info) == mtime
+
+
+def test_damaged_prepared_dataset_names_the_folder_to_delete(data_dir, tmp_path):
+  """A prepared copy whose dataset_info.json was damaged names the folder to delete; deleted,
+  it is built again."""
+  data.get_source("mnist_local", "test", data_dir)
+  mine = str(tmp_path / "tfds")
+  shutil.copytree(os.path.join(data_dir, "mnist_local"), os.path.join(mine, "mnist_local"))
+  with open(os.path.join(mine, "mnist_local", "1.0.0", "dataset_info.json"), "w") as f:
+    f.write("{not json")
+  prepared = os.path.join(mine, "mnist_local")
+  with pytest.raises(RuntimeError, match=(rf"Dataset mnist_local: its prepared copy in "
+                                          rf"{re.escape(prepared)} does not load .* Delete")):
+    data.get_source("mnist_local", "test", mine)
+  shutil.rmtree(prepared)
+  assert len(data.get_source("mnist_local", "test", mine)) == 1000
 
 
 def test_fashion_mnist_local(data_dir):

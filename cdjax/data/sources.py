@@ -38,12 +38,23 @@ def _build_lock(data_dir: str, name: str):
 
 
 def get_builder(name: str, data_dir: str = "") -> tfds.core.DatasetBuilder:
-  """The local builder `name`, prepared in `data_dir` (built on first use, reused after)."""
+  """The local builder `name`, prepared in `data_dir` (built on first use, reused after). A
+  prepared copy that no longer loads (e.g. a damaged dataset_info.json) is a RuntimeError
+  naming the folder to delete."""
   data_dir = resolve_data_dir(data_dir)
   builder_cls = DATASETS.get(name)
+  prepared = os.path.join(data_dir, builder_cls.name)
   with _build_lock(data_dir, name):
-    builder = builder_cls(data_dir=data_dir, file_format="array_record")
-    builder.download_and_prepare()
+    was_prepared = os.path.isdir(prepared)
+    try:
+      builder = builder_cls(data_dir=data_dir, file_format="array_record")
+      builder.download_and_prepare()
+    except Exception as e:
+      if not was_prepared:
+        raise
+      raise RuntimeError(f"Dataset {name}: its prepared copy in {prepared} does not load "
+                         f"({type(e).__name__}: {str(e).splitlines()[0][:200]}). Delete "
+                         f"{prepared} and rerun to build it again.") from e
   return builder
 
 
