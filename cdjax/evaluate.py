@@ -11,6 +11,7 @@ import hashlib
 import json
 import os
 import sys
+import tempfile
 import time
 from typing import Optional
 import zipfile
@@ -177,6 +178,19 @@ def markdown_table(rows: list[dict], columns: list[str]) -> str:
   lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
   lines += ["| " + " | ".join(fmt(row.get(c)) for c in columns) + " |" for row in rows]
   return "\n".join(lines)
+
+
+def check_writable(out_prefix: str) -> None:
+  """Creates the folder of `out_prefix` and checks that a file can be written there (an OSError
+  naming it otherwise): experiments call it before hours of training and evaluation."""
+  folder = os.path.dirname(os.path.abspath(out_prefix))
+  try:
+    os.makedirs(folder, exist_ok=True)
+    with tempfile.TemporaryFile(dir=folder):
+      pass
+  except OSError as e:
+    raise OSError(f"Cannot write the results to {folder} ({e}); give a writable output "
+                  "location (--out, or the demo's --workdir).") from e
 
 
 def write_results(out_prefix: str, config: ml_collections.ConfigDict, rows: list[dict],

@@ -323,6 +323,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, out_prefix: str) -> lis
   `<out_prefix>.json` (command, config, rows), `<out_prefix>.md` and `<out_prefix>.png`."""
   parallel.configure_xla(config.mesh)
   check_config(config)   # not after hours of training
+  evaluate.check_writable(out_prefix)
   train_all(config, workdir)
   rows, figure_data = [], None
   for corruption in config.evaluation.corruptions:

@@ -323,6 +323,7 @@ def run_enhancement(config: ml_collections.ConfigDict, workdir: str, out_prefix:
   discriminative / sgmse / exdiff and writes `<out_prefix>.json`, `.md` and `.png`."""
   parallel.configure_xla(config.mesh)
   check_enhancement(config)   # not after hours of training
+  evaluate.check_writable(out_prefix)
   rows, waves = [], {}
   for condition in config.evaluation.corruptions:
     _train_enhancement(config, workdir, condition)
@@ -358,6 +359,7 @@ def run_keywords(config: ml_collections.ConfigDict, workdir: str, out_prefix: st
   the same degraded test clips; writes `<out_prefix>.json` and `.md` (error rates, 95% CIs)."""
   parallel.configure_xla(config.mesh)
   experiment.check_config(config)   # not after hours of training
+  evaluate.check_writable(out_prefix)
   experiment.train_all(config, workdir)
   frontend = audio.Frontend.from_config(config)
   analyze = jax.jit(lambda y: frontend.analyze(y)[0])

@@ -158,6 +158,13 @@ def test_run_refuses_a_bad_method_before_training(field, value, message, monkeyp
     experiment.run(config, str(tmp_path / "work"), str(tmp_path / "out"))
 
 
+def test_run_refuses_an_output_it_cannot_write_before_training(monkeypatch, tmp_path):
+  (tmp_path / "a_file").write_text("")
+  monkeypatch.setattr(train, "train", lambda *args: pytest.fail("training started"))
+  with pytest.raises(OSError, match=rf"Cannot write the results to {tmp_path / 'a_file' / 'x'}"):
+    experiment.run(tiny_config(), str(tmp_path / "work"), str(tmp_path / "a_file" / "x" / "out"))
+
+
 @pytest.mark.parametrize("method, message", [
     (dict(strategy="alternating", round=3),
      r"evaluation.methods.m.round: not a sampling field.*Closest fields: rounds"),
