@@ -319,8 +319,11 @@ def load_classifier(directory: str, expected_sha256: Optional[str] = None):
     with ocp.StandardCheckpointer() as ckptr:
       params = ckptr.restore(os.path.join(directory, "params"))
   except Exception as e:
+    inside = os.path.join(directory, "classifier")   # given the classifier trainer's workdir
+    hint = (f" It is the classifier trainer's workdir: give {inside}."
+            if os.path.exists(os.path.join(inside, PROVENANCE)) else "")
     raise CheckpointError(f"Frozen classifier {directory} is unreadable "
-                          f"({_brief(e)}).") from e
+                          f"({_brief(e)}).{hint}") from e
   sha = params_sha256(params)
   if sha != record["sha256"]:
     raise CheckpointError(f"Frozen classifier {directory}: its parameters hash to {sha}, not to "

@@ -146,6 +146,11 @@ def test_frozen_classifier_provenance_and_hash_checks(tmp_path):
     checkpoint.load_classifier(str(tmp_path / "clf"))
   with pytest.raises(checkpoint.CheckpointError, match="unreadable"):
     checkpoint.load_classifier(str(tmp_path / "absent"))
+  os.rename(tmp_path / "clf", tmp_path / "classifier")   # as the classifier trainer exports it
+  with pytest.raises(checkpoint.CheckpointError, match=(
+      rf"unreadable .* It is the classifier trainer's workdir: give "
+      rf"{re.escape(str(tmp_path / 'classifier'))}\.")):
+    checkpoint.load_classifier(str(tmp_path))
 
 
 def test_restore_params_only_reads_quietly_and_checks_frozen_hashes(tmp_path, caplog,
