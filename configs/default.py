@@ -122,7 +122,7 @@ def get_config() -> ml_collections.ConfigDict:
                                            # entry picks another corruption than corruption.name)
       methods={   # name -> overrides of `sampling` (nested dicts merge); params: pretrained | joint
           "noisy": dict(strategy="noisy"),
-          # Official: signal_predictor="posterior_mean" (model_enhanced.py's is_ddim, always
+          # Official: signal_predictor="posterior_mean" (model_enhanced.py's is_ddim, default
           # true); ancestral is the stronger baseline here (demo: 84.0% against 67.3%).
           "enhance_then_classify": dict(strategy="enhance_then_classify", params="pretrained",
                                         signal_predictor="ancestral"),
