@@ -275,12 +275,12 @@ def _check_corruptions(config: ml_collections.ConfigDict) -> None:
     where = f"evaluation.corruptions.{name}"
     check_setting(f"{where}.name" if "name" in entry else "corruption.name", cfg.corruption.name,
                   data.CORRUPTIONS.get)
-    factory = data.CORRUPTIONS.get(cfg.corruption.name)
+    signature = inspect.signature(data.CORRUPTIONS.get(cfg.corruption.name))
     try:
-      inspect.signature(factory).bind_partial(**cfg.corruption.kwargs)
+      signature.bind_partial(**cfg.corruption.kwargs)
     except TypeError as e:
       raise ValueError(f"{where}: {e} (corruption {cfg.corruption.name!r} takes "
-                       f"{', '.join(inspect.signature(factory).parameters)}).") from None
+                       f"{', '.join(signature.parameters)}).") from None
 
 
 def evaluate_corruption(config, workdir: str, corruption: str, methods: dict, to_model=None,
