@@ -64,6 +64,21 @@ def test_damaged_prepared_dataset_names_the_folder_to_delete(data_dir, tmp_path)
   assert len(data.get_source("mnist_local", "test", mine)) == 1000
 
 
+def test_truncated_prepared_file_names_the_folder_to_delete(data_dir, tmp_path):
+  """A prepared split whose array_record file was cut short (an interrupted copy) fails when
+  opened, naming the folder to delete, not when a batch reaches the damaged part."""
+  data.get_source("mnist_local", "test", data_dir)
+  prepared = str(tmp_path / "tfds" / "mnist_local")
+  shutil.copytree(os.path.join(data_dir, "mnist_local"), prepared)
+  path = os.path.join(prepared, "1.0.0", "mnist_local-test.array_record-00000-of-00001")
+  os.truncate(path, os.path.getsize(path) // 2)
+  assert len(data.get_source("mnist_local", "train", str(tmp_path / "tfds"))) == 4000
+  with pytest.raises(RuntimeError, match=(rf"Dataset mnist_local, split 'test': its prepared "
+                                          rf"files in {re.escape(prepared)} do not read .*Riegeli"
+                                          rf".* Delete {re.escape(prepared)} and rerun")):
+    data.get_source("mnist_local", "test", str(tmp_path / "tfds"))
+
+
 def test_fashion_mnist_local(data_dir):
   train, test = (data.get_source("fashion_mnist_local", s, data_dir) for s in ("train", "test"))
   assert (len(train), len(test)) == (60000, 10000)

@@ -120,13 +120,30 @@ def get_source(name: str, split: str, data_dir: str = "",
   "label", "voice"} (noise clips: {"audio", "label"}). With `label_subset` (a list of K labels),
   only the examples of those labels, relabelled 0..K-1 in that order (`LabelSubset`).
   """
-  source = _get_source(name, split, data_dir)
+  builder = _get_builder(name, data_dir)
+  source = builder.as_data_source(split=split)
+  _check_readable(source, name, split, os.path.dirname(builder.data_dir))
   return source if label_subset is None else LabelSubset(source, label_subset)
 
 
-def _get_source(name: str, split: str, data_dir: str):
+def _check_readable(source, name: str, split: str, folder: str) -> None:
+  """Reads the first and last example of `source`: a truncated or damaged file (an interrupted
+  copy, a full disk) is a RuntimeError naming `folder` to delete here, not riegeli's error
+  in the middle of training."""
+  for i in sorted({0, len(source) - 1} - {-1}):
+    try:
+      source[i]
+    except RuntimeError as e:
+      raise RuntimeError(
+          f"Dataset {name}, split {split!r}: its prepared files in {folder} do not read "
+          f"({str(e).splitlines()[0][:200]}). Delete {folder} and rerun to prepare it "
+          "again.") from e
+
+
+def _get_builder(name: str, data_dir: str) -> tfds.core.DatasetBuilder:
+  """The prepared builder of `name`: a local builder, or a TFDS catalog dataset."""
   if name in DATASETS:
-    return get_builder(name, data_dir).as_data_source(split=split)
+    return get_builder(name, data_dir)
   base = name.split(":")[0].split("/")[0]
   if base not in tfds.list_builders(with_community_datasets=False):
     raise KeyError(
@@ -138,7 +155,7 @@ def _get_source(name: str, split: str, data_dir: str):
     builder = tfds.builder(name, data_dir=data_dir, file_format="array_record")
     if not builder.is_prepared():
       _download_and_prepare(builder, name, data_dir)
-    return builder.as_data_source(split=split)
+    return builder
   except ModuleNotFoundError as e:
     if "tensorflow" not in str(e):
       raise
