@@ -126,17 +126,18 @@ def train_stage(cfg, stage_dir: str, stage: str) -> None:
   parallel.initialize_distributed()   # before the Checkpointer below starts JAX's backend
   steps = num_steps(cfg, stage)
   ckpt_dir = os.path.join(stage_dir, "checkpoints")
-  done = False
+  latest = None
   if os.path.isdir(ckpt_dir):
     with checkpoint.Checkpointer(ckpt_dir, cfg.checkpoint) as ckpt:
-      done = ckpt.latest_step() == steps
+      latest = ckpt.latest_step()
+  done = latest == steps
   if stage == "classifier":   # written last: an export cut short is redone from the checkpoint
     exported = os.path.exists(os.path.join(stage_dir, "classifier", checkpoint.PROVENANCE))
     if exported and not done:
       raise checkpoint.CheckpointError(
           f"[classifier] {stage_dir} holds a frozen classifier that this workdir's stages are "
-          f"trained against; classifier.num_steps={steps} would train it again and replace it. "
-          f"Set classifier.num_steps back to its last checkpoint's step, or delete {stage_dir} "
+          f"trained against, from its checkpoint at step {latest}; classifier.num_steps="
+          f"{steps} asks for another. Set classifier.num_steps={latest}, or delete {stage_dir} "
           "and the stages trained on it to start over.")
     done = done and exported
   if done:

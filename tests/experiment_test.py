@@ -80,10 +80,14 @@ def test_experiment_trains_every_stage_and_writes_the_report(tmp_path, files_und
   os.remove(record_path)
   experiment.train_stage(config, os.path.join(workdir, "classifier"), "classifier")
   assert json.load(open(record_path))["sha256"] == record["sha256"]
-  # More steps would replace the classifier the other stages were trained against: refused.
-  config.classifier.num_steps += 1
-  with pytest.raises(checkpoint.CheckpointError, match=r"classifier.num_steps=3 would train it"):
-    experiment.train_stage(config, os.path.join(workdir, "classifier"), "classifier")
+  # More (or fewer) steps would replace the classifier the other stages were trained against:
+  # refused, naming the step it was exported at.
+  for steps in (3, 1):
+    config.classifier.num_steps = steps
+    with pytest.raises(checkpoint.CheckpointError, match=(
+        rf"from its checkpoint at step 2; classifier.num_steps={steps} asks for another. Set "
+        r"classifier.num_steps=2")):
+      experiment.train_stage(config, os.path.join(workdir, "classifier"), "classifier")
   assert json.load(open(record_path))["sha256"] == record["sha256"]
 
 
