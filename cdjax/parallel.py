@@ -15,6 +15,8 @@ from absl import logging
 from jax._src import xla_bridge
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from cdjax import provenance
+
 DATA_AXIS = "data"
 
 
@@ -90,12 +92,10 @@ def configure_compilation_cache(path: str, max_gib: float) -> None:
 
 def host_id() -> str:
   """`<architecture>-<12 hex digits>`: names this host's CPU model and instruction-set features."""
-  try:
-    with open("/proc/cpuinfo") as f:
-      cpu = sorted({line for line in f if line.startswith(("model name", "flags", "Features"))})
-  except OSError:
-    cpu = [platform.processor()]
-  return f"{platform.machine()}-{hashlib.sha256(''.join(cpu).encode()).hexdigest()[:12]}"
+  info = provenance.cpuinfo()
+  cpu = "\n".join(f"{k}: {info[k]}" for k in ("model name", "flags", "Features") if k in info)
+  digest = hashlib.sha256((cpu or platform.processor()).encode()).hexdigest()[:12]
+  return f"{platform.machine()}-{digest}"
 
 
 def _flags(name: str, flags: str) -> list:

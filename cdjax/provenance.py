@@ -14,17 +14,14 @@ def machine() -> str:
   the accelerators where JAX's default backend is not the CPU (call it after XLA's flags are
   set)."""
   cpu = platform.processor() or platform.machine()
-  try:
-    with open("/proc/cpuinfo") as f:
-      info = {k.strip(): v for k, v in (l.split(":", 1) for l in f if ":" in l)}
+  info = cpuinfo()
+  if "model name" in info and "flags" in info:
     flags = info["flags"].split()
     isa = ["AVX-512" if "avx512f" in flags else "AVX2" if "avx2" in flags else "SSE"]
     isa += ["AMX"] if "amx_tile" in flags else []
-    model = f"family {info['cpu family'].strip()} model {info['model'].strip()}, " if (
+    model = f"family {info['cpu family']} model {info['model']}, " if (
         "cpu family" in info and "model" in info) else ""
-    cpu = f"{info['model name'].strip()} ({model}{' + '.join(isa)})"
-  except (OSError, KeyError):
-    pass
+    cpu = f"{info['model name']} ({model}{' + '.join(isa)})"
   mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
   host = f"{cpu}, {os.cpu_count()} cores, {mem:.0f} GiB, {platform.system()} {platform.release()}"
   import jax
@@ -32,6 +29,15 @@ def machine() -> str:
   if backend == "cpu":
     return host
   return f"{len(jax.devices())} x {jax.devices()[0].device_kind} ({backend}); host: {host}"
+
+
+def cpuinfo() -> dict:
+  """/proc/cpuinfo's fields as {name: value} (its last processor's; {} where there is none)."""
+  try:
+    with open("/proc/cpuinfo") as f:
+      return {k.strip(): v.strip() for k, v in (l.split(":", 1) for l in f if ":" in l)}
+  except OSError:
+    return {}
 
 
 def software(packages=("jax", "jaxlib", "flax", "torch")) -> str:
