@@ -78,6 +78,25 @@ def test_center_and_random_crops_are_windows_of_each_row():
   assert starts.min() >= 0 and starts.max() <= 90 and len(np.unique(starts)) > 10
   assert len(np.unique(starts[0])) > 1   # rows get independent starts
   assert audio.random_crop(jax.random.PRNGKey(0), wave, 100) is wave
+  # Every start is drawn, the last one (L - length) included.
+  short = jnp.asarray(wave[:, :11])
+  starts = [int(audio.random_crop(jax.random.PRNGKey(s), short, 10)[0, 0]) for s in range(20)]
+  assert set(starts) == {0, 1}
+
+
+@pytest.mark.parametrize("frame_multiple", [64, 32, 1])
+def test_padded_length_is_the_fewest_samples_of_whole_frame_multiples(frame_multiple):
+  """padded_length(L): >= L samples whose centered STFT has a multiple of frame_multiple frames,
+  and the fewest such (one multiple fewer would not cover L), for every L up to 20000."""
+  frontend = audio.Frontend(frame_multiple=frame_multiple)
+  hop = frontend.hop_length
+  lengths = np.arange(1, 20001)
+  padded = np.array([frontend.padded_length(int(n)) for n in lengths])
+  assert np.all(padded >= lengths)
+  assert np.all(padded % hop == 0) and np.all((padded // hop + 1) % frame_multiple == 0)
+  assert np.all(padded - frame_multiple * hop < lengths)
+  if frame_multiple == 64:   # 8192 samples = 64 hops: 65 frames needed, so 128 (not 64)
+    assert frontend.padded_length(8192) == 127 * hop
 
 
 def test_frontend_from_config_checks_the_classifiers_stft_settings():

@@ -101,6 +101,16 @@ def test_add_noise_exact_snr_and_random_crops():
   assert len({c for c, _ in found}) > 1 and len({s for _, s in found}) == len(found)
 
 
+def test_add_noise_draws_every_crop_start():
+  """With noise one sample longer than the audio, both crops (start 0 and start 1) are drawn."""
+  clean = _speech(batch=16, length=1000)
+  noise = np.random.default_rng(1).normal(size=(1, 1001)).astype(np.float32)
+  residual = np.asarray(get_corruption("add_noise", snr_db=0.0, noise=noise)(KEY, clean) - clean)
+  corr = np.array([[np.corrcoef(r, noise[0, s:s + 1000])[0, 1] for s in (0, 1)] for r in residual])
+  assert np.all(corr.max(axis=1) > 0.9999)
+  assert set(corr.argmax(axis=1)) == {0, 1}
+
+
 def test_add_noise_snr_range():
   noise = np.random.default_rng(0).normal(size=(3, 16000)).astype(np.float32)
   clean = _speech(batch=64)

@@ -1,6 +1,7 @@
 """Tests for cdjax.metrics against hand-computed values, fast_bss_eval, PESQ and ESTOI."""
 import fast_bss_eval.numpy as fbe
 import numpy as np
+import pystoi
 import pytest
 import scipy.signal
 
@@ -59,6 +60,10 @@ def test_pesq_and_estoi(voiced):
   scores = metrics.pesq_wb(both, np.stack([voiced, noisy]))
   assert scores.shape == (2,) and scores[1] < scores[0] - 1
   assert metrics.estoi(voiced, noisy) < 0.9
+  # Extended STOI, not STOI: the two differ on the noisy signal.
+  extended, plain = (pystoi.stoi(voiced, noisy, SR, extended=e) for e in (True, False))
+  np.testing.assert_allclose(metrics.estoi(voiced, noisy), extended, rtol=1e-9)
+  assert abs(extended - plain) > 0.01
   # Another rate is scored at 16 kHz (P.862.2's rate): 48 kHz gives the 16 kHz scores.
   up = lambda a: scipy.signal.resample_poly(a, 3, 1, axis=-1)
   np.testing.assert_allclose(metrics.pesq_wb(up(both), up(np.stack([voiced, noisy])), 48_000),

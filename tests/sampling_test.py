@@ -179,3 +179,63 @@ def test_annealed_langevin_step_is_sgmses():
       0.5, 1)
   np.testing.assert_allclose(x_mean, 1 + eps * 0.5, rtol=1e-6)
   np.testing.assert_allclose(np.std(x - x_mean), np.sqrt(2 * eps), rtol=0.01)
+
+
+def test_step_runs_the_predictor_from_the_correctors_output():
+  """One PC step: the corrector at t (first key), then the predictor from the corrected state
+  (second key), with Tweedie's x0_hat at the corrected state. (The moment checks cannot see a
+  dropped corrector: the exact-score predictor alone already gets the marginals right.)"""
+  sde = sde_lib.get_sde("ouve", N=10)
+  y = jnp.broadcast_to(Y, (2, DIM))
+  score_fn = gaussian_score(sde, y)
+  x = y + jax.random.normal(jax.random.PRNGKey(3), (2, DIM))
+  key = jax.random.PRNGKey(4)
+  t, t_next = (float(s) for s in sde.timesteps()[2:4])
+  step = sampling.get_step_fn(sde, "reverse_diffusion", "annealed_langevin", snr=0.5)
+  out = step(key, x, t, t_next, score_fn, y)
+
+  k_corr, k_pred = jax.random.split(key)
+  t_b, t_next_b = jnp.full((2,), t), jnp.full((2,), t_next)
+  corrected = sampling.annealed_langevin(sde, k_corr, x, t_b, y, score_fn, 0.5, 1)[0]
+  score = score_fn(corrected, t_b)
+  x0_hat = sde.x0_from_score(corrected, score, t_b, y)
+  x_next, x_mean = sampling.reverse_diffusion(sde, k_pred, corrected, t_b, t_next_b, score,
+                                              x0_hat, y)
+  for got, want in ((out.x, x_next), (out.x_mean, x_mean), (out.x0_hat, x0_hat)):
+    np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
+  assert np.abs(np.asarray(corrected - x)).min() > 0   # the corrector did move every element
+
+
+@pytest.mark.parametrize("t", [5, 0])
+def test_ancestral_step_is_the_ddpm_posterior(t):
+  """DDPM t -> t-1 (Ho et al. eqs. 6-7): mean sqrt(abar_{t-1}) beta_t / (1 - abar_t) x0_hat
+  + sqrt(1 - beta_t) (1 - abar_{t-1}) / (1 - abar_t) x_t, noise std
+  sqrt(beta_t (1 - abar_{t-1}) / (1 - abar_t)) (abar_{-1} = 1: x0_hat itself at the last step);
+  posterior_mean is that mean without the noise."""
+  sde = sde_lib.get_sde("vp_discrete", N=10)
+  beta, abar = (np.asarray(a, np.float64) for a in (sde.betas, sde.alphas_cumprod))
+  abar_prev = abar[t - 1] if t > 0 else 1.0
+  x = jax.random.normal(jax.random.PRNGKey(0), (2, DIM))
+  x0_hat = jax.random.normal(jax.random.PRNGKey(1), (2, DIM))
+  key = jax.random.PRNGKey(2)
+  args = (sde, key, x, jnp.full((2,), float(t)), jnp.full((2,), t - 1.0), None, x0_hat, None)
+  x_next, x_mean = sampling.PREDICTORS.get("ancestral")(*args)
+  mean = (np.sqrt(abar_prev) * beta[t] / (1 - abar[t]) * np.asarray(x0_hat, np.float64)
+          + np.sqrt(1 - beta[t]) * (1 - abar_prev) / (1 - abar[t]) * np.asarray(x, np.float64))
+  std = np.sqrt(beta[t] * (1 - abar_prev) / (1 - abar[t]))
+  np.testing.assert_allclose(x_mean, mean, rtol=1e-4, atol=1e-5)
+  np.testing.assert_allclose(x_next - x_mean, std * sde_lib.normal(key, x.shape, x.dtype),
+                             rtol=1e-3, atol=1e-5)
+  assert (std > 0.05) == (t > 0)
+  np.testing.assert_array_equal(sampling.PREDICTORS.get("posterior_mean")(*args),
+                                (x_mean, x_mean))
+
+
+def test_sample_returns_the_last_steps_mean_and_every_x0_hat():
+  """sample() chains each step's noisy state into the next and returns the last step's mean."""
+  step = lambda key, x, t, t_next, score_fn, y: sampling.StepOutput(x + 100, x + 1, x)
+  sde = sde_lib.get_sde("vp_discrete", N=4)   # 4 steps: t = 3, 2, 1, 0
+  x, traj = sampling.sample(step, sde, None, jax.random.PRNGKey(0), jnp.zeros((1, 2)),
+                            return_trajectory=True)
+  np.testing.assert_array_equal(x, [[301.0, 301.0]])
+  np.testing.assert_array_equal(traj[:, 0, 0], [0.0, 100.0, 200.0, 300.0])

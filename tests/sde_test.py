@@ -145,3 +145,29 @@ def test_switch_step_boundary_is_halfway_to_the_previous_step():
   i, t_b = ouve.switch_step(0.1)
   assert i == 9 and t_b == pytest.approx((0.03 + 0.03 + 0.97 / 9) / 2)
   assert vp.switch_step(1.0) == (0, float("inf")) and vp.switch_step(0.0)[1] == -0.5
+
+
+def test_linear_schedule_is_rescaled_to_n_steps():
+  """iDDPM's linear schedule at N steps: betas from 1e-4 to 0.02, both times 1000 / N."""
+  sde = sde_lib.get_sde("vp_discrete", N=150, schedule="linear")
+  np.testing.assert_allclose(sde.betas, np.linspace(1e-4, 0.02, 150) * 1000 / 150, rtol=1e-6)
+
+
+@pytest.mark.parametrize("t", [149, 3])
+def test_vp_discretize_is_the_exact_ddpm_transition(t):
+  """f = (sqrt(1 - beta_t) - 1) x, G = sqrt(beta_t): exact also where beta_t is large (the
+  cosine schedule's last step, clipped at 0.999, where 1 - beta / 2 would be 0.5, not 0.03)."""
+  sde = sde_lib.get_sde("vp_discrete", N=150)
+  beta = np.float64(sde.betas[t])
+  x = jnp.linspace(-2.0, 2.0, 8).reshape(2, 4)
+  f, g = sde.discretize(x, jnp.full((2,), float(t)))
+  np.testing.assert_allclose(f, (np.sqrt(1 - beta) - 1) * np.asarray(x), rtol=1e-5, atol=1e-7)
+  np.testing.assert_allclose(g, np.full(2, np.sqrt(beta)), rtol=1e-6)
+  assert (beta > 0.9) == (t == 149)
+
+
+def test_ve_marginal_std_closed_form():
+  """VE: std(t) = sqrt(sigma(t)^2 - sigma_min^2), zero at t = 0 (score_sde: sigma(t))."""
+  sde = sde_lib.get_sde("ve", sigma_min=1.0, sigma_max=2.0)
+  np.testing.assert_allclose([float(sde.coeffs(t)[1]) for t in (0.0, 0.5, 1.0)],
+                             [0.0, 1.0, math.sqrt(3.0)], rtol=1e-6, atol=1e-7)
