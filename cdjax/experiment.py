@@ -22,6 +22,7 @@ from cdjax import checkpoint
 from cdjax import coupled
 from cdjax import data
 from cdjax import evaluate
+from cdjax import exdiff
 from cdjax import overrides as overrides_lib
 from cdjax import parallel
 from cdjax import sampling
@@ -151,6 +152,7 @@ def train_stage(cfg, stage_dir: str, stage: str) -> None:
 
 def train_all(config: ml_collections.ConfigDict, workdir: str) -> None:
   """Trains the classifier once and, per corruption, the signal, logit and joint stages."""
+  check_runs_exist(config, workdir)   # not after the classifier has trained
   train_stage(config, os.path.join(workdir, "classifier"), "classifier")
   for corruption in config.evaluation.corruptions:
     cfg = corruption_config(config, workdir, corruption)
@@ -159,6 +161,29 @@ def train_all(config: ml_collections.ConfigDict, workdir: str) -> None:
       if num_steps(cfg, stage) > 0:
         stage_cfg = _joint_config(cfg, branch_dir) if stage == "joint" else cfg
         train_stage(stage_cfg, os.path.join(branch_dir, stage), stage)
+
+
+def check_runs_exist(config: ml_collections.ConfigDict, workdir: str) -> None:
+  """CheckpointError naming the field where, for some corruption, a run that `workdir` needs is
+  missing: the frozen Ex-Diff enhancer (`checkpoint.enhancer`, when the signal net reads its
+  latent), or the run a branch starts from (`checkpoint.init_signal` / `init_logits`) while that
+  branch has not started training in `workdir` ("{corruption}" replaced as `with_corruption`
+  does)."""
+  started = lambda corruption, stage: os.path.isdir(
+      os.path.join(workdir, corruption, stage, "checkpoints"))
+  for corruption in config.evaluation.corruptions:
+    cfg = with_corruption(config, corruption)
+    needed = dict(enhancer=exdiff.uses_latent(cfg),
+                  init_signal=num_steps(cfg, "signal") > 0 and not started(corruption, "signal"),
+                  init_logits=num_steps(cfg, "logits") > 0 and not started(corruption, "logits"))
+    for field, need in needed.items():
+      path = cfg.checkpoint[field]
+      if need and path and not os.path.isdir(os.path.join(path, "checkpoints")):
+        raise checkpoint.CheckpointError(
+            f"checkpoint.{field}={config.checkpoint[field]!r}: no run in {path} (corruption "
+            f"{corruption!r}). Train that run first (the config's docstring names its command), "
+            f"or set --config.checkpoint.{field}=<its workdir> (\"{{corruption}}\" stands for the "
+            "corruption's name).")
 
 
 def param_sources(cfg: ml_collections.ConfigDict) -> tuple[str, ...]:

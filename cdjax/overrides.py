@@ -5,6 +5,7 @@ once with one line naming the closest fields.
 """
 import difflib
 import importlib.util
+import os
 import sys
 from typing import Any, Callable, Optional
 
@@ -56,6 +57,22 @@ def load_module(config_arg: str):
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
   return module, arg
+
+
+def config_name() -> str:
+  """The parsed `--config` flag's file name less ".py", with its argument if any:
+  "configs/cifar10.py" -> "cifar10", "configs/fashion_mnist.py:cpu" -> "fashion_mnist_cpu"."""
+  path, _, arg = flags.FLAGS["config"].config_filename.partition(":")
+  name = os.path.splitext(os.path.basename(path))[0]
+  return f"{name}_{arg}" if arg else name
+
+
+def experiment_paths(workdir: Optional[str], out: Optional[str]) -> tuple[str, str]:
+  """An experiment's (workdir, results prefix): as given, else runs/<config_name()> and
+  experiments/results/<config_name()>, so that two configs never share trained stages or
+  results files."""
+  name = config_name()
+  return workdir or os.path.join("runs", name), out or os.path.join("experiments", "results", name)
 
 
 def _config_arg(argv: list[str]):

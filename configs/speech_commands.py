@@ -13,6 +13,8 @@ traced on synthetic 1-s clips (tests/paper_configs_test.py). Its clips are up to
 unknown); `noise_local` stands in for the noise.
 python experiments/speech_keywords.py --config configs/speech_commands.py \
     --workdir runs/speech_commands --out experiments/results/speech_commands
+after configs/sgmse_full.py's command, whose reverberant SGMSE+ the signal branch starts from
+(`checkpoint.init_signal`).
 """
 from configs import speech_keywords
 from configs.speech_enhancement import set_fields

@@ -18,14 +18,16 @@ from cdjax import overrides  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file("config", None,
                                           "Experiment config (default configs/speech_enhancement.py).")
-_WORKDIR = flags.DEFINE_string("workdir", "runs/speech_enhancement", "Checkpoints of every stage.")
-_OUT = flags.DEFINE_string("out", "experiments/results/speech_enhancement", "Results path prefix.")
+_WORKDIR = flags.DEFINE_string("workdir", None,
+                                "Checkpoints of every stage (default: runs/<config name>).")
+_OUT = flags.DEFINE_string("out", None,
+                           "Results path prefix (default: experiments/results/<config name>).")
 
 
 def main(argv):
   del argv
   logging.set_verbosity(logging.WARNING)
-  speech.run_enhancement(_CONFIG.value, _WORKDIR.value, _OUT.value)
+  speech.run_enhancement(_CONFIG.value, *overrides.experiment_paths(_WORKDIR.value, _OUT.value))
 
 
 if __name__ == "__main__":

@@ -1,6 +1,7 @@
 """The image experiment end to end at toy scale: every stage trains, evaluation writes a report."""
 import json
 import os
+import re
 
 import pytest
 
@@ -89,6 +90,27 @@ def test_experiment_trains_every_stage_and_writes_the_report(tmp_path, files_und
         r"classifier.num_steps=2")):
       experiment.train_stage(config, os.path.join(workdir, "classifier"), "classifier")
   assert json.load(open(record_path))["sha256"] == record["sha256"]
+
+
+def test_missing_runs_to_start_from_are_named_before_anything_trains(tmp_path):
+  """A branch's starting run (checkpoint.init_<branch>) or the Ex-Diff enhancer that is not there
+  stops train_all before the classifier trains; a branch that has started training no longer
+  needs its starting run."""
+  config, workdir = tiny_config(), tmp_path / "work"
+  config.checkpoint.init_logits = str(tmp_path / "se" / "{corruption}" / "logits")
+  missing = re.escape(str(tmp_path / "se" / "gn30" / "logits"))
+  with pytest.raises(checkpoint.CheckpointError, match=(
+      rf"checkpoint.init_logits='.*{{corruption}}/logits': no run in {missing} \(corruption "
+      r"'gn30'\)\. Train that run first .* --config.checkpoint.init_logits=<its workdir>")):
+    experiment.train_all(config, str(workdir))
+  assert not workdir.exists()
+  os.makedirs(workdir / "gn30" / "logits" / "checkpoints")
+  experiment.check_runs_exist(config, str(workdir))
+  config.checkpoint.enhancer = str(tmp_path / "se" / "{corruption}" / "enhancer")
+  experiment.check_runs_exist(config, str(workdir))   # the signal net reads no latent
+  config.signal.net_kwargs.latent_mode = "film"
+  with pytest.raises(checkpoint.CheckpointError, match=r"checkpoint.enhancer=.*no run in"):
+    experiment.check_runs_exist(config, str(workdir))
 
 
 def test_stage_config_uses_the_stage_learning_rate():

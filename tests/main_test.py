@@ -49,6 +49,27 @@ def test_a_checkpoint_error_ends_the_command_with_one_line():
   assert out.stderr.strip().splitlines() == ["cdjax: Checkpoint /w/4 is unreadable (cause)."]
 
 
+@pytest.mark.parametrize("args,paths", [
+    ([], "runs/fashion_mnist experiments/results/fashion_mnist"),   # the default config file
+    (["--config", "configs/cifar10.py"], "runs/cifar10 experiments/results/cifar10"),
+    (["--config=configs/fashion_mnist.py:cpu", "--out", "o"], "runs/fashion_mnist_cpu o")])
+def test_experiment_paths_default_to_the_configs_name(args, paths):
+  """The experiments' workdir and results prefix default to the config's name (and argument), so
+  that another config never reuses fashion_mnist's trained stages or overwrites its results."""
+  code = ("from absl import flags\n"
+          "from ml_collections import config_flags\n"
+          "from cdjax import overrides\n"
+          "config_flags.DEFINE_config_file('config', None, '')\n"
+          "workdir = flags.DEFINE_string('workdir', None, '')\n"
+          "out = flags.DEFINE_string('out', None, '')\n"
+          "overrides.run(lambda argv: print(*overrides.experiment_paths(workdir.value, out.value)),\n"
+          "              'configs/fashion_mnist.py')")
+  out = subprocess.run([sys.executable, "-c", code, *args], cwd=ROOT, capture_output=True,
+                       text=True, timeout=120)
+  assert out.returncode == 0, out.stderr[-2000:]
+  assert out.stdout.strip() == paths
+
+
 def test_sweep_members_product_times_zip(tmp_path):
   sweep = dict(product={"optim.lr": [1e-3, 3e-3]}, zip={"seed": [0, 1], "optim.b1": [0.9, 0.8]})
   members = main.sweep_members(sweep, "/w")
