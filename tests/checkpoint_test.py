@@ -89,8 +89,11 @@ def test_unreadable_checkpoint_names_path_and_is_kept(tmp_path):
     ckpt.restore(_state(0.0))
   ckpt.close()
   assert state_dir.is_dir()
-  message = str(info.value)   # the cause's first line, not orbax's whole TensorStore spec
+  message = str(info.value)   # the root cause's first line, not orbax's whole TensorStore spec
   assert "\n" not in message and len(message) < 700 and message.endswith("an earlier one.")
+  # TensorStore's error, naming the array it could not read (of several read concurrently).
+  assert re.search(rf"unreadable \(ValueError: OUT_OF_RANGE: .*Error reading \"[\w.]+/\.zarray\" "
+                   rf"in OCDBT database at local file \"{re.escape(str(state_dir))}/\"", message)
 
 
 def test_a_failed_save_names_the_directory_and_the_last_good_checkpoint(tmp_path, monkeypatch):
