@@ -1,5 +1,6 @@
 """Coupled strategies on a toy with analytic scores: two Gaussian classes and a linear classifier."""
 import dataclasses
+import types
 
 import jax
 import jax.numpy as jnp
@@ -93,7 +94,8 @@ def test_coupled_beats_enhance_then_classify_on_the_toy():
 
 
 def test_micro_batches_are_the_batch_run_in_chunks():
-  """micro_batch=2 on 6 items: chunk i holds items i, i + 3 and runs with key fold_in(key, i)."""
+  """micro_batch=2 on 6 items: chunk i holds items i, i + 3 and runs with key fold_in(key, i);
+  its x0, logits and f(x0) go back to those items."""
   _, y = toy_data(6, jax.random.PRNGKey(1))
   model = make_model(10)
   cfg = sampling_config(strategy="parallel")
@@ -106,6 +108,8 @@ def test_micro_batches_are_the_batch_run_in_chunks():
                y[i::3])
     np.testing.assert_allclose(out.x0[i::3], chunk.x0, atol=1e-6)
     np.testing.assert_allclose(out.logits[i::3], chunk.logits, atol=1e-6)
+    np.testing.assert_allclose(out.classifier_logits[i::3], chunk.classifier_logits, atol=1e-6)
+  np.testing.assert_allclose(out.classifier_logits, classifier(None, out.x0), atol=1e-6)   # f(x0)
   with pytest.raises(ValueError, match="micro_batch=4 must divide the batch size 6"):
     run(model, sampling_config(strategy="parallel", micro_batch=4), y)
 
@@ -387,20 +391,29 @@ def test_nested_reruns_the_signal_on_the_current_logit_estimate():
 
 
 def test_num_samples_vote_and_return_the_first_samples_trajectory():
-  """Sample i runs with key split(key, n)[i]; the logits are the majority vote of their classes."""
+  """Sample i runs with key split(key, n)[i]; the logits are the majority vote of their classes
+  plus 1e-3 softmax(mean logits), which breaks ties (n = 2: items whose samples disagree) and
+  never outweighs a vote; x0, f(x0) and the trajectory are the first sample's."""
   _, y = toy_data(64, jax.random.PRNGKey(1))
   model = make_model(10)
-  for strategy in ("parallel", "nested"):
+  for strategy, n in (("parallel", 2), ("nested", 3)):
     cfg = sampling_config(strategy=strategy, nested_steps=(3,), return_trajectory=True)
     fn = jax.jit(coupled.get_coupled_fn(model, cfg))
     singles = [fn({"signal": {}, "logits": {}}, {}, k, y)
-               for k in jax.random.split(jax.random.PRNGKey(0), 3)]
-    cfg.num_samples = 3
-    three = run(model, cfg, y)
-    jax.tree.map(np.testing.assert_array_equal, (three.x0, three.trajectory),
+               for k in jax.random.split(jax.random.PRNGKey(0), n)]
+    cfg.num_samples = n
+    many = run(model, cfg, y)
+    jax.tree.map(np.testing.assert_array_equal, (many.x0, many.trajectory),
                  (singles[0].x0, singles[0].trajectory))
+    np.testing.assert_array_equal(many.classifier_logits, singles[0].classifier_logits)
+    np.testing.assert_allclose(many.classifier_logits, classifier(None, many.x0), atol=1e-6)
     votes = sum(jax.nn.one_hot(o.logits.argmax(-1), 2) for o in singles)
-    np.testing.assert_array_equal(three.logits.argmax(-1), votes.argmax(-1))   # 3 votes: no ties
+    mean = sum(o.logits for o in singles) / n
+    np.testing.assert_allclose(many.logits, votes + 1e-3 * jax.nn.softmax(mean, -1), atol=1e-7)
+    tie = np.asarray(votes[:, 0] == votes[:, 1])   # ties go to the higher mean logit
+    assert tie.any() == (n == 2)
+    np.testing.assert_array_equal(many.logits.argmax(-1),
+                                  np.where(tie, mean.argmax(-1), votes.argmax(-1)))
     assert len({tuple(np.asarray(o.logits.argmax(-1))) for o in singles}) > 1   # they disagree
 
 
@@ -414,6 +427,28 @@ def test_strategies_clip_x0_and_restandardise_logits(strategy):
   assert float(jnp.abs(out.x0).max()) == 0.5   # the toy's x0 spreads beyond 0.5
   np.testing.assert_allclose(out.logits.mean(-1), 0.0, atol=1e-6)
   np.testing.assert_allclose(out.logits.std(-1), 0.8, rtol=1e-5)
+
+
+def test_classifier_logits_reach_the_logit_branch_standardised():
+  """With logits_std 0.8, f(y) goes through `standardize_logits` before it is the noisy
+  baseline's logits and card's conditioning (the logit net saw std-0.8 logits in training): the
+  logits noisy returns and every one the logit net receives equal standardize_logits(f(y), 0.8)."""
+  _, y = toy_data(8, jax.random.PRNGKey(7))
+  base = dataclasses.replace(make_model(3), logits_std=0.8)
+  seen = []
+
+  def logits_net(params, l, t, cond_logits, cond_signal):
+    jax.debug.callback(lambda c: seen.append(np.asarray(c)), cond_logits)
+    return base.logits_net(params, l, t, cond_logits, cond_signal)
+  model = dataclasses.replace(base, logits_net=logits_net)
+  expected = coupled.standardize_logits(classifier(None, y), 0.8)
+  np.testing.assert_allclose(run(model, sampling_config(strategy="noisy"), y).logits, expected,
+                             atol=1e-6)
+  run(model, sampling_config(strategy="card"), y)
+  assert len(seen) == 3
+  for cond_logits in seen:
+    np.testing.assert_allclose(cond_logits, expected, atol=1e-6)
+  assert np.abs(np.asarray(classifier(None, y).std(-1)) - 0.8).min() > 0.05   # raw f(y) is not
 
 
 def test_parallel_trajectory_spans_both_sides_of_the_switch():
@@ -501,6 +536,23 @@ def test_run_method_resumes_an_interrupted_evaluation(tmp_path, monkeypatch):
   again = evaluate.run_method("parallel", *args, cache_dir=str(tmp_path))
   np.testing.assert_array_equal(again.predictions, reference.predictions)
   assert int(np.load(path)["batches"]) == 3
+
+
+def test_run_method_times_every_batch_and_keeps_the_first_batchs_x0(monkeypatch):
+  """A clock that advances 1 s per reading: compiling takes 1 s and each of the 3 batches of 8
+  (20 items) 1 s, so seconds_per_item is 3 / 20 (every batch counted, not the last one alone);
+  x0 is the first batch's (the figure pairs it with the first labels): y[:8] for `noisy`."""
+  _, y = toy_data(20, jax.random.PRNGKey(2))
+  config = default.get_config()
+  config.mesh.data = 1
+  clock = iter(range(1000))
+  monkeypatch.setattr(evaluate, "time", types.SimpleNamespace(perf_counter=lambda: next(clock)))
+  result = evaluate.run_method("noisy", make_model(5), sampling_config(strategy="noisy"),
+                               {"signal": {}, "logits": {}}, {}, y, jax.random.PRNGKey(0), 8,
+                               parallel.make_mesh(config))
+  assert (result.seconds_per_item, result.compile_seconds) == (3 / 20, 1.0)
+  np.testing.assert_array_equal(result.x0, y[:8])
+  np.testing.assert_array_equal(result.predictions, classifier(None, y).argmax(-1))
 
 
 def test_run_method_sharded_over_8_devices_equals_one_device():

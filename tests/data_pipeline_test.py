@@ -38,6 +38,16 @@ def test_batches_are_standardized():
   assert -1 <= batch["image"].min() and batch["image"].max() <= 1
 
 
+def test_standardize_maps_int16_audio_to_the_unit_interval_exactly():
+  """int16 audio is divided by 32768, so -32768 -> -1 and 16384 -> 0.5 exactly ([-1, 1)); float
+  audio is kept as it is."""
+  out = data.standardize({"audio": np.array([-32768, 0, 16384, 32767], np.int16), "label": 3})
+  np.testing.assert_array_equal(out["audio"], [-1.0, 0.0, 0.5, 32767 / 32768])
+  assert out["audio"].dtype == np.float32 and out["label"].dtype == np.int32
+  floats = np.array([-1.5, 0.25], np.float32)
+  np.testing.assert_array_equal(data.standardize({"audio": floats})["audio"], floats)
+
+
 def test_epoch_is_a_permutation_and_shuffle_is_seeded():
   def epoch(seed, shuffle=True):
     loader = data.make_loader(_indexed_source(), 8, seed=seed, shuffle=shuffle, num_epochs=1)

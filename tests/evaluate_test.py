@@ -1,5 +1,6 @@
 """The results table's rows: accuracies, f(x0)'s accuracy and the paired comparison with the
-reference method, on hand-made predictions."""
+reference method, on hand-made predictions; the degraded inputs every method sees."""
+import jax
 import numpy as np
 
 from cdjax import evaluate
@@ -32,3 +33,16 @@ def test_rows_pair_each_method_with_the_reference():
   assert rows["parallel"]["corruption"] == "gn30" and rows["parallel"]["nfe"] == 50
   lo95, hi95 = rows["parallel"]["ci95_lo"], rows["parallel"]["ci95_hi"]
   assert lo95 < 0.8 < hi95 and abs(rows["parallel"]["ci95"] - (hi95 - lo95) / 2) < 1e-12
+
+
+def test_degrade_draws_each_chunk_with_its_own_key(monkeypatch):
+  """Chunk c of the items (here 2 a chunk: items 0-1, 2-3, 4) is corrupted with key
+  fold_in(key, c), so an item's noise depends on its index alone and chunks get different noise."""
+  monkeypatch.setattr(evaluate, "DEGRADE_CHUNK", 2)
+  corruption = lambda key, x: x + jax.random.randint(key, x.shape, 0, 1000)
+  clean, key = np.zeros((5, 3), np.int32), jax.random.PRNGKey(4)
+  noise = evaluate.degrade(corruption, key, clean)
+  expected = [corruption(jax.random.fold_in(key, c), clean[s:s + 2])
+              for c, s in enumerate((0, 2, 4))]
+  np.testing.assert_array_equal(noise, np.concatenate(expected))
+  assert (noise[0:2] != noise[2:4]).any()

@@ -113,6 +113,27 @@ def test_missing_runs_to_start_from_are_named_before_anything_trains(tmp_path):
     experiment.check_runs_exist(config, str(workdir))
 
 
+def test_joint_stage_starts_from_the_pretrained_branches(monkeypatch, tmp_path):
+  """train_all gives the joint stage `init_signal` / `init_logits` pointing at the branch's own
+  pre-trained signal and logit stages (else joint fine-tuning starts from random weights); the
+  branch stages keep the config's own starting runs ("{corruption}" replaced)."""
+  config, workdir = tiny_config(), str(tmp_path / "work")
+  config.checkpoint.init_signal = "runs/{corruption}/sgmse"
+  calls = []
+  monkeypatch.setattr(experiment, "check_runs_exist", lambda *args: None)
+  monkeypatch.setattr(experiment, "train_stage", lambda cfg, stage_dir, stage: calls.append(
+      (stage, stage_dir, cfg.checkpoint.init_signal, cfg.checkpoint.init_logits)))
+  experiment.train_all(config, workdir)
+  branch = os.path.join(workdir, "gn30")
+  assert calls == [
+      ("classifier", os.path.join(workdir, "classifier"), "runs/{corruption}/sgmse", ""),
+      ("signal", os.path.join(branch, "signal"), "runs/gn30/sgmse", ""),
+      ("logits", os.path.join(branch, "logits"), "runs/gn30/sgmse", ""),
+      ("joint", os.path.join(branch, "joint"), os.path.join(branch, "signal"),
+       os.path.join(branch, "logits"))]
+  assert config.checkpoint.init_signal == "runs/{corruption}/sgmse"   # left as it was
+
+
 def test_stage_config_uses_the_stage_learning_rate():
   config = tiny_config()
   config.classifier.lr = 0.05

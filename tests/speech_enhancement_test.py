@@ -89,6 +89,26 @@ def test_enhancement_experiment_end_to_end(tmp_path):
   assert height > width / 2   # 2 conditions x 2 items in rows, 4 methods in columns
 
 
+def test_enhance_waveforms_draws_each_batch_with_its_own_key():
+  """Batch b is enhanced with key fold_in(key, b): 4 copies of one clip in 2 batches of 2 are
+  each batch's enhancement with that key (as `one` computes it), and the two batches differ."""
+  frontend = audio.Frontend(n_fft=62, hop_length=16, frame_multiple=4)
+  enhance = lambda params, key, y: y * (1 + 0.01 * jax.random.normal(key, y.shape))
+  t = np.arange(480) / 16000
+  y = np.repeat(0.5 * np.sin(2 * np.pi * 220 * t)[None] * np.hanning(480), 4, 0).astype(np.float32)
+  key = jax.random.key(3)
+  out, _, _ = speech.enhance_waveforms(enhance, {}, frontend, y, key, 2)
+
+  @jax.jit
+  def one(key, y):
+    y_spec, scale = frontend.analyze(y)
+    return frontend.synthesize(enhance({}, key, y_spec), y.shape[-1], scale)
+  for b in range(2):
+    np.testing.assert_allclose(out[2 * b:2 * b + 2], one(jax.random.fold_in(key, b), y[:2]),
+                               atol=1e-6)
+  assert np.abs(out[2:] - out[:2]).max() > 1e-4
+
+
 def test_finite_mean_skips_unscorable_clips_without_warning():
   with warnings.catch_warnings():
     warnings.simplefilter("error")
@@ -97,15 +117,18 @@ def test_finite_mean_skips_unscorable_clips_without_warning():
 
 
 def test_score_rows_compare_methods_on_the_items_every_method_scores():
-  ones = np.ones(4)
-  scores = {"sgmse": dict(si_sdr=np.array([1.0, 2.0, 3.0, 4.0]), si_sir=ones, si_sar=ones,
-                          pesq=ones, estoi=np.array([np.nan, 1.0, 1.0, 1.0])),
-            "exdiff": dict(si_sdr=np.array([np.nan, 3.0, 4.0, 5.0]), si_sir=ones, si_sar=ones,
-                           pesq=2 * ones, estoi=np.array([np.nan, 0.5, 0.5, 0.5]))}
+  """Item 0 lacks exdiff's SI-SDR, item 3 sgmse's SI-SIR, item 4 exdiff's SI-SAR: the three
+  scale-invariant metrics share one mask, so all three items drop out of every SI mean."""
+  ones, nan_at = np.ones(5), lambda i: np.where(np.arange(5) == i, np.nan, 1.0)
+  scores = {"sgmse": dict(si_sdr=np.array([1.0, 2.0, 3.0, 4.0, 5.0]), si_sir=nan_at(3),
+                          si_sar=ones, pesq=ones, estoi=nan_at(0)),
+            "exdiff": dict(si_sdr=np.array([np.nan, 3.0, 4.0, 5.0, 6.0]), si_sir=ones,
+                           si_sar=nan_at(4), pesq=2 * ones, estoi=0.5 * nan_at(0))}
   runs = {"sgmse": dict(failed_items=0), "exdiff": dict(failed_items=1)}
   sgmse, exdiff = speech._score_rows("noise", scores, runs)
-  assert sgmse["si_sdr"] == 3.0 and exdiff["si_sdr"] == 4.0   # item 0 dropped for both
-  assert (sgmse["si_items"], sgmse["pesq_items"], sgmse["estoi_items"]) == (3, 4, 3)
+  assert sgmse["si_sdr"] == 2.5 and exdiff["si_sdr"] == 3.5   # items 1 and 2 only, for both
+  assert sgmse["si_sir"] == exdiff["si_sar"] == 1.0
+  assert (sgmse["si_items"], sgmse["pesq_items"], sgmse["estoi_items"]) == (2, 5, 4)
   assert (sgmse["pesq"], exdiff["pesq"], exdiff["estoi"]) == (1.0, 2.0, 0.5)
   assert exdiff["si_sdr_diff_vs_sgmse"] == pytest.approx(1.0) and exdiff["failed_items"] == 1
   assert "si_sdr_diff_vs_sgmse" not in sgmse
