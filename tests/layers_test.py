@@ -1,5 +1,5 @@
 """Tests for cdjax.nets.layers: GroupNorm and attention against flax's, remat, the padded narrow
-convolution."""
+convolution, and exact identities of the blocks (residuals, FiLM, time embeddings)."""
 from unittest import mock
 
 import flax.linen as nn
@@ -8,15 +8,18 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from cdjax.nets.layers import (AttentionBlock, GroupNorm, ResBlock, conv_min8_features,
-                               dot_product_attention, maybe_remat)
+from cdjax.nets.layers import (AttentionBlock, FiLM, GroupNorm, ResBlock, TimeEmbedding,
+                               conv_min8_features, dot_product_attention, group_norm, maybe_remat,
+                               sinusoidal_embedding)
+from cdjax.nets.speech import _gn
 
 
-@pytest.mark.parametrize("shape, groups", [((2, 28, 28, 32), 8), ((3, 10, 16), 4),
-                                           ((1, 7, 7, 64), 32), ((2, 5, 6, 3), 1),
-                                           ((2, 70, 70, 8), 4)])   # 4900 positions: chunked sums
-def test_group_norm_equals_flax_values_params_and_gradients(shape, groups):
-  x = 3.0 * jax.random.normal(jax.random.PRNGKey(0), shape) + 2.0   # mean far from 0
+@pytest.mark.parametrize("shape, groups, size", [
+    ((2, 28, 28, 32), 8, 1.0), ((3, 10, 16), 4, 1.0), ((1, 7, 7, 64), 32, 1.0),
+    ((2, 5, 6, 3), 1, 1.0), ((2, 70, 70, 8), 4, 1.0),   # 4900 positions: chunked sums
+    ((2, 6, 6, 16), 4, 1e-3)])   # variance 9e-6: the epsilon (1e-6, flax's) shows
+def test_group_norm_equals_flax_values_params_and_gradients(shape, groups, size):
+  x = size * (3.0 * jax.random.normal(jax.random.PRNGKey(0), shape) + 2.0)   # mean far from 0
   ref = nn.GroupNorm(num_groups=groups)
   params = ref.init(jax.random.PRNGKey(1), x)
   assert jax.tree.map(jnp.shape, GroupNorm(groups).init(jax.random.PRNGKey(1), x)) == \
@@ -111,3 +114,83 @@ def test_conv_min8_features_equals_nn_conv(features, kernel, strides):
                                  argnums=(0, 1))(params, x)
   for got, want in zip(jax.tree.leaves(loss(padded)), jax.tree.leaves(loss(plain))):
     np.testing.assert_allclose(got, want, atol=1e-4)
+
+
+class _Call(nn.Module):
+  """`fn(x)` as a module, for functions that create modules (`group_norm`, NCSN++'s `_gn`)."""
+  fn: object
+
+  @nn.compact
+  def __call__(self, x):
+    return self.fn(x)
+
+
+@pytest.mark.parametrize("fn, channels, groups", [
+    (lambda v: group_norm(v, 8), 16, 8), (lambda v: group_norm(v, 8), 12, 4),
+    (lambda v: group_norm(v, 8), 6, 2), (_gn, 256, 32), (_gn, 12, 3)],
+    ids=["gcd-16", "gcd-12", "gcd-6", "ncsn-256", "ncsn-12"])
+def test_group_norm_functions_pick_their_groups(fn, channels, groups):
+  """group_norm(x, 8) is GroupNorm with gcd(8, C) groups, NCSN++'s `_gn` with min(C // 4, 32):
+  flax's nn.GroupNorm(groups, epsilon=1e-6) with the same (random) scale and bias (one group, or
+  16 at 256 channels, would differ with the per-channel means)."""
+  x = jax.random.normal(jax.random.PRNGKey(0), (2, 4, 4, channels)) + jnp.arange(channels) % 5
+  module = _Call(fn)
+  params = module.init(jax.random.PRNGKey(1), x)["params"]["GroupNorm_0"]
+  params = jax.tree.map(lambda p: p + jax.random.normal(jax.random.PRNGKey(2), p.shape), params)
+  np.testing.assert_allclose(module.apply({"params": {"GroupNorm_0": params}}, x),
+                             nn.GroupNorm(groups, epsilon=1e-6).apply({"params": params}, x),
+                             rtol=0, atol=1e-4)
+
+
+def _zero(tree):
+  return jax.tree.map(jnp.zeros_like, tree)
+
+
+@pytest.mark.parametrize("block, args, last", [
+    (ResBlock(16), (jnp.ones((2, 8)),), ("Conv_1",)),   # time-conditioned: FiLM_0 too
+    (AttentionBlock(heads=2), (), ("MultiHeadDotProductAttention_0", "out")),
+], ids=["res_block", "attention"])
+def test_residual_blocks_are_the_identity_with_a_zero_last_layer(block, args, last):
+  """ResBlock (same width, stride 1: no shortcut conv) and AttentionBlock return x + h: with the
+  last layer (second conv; attention's output projection) zeroed, exactly x, whatever the other
+  (random) params."""
+  x = jax.random.normal(jax.random.PRNGKey(0), (2, 6, 6, 16))
+  params = block.init(jax.random.PRNGKey(1), x, *args)["params"]
+  params = jax.tree.map(lambda p: p + jax.random.normal(jax.random.PRNGKey(2), p.shape), params)
+  parent = params
+  for name in last[:-1]:
+    parent = parent[name]
+  parent[last[-1]] = _zero(parent[last[-1]])
+  np.testing.assert_array_equal(block.apply({"params": params}, x, *args), x)
+
+
+def test_film_is_h_times_one_plus_scale_plus_shift():
+  """FiLM: h * (1 + scale) + shift, (scale, shift) = Dense(SiLU(cond)). A zero Dense gives h;
+  kernel 0 and bias (s, b) give h * (1 + s) + b, per channel, broadcast over positions."""
+  h = jax.random.normal(jax.random.PRNGKey(0), (2, 3, 4, 5))
+  cond = jax.random.normal(jax.random.PRNGKey(1), (2, 7))
+  params = _zero(FiLM().init(jax.random.PRNGKey(2), h, cond)["params"])
+  np.testing.assert_array_equal(FiLM().apply({"params": params}, h, cond), h)
+  s, b = (jax.random.normal(jax.random.PRNGKey(k), (5,)) for k in (3, 4))
+  params["Dense_0"]["bias"] = jnp.concatenate([s, b])
+  np.testing.assert_allclose(FiLM().apply({"params": params}, h, cond), h * (1 + s) + b,
+                             rtol=1e-6, atol=1e-6)
+
+
+def test_sinusoidal_embedding_closed_form():
+  """[sin(t f_i), cos(t f_i)], f_i = 10000^(-i / half), i < half = dim / 2 (sines first); at
+  t = 0: [0, ..., 0, 1, ..., 1]."""
+  t = np.array([0.0, 0.5, 3.0, 120.0])
+  f = 10000.0 ** (-np.arange(4) / 4)
+  want = np.concatenate([np.sin(t[:, None] * f), np.cos(t[:, None] * f)], axis=-1)
+  got = sinusoidal_embedding(jnp.asarray(t, jnp.float32), 8)
+  np.testing.assert_allclose(got, want, rtol=0, atol=1e-5)
+  np.testing.assert_array_equal(got[0], [0.0] * 4 + [1.0] * 4)
+
+
+def test_time_embedding_scales_t():
+  """TimeEmbedding(scale=s)(t) is TimeEmbedding(scale=1)(s * t) with the same params."""
+  t = jnp.array([0.001, 0.3, 0.9])
+  params = TimeEmbedding(16, scale=1000.0).init(jax.random.PRNGKey(0), t)
+  np.testing.assert_allclose(TimeEmbedding(16, scale=1000.0).apply(params, t),
+                             TimeEmbedding(16).apply(params, 1000.0 * t), rtol=1e-5, atol=1e-6)

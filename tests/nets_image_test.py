@@ -8,6 +8,7 @@ import pytest
 
 from cdjax import nets
 from cdjax.nets.layers import count_params
+from cdjax.nets.logits import LogitBlock
 
 K = 10
 B = 2
@@ -184,3 +185,58 @@ def test_coupled_unet_gradients_stay_bounded_with_zero_logits():
     grads = jax.jit(jax.grad(loss))(params)
     norms[name] = float(jnp.sqrt(sum(jnp.sum(g**2) for g in jax.tree.leaves(grads))))
   assert norms["zeros"] < 10 * norms["random"], norms   # was ~1e11 before the ones channel
+
+
+def test_resnet_classifier_strides_from_stage_1_on():
+  """Only the first block of stages i > 0 strides by 2: 28x28 through stage 0, 14x14 in stage 1."""
+  net = nets.get_network("resnet_classifier", widths=(8, 16), blocks=(2, 2))
+  (x,) = _args("resnet_classifier", (28, 28, 1))
+  _, state = jax.eval_shape(lambda p, x: net.apply(p, x, capture_intermediates=True,
+                                                   mutable=["intermediates"]), _init(net, (x,)), x)
+  shapes = {name: out["__call__"][0].shape for name, out in state["intermediates"].items()
+            if name.startswith("stage")}
+  assert shapes == {"stage0_block0": (B, 28, 28, 8), "stage0_block1": (B, 28, 28, 8),
+                    "stage1_block0": (B, 14, 14, 16), "stage1_block1": (B, 14, 14, 16)}
+
+
+def _coupled_unet_params():
+  net = nets.get_network("coupled_unet", **SMALL["coupled_unet"])   # width 8, ch_mult (1, 2)
+  return _init(net, _args("coupled_unet", (28, 28, 1)))["params"]
+
+
+def test_coupled_unet_time_enters_enc_x_and_the_decoder_only():
+  """FiLM(time) params in every ResBlock of the x_t encoder, the middle and the decoder, in none
+  of the y and logit encoders'."""
+  params = _coupled_unet_params()
+  film = {f"{enc}/{name}": "FiLM_0" in params[enc][name] for enc in ("enc_x", "enc_y", "enc_logits")
+          for name in params[enc] if "_res" in name}
+  film.update({name: "FiLM_0" in block for name, block in params.items() if "_res" in name})
+  assert film == {"enc_x/down0_res0": True, "enc_x/down1_res0": True,
+                  "enc_y/down0_res0": False, "enc_y/down1_res0": False,
+                  "enc_logits/down0_res0": False, "enc_logits/down1_res0": False,
+                  "mid_res0": True, "mid_res1": True, "up1_res0": True, "up1_res1": True,
+                  "up0_res0": True, "up0_res1": True}
+
+
+def test_coupled_unet_decoder_consumes_every_skip():
+  """num_res_blocks + 1 decoder ResBlocks per level, each reading h and one skip concatenated
+  over the three encoders (3x its width): skips [stem 8, down0_res0 8, downsample 8, down1_res0
+  16] x 3 are popped from the last, so up0_res1 reads the stems' 24 channels."""
+  params = _coupled_unet_params()
+  in_channels = {name: block["Conv_0"]["kernel"].shape[2] for name, block in params.items()
+                 if name.startswith("up") and "_res" in name}
+  assert in_channels == {"up1_res0": 16 + 48, "up1_res1": 16 + 24, "up0_res0": 16 + 24,
+                         "up0_res1": 8 + 24}
+
+
+def test_logit_block_is_the_identity_with_zero_residual_branches():
+  """LogitBlock: h + Dense(MLP(h, emb)), then AttentionBlock's x + Attn: with the MLP's last
+  Dense and the attention's output projection zeroed, exactly h, whatever the other params."""
+  h, emb, context = (jax.random.normal(jax.random.PRNGKey(i), s)
+                     for i, s in enumerate([(B, 16), (B, 8), (B, 4, 8)]))
+  block = LogitBlock(hidden=16, heads=2, dropout=0.0, groups=8)
+  params = _random_params(block, (h, emb, context))["params"]
+  params["Dense_1"] = jax.tree.map(jnp.zeros_like, params["Dense_1"])
+  attn = params["AttentionBlock_0"]["MultiHeadDotProductAttention_0"]
+  attn["out"] = jax.tree.map(jnp.zeros_like, attn["out"])
+  np.testing.assert_array_equal(block.apply({"params": params}, h, emb, context), h)

@@ -1,5 +1,7 @@
-"""Tests for cdjax.nets.speech: shapes, SGMSE+'s size, logit gate, latent modes, remat."""
+"""Tests for cdjax.nets.speech: shapes, SGMSE+'s size, logit gate, latent modes, remat, and
+exact identities: NCSN++'s blocks, time features and output scaling, the enhancer's outputs."""
 import flax
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -7,7 +9,8 @@ import pytest
 
 from cdjax.nets import NETWORKS, get_network
 from cdjax.nets.layers import count_params
-from cdjax.nets.speech import LatentIntegration, LogitConditioning, _fir
+from cdjax.nets.speech import (LatentIntegration, LogitConditioning, _fir, _NCSNAttention,
+                               _NCSNResBlock)
 
 # rbg keys: XLA compiles the threefry-based initialisers of a whole net far more slowly on CPU.
 KEY = jax.random.key(0, impl="rbg")
@@ -206,3 +209,81 @@ def test_speech_classifier():
   assert jax.jit(net.apply)(params, wave).shape == (B, K)
   with pytest.raises(ValueError, match=r"\[B, L\]"):
     net.apply(params, wave[0])
+
+
+def _random_params(net, *args, seed=0):
+  """N(0, 0.3^2) params with the structure of `net.init(KEY, *args)`, without compiling the init."""
+  rng = np.random.default_rng(seed)
+  return jax.tree.map(lambda p: 0.3 * rng.standard_normal(p.shape).astype(p.dtype),
+                      jax.eval_shape(net.init, KEY, *args))
+
+
+@pytest.mark.parametrize("block, args, last", [
+    (_NCSNResBlock(), (jnp.ones((B, 12)),), "Conv_1"), (_NCSNAttention(), (), "out")],
+    ids=["res_block", "attention"])
+def test_ncsn_blocks_are_x_over_sqrt2_at_init(block, args, last):
+  """NCSN++'s residual block (same width, no resampling: no shortcut) and attention return
+  (x + h) / sqrt(2) with a zero-initialised last layer: x / sqrt(2) at init, whatever the other
+  params."""
+  x = jnp.asarray(np.random.default_rng(7).standard_normal((B, 4, 4, 8)), jnp.float32)
+  params = flax.core.unfreeze(block.init(KEY, x, *args)["params"])
+  assert all(np.all(v == 0) for v in jax.tree.leaves(params[last]))
+  params = dict(_perturb(params, np.random.default_rng(8)), **{last: params[last]})
+  np.testing.assert_allclose(block.apply({"params": params}, x, *args), x / np.sqrt(2.0),
+                             rtol=1e-6, atol=0)
+
+
+def test_ncsnpp_fourier_features_of_log_t():
+  """The time MLP's input is [sin(2 pi log(t) w), cos(2 pi log(t) w)], w ~ N(0, scale^2) [nf]
+  drawn from `fourier_seed`."""
+  rng = np.random.default_rng(10)
+  net = get_network("ncsnpp", **MICRO, fourier_scale=4.0, fourier_seed=3)
+  x_t, y, t = _spec(rng), _spec(rng), jnp.array([0.05, 0.7])
+
+  def time_mlp_input(params):
+    seen = []
+
+    def spy(next_fun, args, kwargs, context):
+      if context.module.scope.path == ("Dense_0",):   # the first time Dense, not a block's
+        seen.append(args[0])
+      return next_fun(*args, **kwargs)
+
+    with nn.intercept_methods(spy):
+      net.apply(params, x_t, t, y)
+    return seen[0]
+
+  got = jax.jit(time_mlp_input)(_random_params(net, x_t, t, y))
+  w = np.asarray(jax.random.normal(jax.random.key(3), (8,)), np.float64) * 4.0
+  proj = 2 * np.pi * np.log(np.asarray(t, np.float64))[:, None] * w
+  np.testing.assert_allclose(got, np.concatenate([np.sin(proj), np.cos(proj)], axis=-1),
+                             rtol=0, atol=1e-4)
+
+
+def test_ncsnpp_scale_by_t_divides_the_output_by_t():
+  """`scale_by_t` divides the output pyramid by t before the 1x1 output map: with that map's bias
+  zeroed, out(scale_by_t=True) * t = out(scale_by_t=False) with the same params."""
+  rng = np.random.default_rng(11)
+  net = get_network("ncsnpp", **MICRO)
+  x_t, y, t = _spec(rng), _spec(rng), jnp.array([0.3, 0.9])
+  params = flax.core.unfreeze(_random_params(net, x_t, t, y))
+  params["params"]["conv_out"]["bias"] = jnp.zeros(2)
+  scaled = jax.jit(net.apply)(params, x_t, t, y)
+  plain = jax.jit(net.clone(scale_by_t=False).apply)(params, x_t, t, y)
+  assert float(jnp.abs(plain).std()) > 1e-3
+  np.testing.assert_allclose(scaled * t[:, None, None], plain, rtol=1e-5,
+                             atol=1e-5 * float(jnp.abs(plain).max()))
+
+
+@pytest.mark.parametrize("output, want", [("mask", lambda y: (2 - 1j) * y),
+                                          ("mapping", lambda y: y + (2 - 1j))],
+                         ids=["mask", "mapping"])
+def test_resunet_enhancer_output_modes(output, want):
+  """The output conv's 2 channels are (re, im) of M (mask: x_hat = M y) or D (mapping: x_hat =
+  y + D): kernel 0 and bias (2, -1) give M = D = 2 - 1j."""
+  rng = np.random.default_rng(12)
+  net = get_network("resunet_enhancer", widths=(8, 16), strides=((2, 2),), output=output)
+  y = _spec(rng)
+  params = flax.core.unfreeze(_random_params(net, y))
+  params["params"]["conv_out"] = dict(kernel=jnp.zeros_like(params["params"]["conv_out"]["kernel"]),
+                                      bias=jnp.array([2.0, -1.0]))
+  np.testing.assert_allclose(jax.jit(net.apply)(params, y)[0], want(y), rtol=1e-6, atol=1e-6)
