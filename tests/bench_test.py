@@ -22,6 +22,75 @@ def test_interleaved_runs_start_each_round_one_further_along():
   timed = bench_common.interleaved_runs(runs, repeats=3)
   assert "".join(calls) == "abc" + "abc" + "bca" + "cab"   # first calls, then 3 rounds
   assert [len(r["times"]) for r in timed.values()] == [3, 3, 3]
+  assert bench_common.round_order(list("abc"), 4) == list("bca")   # wraps around after 3
+
+
+def _bench_common(monkeypatch, ticks=None):
+  """experiments/bench_common.py; with `ticks`, its clock (time.perf_counter) returns them in turn."""
+  if os.path.join(ROOT, "experiments") not in sys.path:
+    sys.path.insert(0, os.path.join(ROOT, "experiments"))
+  import bench_common   # pylint: disable=g-import-not-at-top
+  if ticks is not None:
+    it = iter(ticks)
+    monkeypatch.setattr(bench_common.time, "perf_counter", lambda: next(it))
+  return bench_common
+
+
+def test_timing_arithmetic_medians_per_round_ratios_and_budgets(monkeypatch):
+  """The numbers every table reports, on hand-made timings: medians (not means) of the timed
+  calls; paired_ratio the median over rounds of b's time / a's (not the ratio of medians or a
+  mean); interleaved_runs stopping after the round that brings the total past budget_s per
+  callable; entry's default ratio value / baseline, NaN without a numeric nonzero baseline."""
+  bc = _bench_common(monkeypatch, ticks=[0, 1, 1, 2, 2, 6, 6, 100])   # calls of 1, 1, 4 s
+  assert bc.timeit(lambda: None, repeats=3, warmup=0) == (1.0, [1, 1, 4])
+  bc = _bench_common(monkeypatch, ticks=[0, 1, 1, 5, 5, 100])   # 1 s, then 4 s: past 3 s
+  assert bc.timeit(lambda: None, repeats=9, warmup=0, budget_s=3.0) == (2.5, [1, 4])
+  calls = []
+  sec, times = bc.timeit(lambda: calls.append(1), repeats=9, warmup=2, budget_s=0)
+  assert math.isnan(sec) and times == [] and len(calls) == 2   # no budget: the warm-up only
+
+  a, b = dict(times=[1.0, 2.0, 4.0]), dict(times=[2.0, 2.0, 24.0])   # per round: 2, 1, 6
+  assert bc.paired_ratio(a, b) == 2.0
+
+  # first calls (2 x 2 ticks), then rounds of 1 s + 1 s: 2 s per round, budget 1.5 s x 2 callables
+  bc = _bench_common(monkeypatch, ticks=[0, 0, 0, 0] + list(range(100)))
+  timed = bc.interleaved_runs({"x": lambda: None, "y": lambda: None}, repeats=9, budget_s=1.5)
+  assert [r["times"] for r in timed.values()] == [[1, 1], [1, 1]] and timed["x"]["sec"] == 1
+  # rounds x y, y x, x y; x's calls take 1, 1, 4 s: its median 1 s (mean 2 s)
+  bc = _bench_common(monkeypatch, ticks=[0, 0, 0, 0, 0, 1, 1, 2, 2, 3, 3, 4, 4, 8, 8, 9])
+  timed = bc.interleaved_runs({"x": lambda: None, "y": lambda: None}, repeats=3)
+  assert timed["x"]["times"] == [1, 1, 4] and timed["x"]["sec"] == 1
+
+  assert bc.entry("n", 6, "s", 3)["ratio"] == 2.0
+  assert bc.entry("n", 6, "s", 3, ratio=0.5, section="s")["ratio"] == 0.5
+  for baseline in (0, "a description"):
+    assert math.isnan(bc.entry("n", 6, "s", baseline)["ratio"])
+
+
+def test_write_results_replaces_only_its_own_section_and_writes_nan_as_null(tmp_path, monkeypatch):
+  """A rerun of a section replaces that section's entries and keeps the others' (also those of
+  the same name); the header names the newest run's machine; NaN values and ratios become JSON
+  null and "-" in bench.md's tables."""
+  bc = _bench_common(monkeypatch)
+  monkeypatch.setattr(bc, "RESULTS_DIR", str(tmp_path))
+  machines = iter(["m1", "m2", "m3"])
+  monkeypatch.setattr(bc.provenance, "record",
+                      lambda: dict(commit="abc", machine=next(machines), software="sw"))
+  bc.write_results([bc.entry("t", 1.0, "s", 2.0, section="a")], "cmd_a", ["note a"], "a")
+  bc.write_results([bc.entry("t", 3.0, "s", 4.0, section="b")], "cmd_b", [], "b")
+  assert json.loads((tmp_path / "bench.json").read_text())["machine"] == "m2"   # the newest run's
+  bc.write_results([bc.entry("t", 5.0, "s", "desc", section="a"),
+                    bc.entry("u", float("nan"), "s", 1.0, section="a")], "cmd_a2", [], "a")
+  with open(tmp_path / "bench.json") as f:
+    data = json.load(f)
+  assert [(e["section"], e["name"], e["value"], e["ratio"]) for e in data["entries"]] == [
+      ("b", "t", 3.0, 0.75), ("a", "t", 5.0, None), ("a", "u", None, None)]
+  assert data["command"] == "cmd_a2 && cmd_b"
+  assert data["machine"] == "m3" and data["runs"]["b"]["machine"] == "m2"
+  md = (tmp_path / "bench.md").read_text()
+  assert "Machine of the newest run: m3" in md
+  assert "| t | 5 | s | desc | - |" in md and "| u | - | s | 1 | - |" in md
+  assert "| t | 3 | s | 4 | 0.75 |" in md and "note a" not in md
 
 
 def _run(script: str, results_dir, *args: str) -> None:

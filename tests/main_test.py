@@ -71,11 +71,17 @@ def test_experiment_paths_default_to_the_configs_name(args, paths):
 
 
 def test_sweep_members_product_times_zip(tmp_path):
+  """Members: product lists times zip rows; either part alone gives its own members, an empty
+  sweep the one base run."""
   sweep = dict(product={"optim.lr": [1e-3, 3e-3]}, zip={"seed": [0, 1], "optim.b1": [0.9, 0.8]})
   members = main.sweep_members(sweep, "/w")
   assert len(members) == 4
   assert members[1] == ("/w/optim.lr=0.001,seed=1,optim.b1=0.8",
                         {"optim.lr": 1e-3, "seed": 1, "optim.b1": 0.8})
+  assert main.sweep_members(dict(product={"seed": [0, 1]}), "/w") == [
+      ("/w/seed=0", {"seed": 0}), ("/w/seed=1", {"seed": 1})]
+  assert main.sweep_members(dict(zip={"seed": [2]}), "/w") == [("/w/seed=2", {"seed": 2})]
+  assert main.sweep_members({}, "/w") == [("/w/base", {})]
   with pytest.raises(ValueError, match="equal lengths"):
     main.sweep_members(dict(zip={"seed": [0, 1], "optim.b1": [0.9]}), "/w")
 
@@ -98,7 +104,11 @@ def test_modes_registry_and_gather(tmp_path, capsys):
     with open(tmp_path / name / "metrics.jsonl", "w") as f:
       f.write(json.dumps({"step": 1, "loss": 2.0}) + "\n")
       f.write(json.dumps({"step": 2, "loss": 1.0 + i}) + "\n")
-  rows = main.gather([str(tmp_path / "a"), str(tmp_path / "b")])
+  os.makedirs(tmp_path / "c")
+  (tmp_path / "c" / "metrics.jsonl").write_text("\n")   # started, nothing recorded yet
+  rows = main.gather([str(tmp_path / "a"), str(tmp_path / "b"), str(tmp_path / "c")])
+  assert rows[2] == {"workdir": str(tmp_path / "c")}
+  rows = rows[:2]
   assert [r["loss"] for r in rows] == [1.0, 2.0] and rows[0]["workdir"] == str(tmp_path / "a")
   table = main.format_table(rows)
   assert table.splitlines()[0] == "| workdir | step | loss |" and len(table.splitlines()) == 4

@@ -302,6 +302,20 @@ def test_enhance_file_and_wav_errors(enhancer_workdir, tmp_path):
     assert f.read() == recording
 
 
+def test_read_wav_mixes_channels_down_and_resamples(tmp_path):
+  """A stereo file is the mean of its channels (not its first one), unchanged at the model's
+  rate and at twice the length from half the rate; a peak below 1e-6 counts as silent."""
+  left = _speech(3, batch=1, length=240)[0]
+  path = os.path.join(tmp_path, "stereo.wav")
+  soundfile.write(path, np.stack([left, 0.5 * left], -1), 16000, subtype="FLOAT")
+  np.testing.assert_array_equal(speech.read_wav(path, 16000), 0.75 * left)
+  soundfile.write(path, np.stack([left, 0.5 * left], -1), 8000, subtype="FLOAT")
+  assert speech.read_wav(path, 16000).shape == (480,)
+  soundfile.write(path, np.full(800, 5e-7, np.float32), 16000, subtype="FLOAT")
+  with pytest.raises(ValueError, match="silent"):
+    speech.read_wav(path, 16000)
+
+
 def test_speech_classifier_reads_spectrograms_at_any_gain():
   config = _config()
   net = get_network("speech_classifier", num_classes=10, width=8, depth=1, input_peak=0.5,

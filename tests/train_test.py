@@ -522,7 +522,24 @@ def test_classifier_loss_crops_audio_to_random_windows():
   assert seen[-1] is wave   # crop_samples=0: whole clips
 
 
-def test_classifier_crop_on_images_is_a_clear_error():
+@pytest.mark.parametrize("trainer", ["logits", "joint"])
+def test_logit_targets_standardised_with_the_configured_std(trainer, monkeypatch):
+  """The logit and joint trainers' losses standardise the classifier's logits (targets and
+  conditioning) with `logits.standardize_std`, as the sampler does (losses_test checks the
+  standardisation itself)."""
+  monkeypatch.setattr(train, "_frozen_classifier", lambda config: (lambda p, x: x, {}))
+  c = default.get_config()
+  c.logits.standardize_std = 0.3
+  assert train.TRAINERS.get(trainer)(c).loss_fn.keywords["std"] == 0.3
+
+
+def test_classifier_crop_reaches_the_loss_and_on_images_is_a_clear_error():
+  """`classifier.crop_samples` of an audio config is the crop of the trainer's loss; on images
+  it is an error."""
+  c = default.get_config()
+  c.data.modality = "audio"
+  c.classifier.crop_samples = 8064
+  assert train.TRAINERS.get("classifier")(c).loss_fn.keywords["crop_samples"] == 8064
   c = default.get_config()
   c.classifier.crop_samples = 8064
   with pytest.raises(ValueError, match="crops audio clips.*crop_samples=0"):
