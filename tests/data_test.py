@@ -74,7 +74,7 @@ def test_truncated_prepared_file_names_the_folder_to_delete(data_dir, tmp_path):
   os.truncate(path, os.path.getsize(path) // 2)
   assert len(data.get_source("mnist_local", "train", str(tmp_path / "tfds"))) == 4000
   with pytest.raises(RuntimeError, match=(rf"Dataset mnist_local, split 'test': its prepared "
-                                          rf"files in {re.escape(prepared)} do not read .*Riegeli"
+                                          rf"copy in {re.escape(prepared)} does not load .*Riegeli"
                                           rf".* Delete {re.escape(prepared)} and rerun")):
     data.get_source("mnist_local", "test", str(tmp_path / "tfds"))
 

@@ -52,10 +52,15 @@ def get_builder(name: str, data_dir: str = "") -> tfds.core.DatasetBuilder:
     except Exception as e:
       if not was_prepared:
         raise
-      raise RuntimeError(f"Dataset {name}: its prepared copy in {prepared} does not load "
-                         f"({type(e).__name__}: {str(e).splitlines()[0][:200]}). Delete "
-                         f"{prepared} and rerun to build it again.") from e
+      raise _unreadable_copy(name, prepared, e) from e
   return builder
+
+
+def _unreadable_copy(dataset: str, folder: str, e: Exception) -> RuntimeError:
+  """The error of a prepared copy in `folder` that no longer loads, naming the folder to delete."""
+  return RuntimeError(f"Dataset {dataset}: its prepared copy in {folder} does not load "
+                      f"({type(e).__name__}: {str(e).splitlines()[0][:200]}). Delete {folder} "
+                      "and rerun to prepare it again.")
 
 
 def _read_labels(source, chunk: int = 4096) -> np.ndarray:
@@ -134,10 +139,7 @@ def _check_readable(source, name: str, split: str, folder: str) -> None:
     try:
       source[i]
     except RuntimeError as e:
-      raise RuntimeError(
-          f"Dataset {name}, split {split!r}: its prepared files in {folder} do not read "
-          f"({str(e).splitlines()[0][:200]}). Delete {folder} and rerun to prepare it "
-          "again.") from e
+      raise _unreadable_copy(f"{name}, split {split!r}", folder, e) from e
 
 
 def _get_builder(name: str, data_dir: str) -> tfds.core.DatasetBuilder:
