@@ -23,6 +23,8 @@ import numpy as np
 import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 
+from cdjax import errors
+
 PROVENANCE = "provenance.json"
 
 
@@ -126,9 +128,9 @@ class Checkpointer:
     """The CheckpointError of a save that failed (disk full, a directory that went away)."""
     latest = self.latest_step()
     return CheckpointError(
-        f"Saving a checkpoint in {self.directory} failed ({_brief(e)}). The finished ones are "
-        f"intact (latest: {'none yet' if latest is None else self.path(latest)}); free space or "
-        "fix the directory, then rerun the same command to resume from the latest.")
+        f"Saving a checkpoint in {self.directory} failed ({errors.brief(e)}). The finished "
+        f"ones are intact (latest: {'none yet' if latest is None else self.path(latest)}); free "
+        "space or fix the directory, then rerun the same command to resume from the latest.")
 
   def restore(self, state_like, step: Optional[int] = None):
     """Restores step `step` (default: the latest) into the structure, shapes and shardings of
@@ -150,7 +152,7 @@ class Checkpointer:
           state=ocp.args.StandardRestore(_abstract(state_like)), data=ocp.args.JsonRestore(),
           meta=ocp.args.JsonRestore()))
     except Exception as e:   # orbax raises many types for truncated or missing files
-      raise CheckpointError(f"Checkpoint {path} is unreadable ({_brief(e)}). It was "
+      raise CheckpointError(f"Checkpoint {path} is unreadable ({errors.brief(e)}). It was "
                             "left in place; move it aside to resume from an earlier one.") from e
     return out.state, _this_host(out.data, path), out.meta
 
@@ -173,16 +175,6 @@ class Checkpointer:
 
   def __exit__(self, *exc) -> None:
     self.close()
-
-
-def _brief(e: Exception, most: int = 300) -> str:
-  """`Type: first line of the message` of the innermost error that `e` was raised from, at most
-  `most` characters of it (orbax wraps TensorStore's error, the one naming the damaged array and
-  file, in messages that embed whole TensorStore specs)."""
-  while e.__cause__ is not None or (e.__context__ is not None and not e.__suppress_context__):
-    e = e.__cause__ if e.__cause__ is not None else e.__context__
-  first = (str(e).strip().splitlines() or [""])[0]
-  return f"{type(e).__name__}: {first[:most]}{'...' if len(first) > most else ''}"
 
 
 def all_hosts(data_state: bytes) -> list[bytes]:
@@ -236,8 +228,8 @@ def restore_params(directory: str, step: Optional[int] = None, ema: bool = True,
                                        partial_restore=True),
           meta=ocp.args.JsonRestore()))
     except Exception as e:
-      raise CheckpointError(f"Checkpoint {path} is unreadable ({_brief(e)}). It was left in "
-                            "place; move it aside to use an earlier one, or train the stage "
+      raise CheckpointError(f"Checkpoint {path} is unreadable ({errors.brief(e)}). It was left "
+                            "in place; move it aside to use an earlier one, or train the stage "
                             "again.") from e
   finally:
     manager.close()
@@ -326,7 +318,7 @@ def load_classifier(directory: str, expected_sha256: Optional[str] = None):
     hint = (f" It is the classifier trainer's workdir: give {inside}."
             if os.path.exists(os.path.join(inside, PROVENANCE)) else "")
     raise CheckpointError(f"Frozen classifier {directory} is unreadable "
-                          f"({_brief(e)}).{hint}") from e
+                          f"({errors.brief(e)}).{hint}") from e
   sha = params_sha256(params)
   if sha != record["sha256"]:
     raise CheckpointError(f"Frozen classifier {directory}: its parameters hash to {sha}, not to "

@@ -28,6 +28,7 @@ from tqdm.auto import tqdm
 from cdjax import audio
 from cdjax import checkpoint
 from cdjax import data
+from cdjax import errors
 from cdjax import exdiff
 from cdjax import losses
 from cdjax import nets
@@ -589,7 +590,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, trainer_name: str) ->
       except ValueError as e:   # grain: another dataset, subset or shuffle than the saved one
         raise checkpoint.CheckpointError(
             f"Checkpoint {last_good} was saved reading other data than this config reads "
-            f"({str(e).splitlines()[0][:300]}). Resume with the data.* settings of "
+            f"({errors.brief(e)}). Resume with the data.* settings of "
             f"{os.path.join(workdir, 'config.json')}, or train in a new workdir.") from e
   if is_main:   # after the restore: a config that cannot resume leaves the old record in place
     with open(os.path.join(workdir, "config.json"), "w") as f:

@@ -14,6 +14,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 import tqdm
 
+from cdjax import errors
 from cdjax.registry import Registry
 
 DATASETS = Registry("dataset")   # local TFDS builder classes, by TFDS name
@@ -59,8 +60,7 @@ def get_builder(name: str, data_dir: str = "") -> tfds.core.DatasetBuilder:
 def _unreadable_copy(dataset: str, folder: str, e: Exception) -> RuntimeError:
   """The error of a prepared copy in `folder` that no longer loads, naming the folder to delete."""
   return RuntimeError(f"Dataset {dataset}: its prepared copy in {folder} does not load "
-                      f"({type(e).__name__}: {str(e).splitlines()[0][:200]}). Delete {folder} "
-                      "and rerun to prepare it again.")
+                      f"({errors.brief(e)}). Delete {folder} and rerun to prepare it again.")
 
 
 def _read_labels(source, chunk: int = 4096) -> np.ndarray:
