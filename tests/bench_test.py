@@ -128,6 +128,15 @@ def test_image_sampler_and_train_benchmarks_write_one_merged_table(tmp_path, fil
   assert {n: sampler[f"{n}_vs_enhance_nfe"]["ratio"] for n in ("parallel", "alternating5", "nested")} \
       == {"parallel": 2.0, "alternating5": 10.0, "nested": 4.0}
   assert sampler["flops_per_call_signal_b1"]["value"] > 100   # MFLOP: the demo U-Net, ~160
+  # per item: 4 steps x (signal net + logit net) + the classifier on y, on x0_hat at the 2 steps
+  # after the switch (round(4 x 0.5) = 2) and on x0; achieved GFLOP/s over the best matmul peak
+  mflop = {n: sampler[f"flops_per_call_{n}_b1"]["value"] for n in ("signal", "logits", "classifier")}
+  per_item = 4 * (mflop["signal"] + mflop["logits"]) + 4 * mflop["classifier"]
+  frac = sampler["sampler_jit_scan_frac_of_peak_b1"]
+  assert math.isclose(frac["value"], sampler["sampler_jit_scan_items_per_s_b1"]["value"] * per_item
+                      / 1e3, rel_tol=1e-6)
+  assert frac["baseline"] == max(sampler[n]["value"] for n in ("matmul_peak_jax", "matmul_peak_torch")
+                                 if n in sampler)
   # XLA's buffers of a call, summed over the devices: batch 2 is 1 item on each of 2 devices
   peak = [sampler[f"sampler_jit_scan_peak_mib_b{b}"]["value"] for b in (1, 2)]
   assert 1.5 < peak[1] / peak[0] < 2.5, peak
