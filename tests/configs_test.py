@@ -54,6 +54,8 @@ def test_numbers_of_classes_agree(name):
      r"data.label_subset keeps 100 labels .* set data.num_classes=100"),
     ("mnist_demo", "logits.net_kwargs.num_classes", 5,
      r"logits.net_kwargs.num_classes=5 but data.num_classes=10"),
+    ("mnist_demo", "signal.net_kwargs.num_classes", 5,
+     r"signal.net_kwargs.num_classes=5 but data.num_classes=10"),
     ("cifar100", "classifier.net_kwargs.num_classes", 10,
      r"classifier.net_kwargs.num_classes=10 but data.num_classes=100")])
 def test_disagreeing_numbers_of_classes_stop_training_before_it_starts(tmp_path, config_name,

@@ -142,6 +142,45 @@ def test_stage_config_uses_the_stage_learning_rate():
   assert config.optim.lr != 0.05   # the experiment's config is left as it was
 
 
+def test_changed_fields_are_the_stage_inputs_that_differ_from_its_record(tmp_path):
+  """A reused stage is compared with its record (config.json as `train.train` writes it, with
+  the stage's own learning rate) in the fields it learns from, and only those."""
+  config = tiny_config()
+  config.classifier.lr = 0.05   # the classifier's record holds optim.lr=0.05
+  for stage in ("classifier", "joint"):
+    os.makedirs(tmp_path / stage)
+    (tmp_path / stage / "config.json").write_text(
+        train.stage_config(config, stage).to_json_best_effort())
+  changed = lambda stage: experiment._changed_fields(config, str(tmp_path / stage), stage)
+  assert changed("classifier") == changed("joint") == []
+  config.sampling.switch_t = 0.25    # the joint logit net learns the switch
+  config.sampling.batch_size = 8     # evaluation only
+  config.train.log_every = 9         # logging only
+  config.corruption.kwargs.p = 0.1   # the classifier trains on clean data
+  assert changed("classifier") == []
+  assert changed("joint") == ["corruption.kwargs.p", "sampling.switch_t"]
+
+
+def test_joint_parameters_only_where_the_joint_stage_trains():
+  """A method asking for the joint stage's parameters without `train.joint_steps` is refused by
+  `check_config`, before anything trains."""
+  config = tiny_config()
+  assert experiment.param_sources(config) == ("pretrained", "joint")
+  config.train.joint_steps = 0
+  assert experiment.param_sources(config) == ("pretrained",)
+  experiment.check_config(config)   # methods without `params` take the pre-trained branches
+  config.evaluation.methods.parallel.params = "joint"
+  with pytest.raises(ValueError, match=(r"evaluation.methods.parallel.params='joint': no such "
+                                        r"parameters; use one of \['pretrained'\]")):
+    experiment.check_config(config)
+
+
+def test_method_order_puts_the_baselines_first_in_their_order():
+  names = ["parallel", "card", "noisy", "alternating", "enhance_then_classify"]
+  assert experiment.method_order(names) == ["noisy", "enhance_then_classify", "card",
+                                            "alternating", "parallel"]
+
+
 def test_methods_pick_pretrained_or_joint_parameters():
   params = {"pretrained": "P", "joint": "J"}
   assert experiment.method_params(params, "m", {"strategy": "card", "params": "pretrained"}) == (

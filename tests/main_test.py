@@ -24,6 +24,22 @@ def test_overrides_set_fields_and_unknown_fields_list_close_matches():
     overrides.check_field(config, "optimm.lr")
 
 
+def test_sections_are_fields_and_a_path_through_a_value_is_unknown():
+  """A misspelt section gets the section as its closest field; a path that goes on past a
+  value is an unknown field (a KeyError, as every typo)."""
+  config = mnist_classifier.get_config()
+  paths = overrides.field_paths(config)
+  assert {"optim", "optim.lr", "classifier.net_kwargs", "classifier.net_kwargs.width"} <= set(paths)
+  assert len(paths) == len(set(paths))
+  with pytest.raises(KeyError) as e:
+    overrides.check_field(config, "optimm")
+  assert e.value.args[0].split("Closest fields: ")[1].rstrip(".").split(", ")[0] == "optim"
+  with pytest.raises(KeyError, match=r"Unknown config field 'optim.lr.x'"):
+    overrides.check_field(config, "optim.lr.x")
+  with pytest.raises(KeyError, match=r"Unknown config field 'optim.lr.x'"):
+    overrides.apply_overrides(config, {"optim.lr.x": 1})
+
+
 @pytest.mark.parametrize("command", [["-m", "cdjax.main", "--config", "configs/mnist_classifier.py"],
                                      ["-m", "cdjax.demo"]])   # the demo: its default config file
 def test_cli_unknown_override_fails_before_running(tmp_path, command):

@@ -183,6 +183,30 @@ class ConvClassifier(nn.Module):
     return nn.Dense(10)(x.mean(axis=(1, 2)))
 
 
+def test_step_metrics_are_the_mean_loss_and_the_norms_of_the_mean_gradient():
+  """loss = |w - mean of the micro-batch's rows|^2, 2 micro-batches (rows 0, 2, .. and 1, 3, ..;
+  means m0 = (3, -3), m1 = (4, -4)): the logged loss is the micro-batches' mean, grad_norm the
+  norm of the global-batch gradient mean_i 2 (w - m_i), param_norm that of the updated params."""
+  c = default.get_config()
+  c.mesh.data, c.train.grad_accum_steps = 1, 2
+  c.optim.update(lr=0.1, warmup_steps=0, schedule="constant", grad_clip=0.0)
+
+  def loss_fn(p, f, b, r):
+    loss = jnp.sum((p["w"] - b["x"].mean(0)) ** 2)
+    return loss, {"loss": loss}
+  x = np.stack([np.arange(8.0), -np.arange(8.0)], -1).astype(np.float32)   # row r = (r, -r)
+  w0 = np.ones(2, np.float32)
+  state, metrics = _run_steps(loss_fn, {"w": w0}, [{"x": x}], c, parallel.make_mesh(c))
+  m0, m1 = np.array([3.0, -3.0]), np.array([4.0, -4.0])
+  np.testing.assert_allclose(metrics["loss"], (np.sum((w0 - m0) ** 2) + np.sum((w0 - m1) ** 2)) / 2,
+                             rtol=1e-6)
+  grad = (2 * (w0 - m0) + 2 * (w0 - m1)) / 2
+  np.testing.assert_allclose(metrics["grad_norm"], np.linalg.norm(grad), rtol=1e-6)
+  # Adam's first step moves each parameter by lr against the sign of its gradient.
+  np.testing.assert_allclose(state.params["w"], w0 - 0.1 * np.sign(grad), rtol=1e-5)
+  np.testing.assert_allclose(metrics["param_norm"], np.linalg.norm(state.params["w"]), rtol=1e-6)
+
+
 def test_grad_accumulation_keeps_one_micro_batch_of_activations():
   """The compiled step's temporary memory shrinks with the micro-batch: micro-batch i + 1 waits
   for micro-batch i's gradient (left alone, XLA:CPU runs the micro-batches' forward passes
@@ -219,6 +243,10 @@ def test_schedules_and_optimizers():
   params = {"w": jnp.ones(3)}
   updates, _ = opt.update({"w": jnp.zeros(3)}, opt.init(params), params)
   assert float(updates["w"][0]) == 0.0   # step 0 of warmup: lr 0
+  c.warmup_steps = 0   # lr 1 from step 0: zero gradients leave adamw's decay -lr * wd * params
+  opt = train.make_optimizer(c, 110)
+  updates, _ = opt.update({"w": jnp.zeros(3)}, opt.init(params), params)
+  np.testing.assert_allclose(updates["w"], -1.0 * 0.1 * np.ones(3), rtol=1e-6)
   c.name = "sgd"
   with pytest.raises(ValueError, match="optim.name 'sgd'"):
     train.make_optimizer(c, 10)
@@ -333,6 +361,17 @@ def _as_scalars(records):
   """metrics.jsonl records as {(name, step): value}, rounded to float32 as TensorBoard stores."""
   return {(k, r["step"]): float(np.float32(v))
           for r in records for k, v in r.items() if k != "step"}
+
+
+def test_check_finite_averages_the_window_and_names_the_first_bad_step():
+  """A record holds the means over the steps since the last one; a NaN or Inf stops at its
+  step, counted from 1 after `first_step`, naming the last good checkpoint."""
+  window = [{"loss": np.float32(v), "grad_norm": np.float32(2 * v)} for v in (1.0, 2.0, 6.0)]
+  assert train._check_finite(window, 6, None) == {"loss": 3.0, "grad_norm": 6.0}
+  window[1]["grad_norm"], window[2]["loss"] = np.float32(np.inf), np.float32(np.nan)
+  with pytest.raises(FloatingPointError,
+                     match=r"Non-finite \{'grad_norm': inf\} in step 8 \(loss 2.0\).*kept: ck/6\."):
+    train._check_finite(window, 6, "ck/6")
 
 
 def test_metrics_writer_drops_records_a_resumed_run_redoes(tmp_path):
@@ -490,6 +529,26 @@ def test_logits_trainer_records_and_checks_classifier(classifier_dir, tmp_path):
     train.train(overrides.apply_overrides(config, {"checkpoint.init_logits": workdir,
                                                    "logits.net_kwargs.hidden": 32}),
                 str(tmp_path / "wider_logits"), "logits")
+
+
+def test_frozen_classifier_loads_in_inference_mode_and_refuses_another_network(tmp_path):
+  """The frozen classifier is the saved params applied by the config's network (train=False);
+  a config building another network is refused, naming both (the slow logits test: in training)."""
+  config = mnist_classifier.get_config()
+  config.classifier.net_kwargs.dropout = 0.5   # in training mode, the logits would differ
+  net = nets.get_network(config.classifier.net, **config.classifier.net_kwargs)
+  x = jnp.asarray(np.random.default_rng(0).uniform(-1, 1, (2, 28, 28, 1)), jnp.float32)
+  params = net.init(jax.random.PRNGKey(0), x[:1])["params"]
+  config.checkpoint.classifier = str(tmp_path / "classifier")
+  checkpoint.save_classifier(config.checkpoint.classifier, params, 0.5, config)
+  classify, loaded = train._frozen_classifier(config)
+  np.testing.assert_allclose(classify(loaded, x), net.apply({"params": params}, x, train=False),
+                             rtol=1e-6)
+  config.classifier.net_kwargs.width = 16
+  with pytest.raises(checkpoint.CheckpointError, match=(
+      r"is a classifier.net='cnn_classifier' with net_kwargs .*'width': 8.*this config builds "
+      r"'cnn_classifier' with .*'width': 16")):
+    train._frozen_classifier(config)
 
 
 def test_remat_from_config_reaches_the_networks():
