@@ -29,10 +29,10 @@ PARAMS = {"signal": {"w": jnp.float32(0.3), "v": jnp.float32(0.2)},
           "logits": {"w": jnp.float32(0.5)}}
 
 
-def _stub_loss(signal_sde, logits_sde, calls, **kwargs):
+def _stub_loss(signal_sde, logits_sde, calls, weights=(1.0, 0.0), **kwargs):
   """joint_loss(params, rng) on x0 [B, K] with stub nets recording their inputs in `calls`
   (`calls["logits"]`: one entry per logit-net call): classify(x) = x, y = x0 + 0.5, the logit
-  net p["w"] * l_t, the signal net p["w"] * x_t + p["v"] * logits."""
+  net p["w"] * l_t, the signal net p["w"] * x_t + p["v"] * logits; loss weights (signal, logits)."""
   def logits_apply(p, l_t, t, f_c, c, rng):
     out = p["w"] * l_t
     calls.setdefault("logits", []).append((l_t, t, out, f_c, c))
@@ -48,7 +48,7 @@ def _stub_loss(signal_sde, logits_sde, calls, **kwargs):
       params, {"classifier": None}, {"x": x0}, rng, signal_apply=signal_apply,
       logits_apply=logits_apply, signal_sde=signal_sde, logits_sde=logits_sde,
       observe=lambda k, b: (b["x"], b["x"] + 0.5), classify=lambda p, x: x, std=STD,
-      weights={"signal": 1.0, "logits": 0.0}, **kwargs), x0
+      weights=dict(zip(("signal", "logits"), weights)), **kwargs), x0
 
 
 @pytest.mark.parametrize("signal_sde,fraction", [
@@ -129,6 +129,35 @@ def test_logit_term_sees_the_signal_estimate_below_the_switch(signal_sde, logits
   grads = jax.grad(only_logits)(PARAMS, KEY)
   assert float(grads["signal"]["w"]) == float(grads["signal"]["v"]) == 0.0
   assert float(grads["logits"]["w"]) != 0.0
+
+
+def test_joint_loss_weighs_each_branch_eps_loss():
+  """loss = w_x L_x + w_l L_l, L_x = mean |eps_hat - z|^2 of the signal net, z recovered from its
+  input x_t through the DDPM marginal (likewise L_l of the logit net, l0 = f(x0) standardised)."""
+  calls = {}
+  sde = sde_lib.get_sde("vp_discrete", N=10)
+  loss_fn, x0 = _stub_loss(sde, sde, calls, weights=(2.0, 3.0), signal_cond="observation")
+  loss, metrics = loss_fn(PARAMS, KEY)
+
+  def eps_loss(target, x_t, t, out):
+    a = np.sqrt(np.asarray(sde.alphas_cumprod)[np.asarray(t, int)])[:, None]
+    z = (np.asarray(x_t) - a * np.asarray(target)) / np.sqrt(1 - a ** 2)
+    return np.mean((np.asarray(out) - z) ** 2)
+  t, _, x_t, out = calls["signal"]
+  np.testing.assert_allclose(metrics["signal_loss"], eps_loss(x0, x_t, t, out), rtol=1e-4)
+  (l_t, t_l, out_l, _, _), = calls["logits"]
+  l0 = standardize_logits(x0, STD)
+  np.testing.assert_allclose(metrics["logits_loss"], eps_loss(l0, l_t, t_l, out_l), rtol=1e-4)
+  np.testing.assert_allclose(
+      loss, 2.0 * metrics["signal_loss"] + 3.0 * metrics["logits_loss"], rtol=1e-6)
+  assert float(metrics["loss"]) == float(loss)
+  # ... and so are the gradients (the signal term sends none into the logit branch).
+  grad = lambda term: jax.grad(lambda p: term(*loss_fn(p, KEY)))(PARAMS)
+  total = grad(lambda loss, m: loss)
+  for branch, w in (("signal", 2.0), ("logits", 3.0)):
+    own = grad(lambda loss, m, b=branch: m[f"{b}_loss"])[branch]["w"]
+    np.testing.assert_allclose(total[branch]["w"], w * own, rtol=1e-5)
+    assert float(own) != 0.0
 
 
 def test_observation_keeps_the_pretraining_conditioning():

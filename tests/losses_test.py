@@ -61,3 +61,61 @@ def test_logit_loss_denoises_standardised_classifier_logits_toward_f_y():
       sde=sde, observe=lambda k, b: (b["x"], b["y"]), classify=lambda p, x: 2 * x + 1, std=std)
   assert float(loss) < 1e-8
   assert float(metrics["l0_hat_agreement"]) == 1.0
+
+
+def test_signal_loss_conditions_on_y_the_batch_logits_and_the_enhancer_latent():
+  """The signal net reads (y, logits[, latent]): zero logits [B, K] by default, batch["logits"]
+  when the batch has them, and (Ex-Diff) latent(frozen["enhancer"], y)."""
+  sde = sde_lib.get_sde("vp_discrete", N=10)
+  x0 = jax.random.normal(jax.random.PRNGKey(1), (4, 6))
+  y = x0 + 1.0
+  seen = {}
+
+  def apply(params, x_t, t, *cond):
+    seen["cond"] = cond[:-1]   # the last input is the dropout key
+    return jnp.zeros_like(x_t)
+
+  def loss(batch, **kwargs):
+    return losses.signal_loss(None, {"enhancer": 3.0}, batch, jax.random.PRNGKey(0), apply=apply,
+                              sde=sde, observe=lambda k, b: (b["x"], b["x"] + 1.0), num_classes=5,
+                              **kwargs)
+  loss({"x": x0})
+  c, logits = seen["cond"]
+  np.testing.assert_array_equal(c, y)
+  np.testing.assert_array_equal(logits, np.zeros((4, 5), np.float32))
+  batch_logits = jnp.arange(20.0).reshape(4, 5)
+  loss({"x": x0, "logits": batch_logits}, latent=lambda p, v: p * v[:, :2])
+  c, logits, latent = seen["cond"]
+  np.testing.assert_array_equal(c, y)
+  np.testing.assert_array_equal(logits, batch_logits)
+  np.testing.assert_array_equal(latent, 3.0 * y[:, :2])
+
+
+def test_enhancer_loss_is_the_mean_squared_magnitude_of_the_complex_error():
+  """enhancer_loss regresses net(y) onto x0: mean |x_hat - x0|^2 over all elements, complex
+  errors by their squared magnitude (here x_hat = g y, g a parameter)."""
+  key_x, key_n = jax.random.split(jax.random.PRNGKey(3))
+  x0 = sde_lib.normal(key_x, (3, 4, 5), jnp.complex64)
+  y = x0 + 0.7 * sde_lib.normal(key_n, (3, 4, 5), jnp.complex64)
+  apply = lambda params, v, rng: (params["g"] * v, None)
+  g = jnp.complex64(0.6 - 0.2j)
+  loss, metrics = losses.enhancer_loss({"g": g}, None, {"x": x0, "y": y}, jax.random.PRNGKey(0),
+                                       apply=apply, observe=lambda k, b: (b["x"], b["y"]))
+  x, v = np.asarray(x0, np.complex128), np.asarray(y, np.complex128)
+  err = complex(g) * v - x
+  expected = np.mean(err.real ** 2 + err.imag ** 2)
+  np.testing.assert_allclose(float(loss), expected, rtol=1e-5)
+  assert float(metrics["loss"]) == float(loss)
+
+
+def test_classifier_loss_is_the_cross_entropy_and_accuracy_of_the_logits():
+  """Mean -log softmax(logits)[label] and the fraction of argmax hits, on fixed logits."""
+  logits = jnp.array([[2.0, 0.0, -1.0], [0.5, 1.5, 0.0], [0.0, 0.0, 3.0], [1.0, 2.0, 0.0]])
+  labels = jnp.array([0, 1, 0, 0])   # hit, hit, miss, miss
+  loss, metrics = losses.classifier_loss(
+      None, None, {"image": logits, "label": labels}, jax.random.PRNGKey(0),
+      apply=lambda params, x, rng: x)
+  z = np.asarray(logits, np.float64)
+  log_p = z - np.log(np.exp(z).sum(-1, keepdims=True))
+  np.testing.assert_allclose(float(loss), -log_p[np.arange(4), labels].mean(), rtol=1e-6)
+  assert float(metrics["accuracy"]) == 0.5 and float(metrics["loss"]) == float(loss)

@@ -132,3 +132,9 @@ def test_score_rows_compare_methods_on_the_items_every_method_scores():
   assert (sgmse["pesq"], exdiff["pesq"], exdiff["estoi"]) == (1.0, 2.0, 0.5)
   assert exdiff["si_sdr_diff_vs_sgmse"] == pytest.approx(1.0) and exdiff["failed_items"] == 1
   assert "si_sdr_diff_vs_sgmse" not in sgmse
+  # The discriminative enhancer is compared with sgmse on the same items too.
+  scores["discriminative"] = dict(scores["sgmse"], si_sdr=np.array([9.0, 2.5, 2.0, 9.0, 9.0]))
+  runs["discriminative"] = dict(failed_items=0)
+  disc = speech._score_rows("noise", scores, runs)[-1]
+  assert disc["method"] == "discriminative" and disc["si_sdr"] == 2.25
+  assert disc["si_sdr_diff_vs_sgmse"] == pytest.approx(-0.25)

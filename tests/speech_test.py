@@ -254,6 +254,30 @@ def test_pc_sampler_enhancement_and_latent_path(enhancer_workdir):
   np.testing.assert_allclose(*exdiff_and_baseline(no_film), atol=1e-5)
 
 
+def test_exdiff_enhancement_feeds_the_enhancers_latent_to_the_score_net(monkeypatch):
+  """get_enhance_fn: "exdiff" calls score(x, t, y, logits, latent(enhancer, y)), "sgmse" the same
+  net without the latent; otherwise the two samplers are the same (stub nets)."""
+  seen = []
+
+  class Score:
+    def apply(self, variables, x, t, y, logits, *latent, train):
+      assert train is False
+      seen.append((logits.shape, len(latent)))
+      return variables["params"]["w"] * (x - y) + sum(latent)
+  monkeypatch.setattr(speech.nets, "get_network", lambda name, **kwargs: Score())
+  monkeypatch.setattr(speech.exdiff, "latent_fn", lambda config: lambda p, y: p["c"] * y)
+  config = _config()
+  y = audio.Frontend.from_config(config).analyze(_speech(4) + 0.1)[0]
+  key, score = jax.random.key(5), {"w": jnp.float32(0.3)}
+  enhance = {m: jax.jit(speech.get_enhance_fn(config, m)) for m in ("exdiff", "sgmse")}
+  sgmse = enhance["sgmse"]({"score": score}, key, y)
+  assert set(seen) == {((B, 10), 0)}
+  exdiff_out = lambda c: enhance["exdiff"]({"score": score, "enhancer": {"c": c}}, key, y)
+  assert not np.allclose(exdiff_out(0.5), sgmse, atol=1e-3)
+  assert seen[-1] == ((B, 10), 1)
+  np.testing.assert_allclose(exdiff_out(0.0), sgmse, atol=1e-6)
+
+
 def test_interference_is_what_the_corruption_added():
   # Reverberation scales the direct path of the clean signal (unit-energy RIR): noisy - clean
   # would count part of the target as interference, and a perfect estimate would score 8 dB.
@@ -466,6 +490,101 @@ def test_keyword_config_signal_branches():
       assert params(joint, name, methods[name].to_dict())[0] == expected, name
   with pytest.raises(ValueError, match="unknown signal branch"):
     speech_keywords.get_config("sgmse+")
+
+
+def test_uses_latent_needs_an_enhancer_and_a_latent_mode():
+  config = _config()   # latent_mode "film", no checkpoint.enhancer
+  assert not exdiff.uses_latent(config)
+  config.checkpoint.enhancer = "runs/noise/enhancer"
+  assert exdiff.uses_latent(config)
+  config.signal.net_kwargs.latent_mode = "none"
+  assert not exdiff.uses_latent(config)
+  del config.signal.net_kwargs["latent_mode"]   # unset: "none"
+  assert not exdiff.uses_latent(config)
+
+
+def test_latent_fn_is_the_enhancers_second_output_without_gradient(monkeypatch):
+  """latent(params, y): output [1] of `config.enhancer`'s net applied in inference mode; no
+  gradient reaches y or the frozen enhancer's params."""
+  built = []
+
+  class Enhancer:
+    def apply(self, variables, y, train):
+      assert train is False
+      p = variables["params"]
+      return p["a"] * y, p["b"] * y ** 2
+  monkeypatch.setattr(exdiff.nets, "get_network",
+                      lambda name, **kwargs: built.append((name, kwargs)) or Enhancer())
+  config = _config()
+  latent = exdiff.latent_fn(config)
+  assert built == [(config.enhancer.net, config.enhancer.net_kwargs.to_dict())]
+  params, y = {"a": 2.0, "b": 3.0}, jnp.array([1.0, -2.0, 0.5])
+  np.testing.assert_allclose(latent(params, y), 3.0 * y ** 2)
+  grads = jax.grad(lambda p, y: latent(p, y).sum(), argnums=(0, 1))(params, y)
+  assert all(float(jnp.abs(g).max()) == 0.0 for g in jax.tree.leaves(grads))
+
+
+def test_enhance_file_defaults_to_the_best_trained_method(tmp_path, monkeypatch):
+  """method "": Ex-Diff when trained (reading the condition's enhancer), else SGMSE+ (no
+  enhancer), each with its own trained params; an identity enhancement writes the input back."""
+  seen = []
+
+  def get_enhance_fn(cfg, method):
+    seen.append((method, cfg.checkpoint.enhancer))
+    return lambda params, key, y: y
+  monkeypatch.setattr(speech, "get_enhance_fn", get_enhance_fn)
+  monkeypatch.setattr(speech, "trained_params", lambda workdir, method: seen.append(method) or {})
+  workdir = str(tmp_path / "noise")
+  for stage in ("enhancer", "sgmse", "exdiff"):
+    os.makedirs(os.path.join(workdir, stage, "checkpoints"))
+  src, dst = str(tmp_path / "in.wav"), str(tmp_path / "out.wav")
+  wave = _speech(7, batch=1)[0]
+  soundfile.write(src, wave, 16000, subtype="FLOAT")
+  config = _config()
+  speech.enhance_file(config, workdir, src, dst)
+  assert seen == [("exdiff", os.path.join(workdir, "enhancer")), "exdiff"]
+  np.testing.assert_allclose(soundfile.read(dst)[0], wave, atol=1e-4)   # 16-bit output
+  assert config.checkpoint.enhancer == ""   # set on a copy: the caller's config is as it was
+  speech.enhance_file(config, workdir, src, dst, method="discriminative")
+  assert seen[-2:] == [("discriminative", ""), "discriminative"]
+  os.rename(os.path.join(workdir, "exdiff"), os.path.join(workdir, "exdiff.old"))
+  speech.enhance_file(config, workdir, src, dst)
+  assert seen[-2:] == [("sgmse", ""), "sgmse"]
+
+
+def test_get_enhance_fn_refuses_an_unknown_method():
+  with pytest.raises(ValueError, match="Unknown enhancement method 'exdif'"):
+    speech.get_enhance_fn(_config(), "exdif")
+
+
+def test_quality_marks_unscorable_items_nan(monkeypatch):
+  """PESQ raising on an item, or ESTOI's 1e-5 for a reference too short to score, is NaN for
+  that item only; SI-SDR of a perfect estimate is very large."""
+  clean = 0.1 * np.random.default_rng(0).standard_normal((2, 800))
+  monkeypatch.setattr(speech.metrics, "estoi",
+                      lambda s, e, sr: 1e-5 if s[0] == clean[0, 0] else 0.7)
+
+  def pesq_wb(s, e, sr):
+    if s[0] == clean[1, 0]:
+      raise ValueError("No utterances detected")
+    return 2.5
+  monkeypatch.setattr(speech.metrics, "pesq_wb", pesq_wb)
+  noisy = clean + 0.1
+  q = speech._quality(clean, noisy, clean, 16000)
+  np.testing.assert_array_equal(q["estoi"], [np.nan, 0.7])
+  np.testing.assert_array_equal(q["pesq"], [2.5, np.nan])
+  assert np.all(q["si_sdr"] > 100)
+
+
+def test_relative_note_compares_exdiff_with_sgmse_per_condition():
+  """Differences in dB and relative to the magnitude of sgmse's (here negative) SI-SDR."""
+  rows = [dict(condition="noise", method="sgmse", si_sdr=-2.0, si_sir=4.0),
+          dict(condition="noise", method="exdiff", si_sdr=-1.0, si_sir=5.0),
+          dict(condition="reverb", method="sgmse", si_sdr=3.0, si_sir=4.0)]
+  note = speech._relative_note(rows)
+  assert note.startswith("noise: Ex-Diff vs SGMSE+: SI-SDR +1.00 dB (+50.0% relative; paper: "
+                         "+3.7%), SI-SIR +1.00 dB (+25.0%; paper: +10.0%).")
+  assert "reverb" not in note and len(note.splitlines()) == 1
 
 
 def test_error_rate_row_flips_accuracy_and_the_paired_difference():
