@@ -63,14 +63,14 @@ def _source_digest() -> bytes:
 
 
 def _fingerprint(cfg: ml_collections.ConfigDict, model_config, params, y: np.ndarray, key,
-                 batch_size: int, mesh) -> str:
+                 batch_size: int, mesh, compiler_options=None) -> str:
   """Hex digest of everything a method's predictions depend on: code, jax version, platform,
-  XLA_FLAGS and mesh size, sampling config, model config, parameters, inputs, key and batch
-  size."""
+  XLA_FLAGS, the sampler's compiler options and mesh size, sampling config, model config,
+  parameters, inputs, key and batch size."""
   h = hashlib.sha256(_source_digest())
   key = jax.random.key_data(key) if jax.dtypes.issubdtype(key.dtype, jax.dtypes.prng_key) else key
   h.update(f"{jax.__version__}|{jax.default_backend()}|{os.environ.get('XLA_FLAGS', '')}|"
-           f"{mesh.size}|{batch_size}|".encode())
+           f"{sorted((compiler_options or {}).items())}|{mesh.size}|{batch_size}|".encode())
   h.update(cfg.to_json(sort_keys=True).encode())
   if model_config is not None:
     h.update(model_config.to_json_best_effort(sort_keys=True).encode())
@@ -118,7 +118,8 @@ def run_method(name: str, model: coupled.CoupledModel, cfg: ml_collections.Confi
   num_batches, batch = parallel.sharded_batches(y, batch_size, mesh)
   path = ""
   if cache_dir:
-    digest = _fingerprint(cfg, model_config, (params, classifier_params), y, key, batch_size, mesh)
+    digest = _fingerprint(cfg, model_config, (params, classifier_params), y, key, batch_size, mesh,
+                          compiler_options)
     path = os.path.join(cache_dir, f"{name}-{digest[:16]}.npz")
   saved = _load_progress(path)
   first = int(saved.get("batches", 0))

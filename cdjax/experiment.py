@@ -279,7 +279,7 @@ def check_config(config: ml_collections.ConfigDict) -> None:
   parallel.initialize_distributed()   # before the mesh starts JAX's backend
   mesh = parallel.make_mesh(config)
   model = coupled.model_from_config(config)
-  checks = dict(SAMPLING_NAMES, batch_size=lambda b: parallel.check_batch_size(b, mesh))
+  checks = dict(SAMPLING_NAMES, batch_size=lambda b: parallel.check_batch_size(b, mesh.size))
   for name in method_order(config.evaluation.methods):
     _, overrides = method_params(dict.fromkeys(param_sources(config)), name,
                                  config.evaluation.methods[name].to_dict())

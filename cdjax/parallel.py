@@ -183,16 +183,17 @@ def make_mesh(config: ml_collections.ConfigDict) -> Mesh:
   return Mesh(np.asarray(devices[:n]), (DATA_AXIS,))
 
 
-def check_batch_size(global_batch_size: int, mesh: Mesh, grad_accum_steps: int = 1) -> None:
+def check_batch_size(global_batch_size: int, n: int, grad_accum_steps: int = 1) -> None:
   """Raises ValueError unless the global batch splits evenly into `grad_accum_steps`
-  micro-batches, each divisible by the number of devices of the mesh."""
-  n = mesh.devices.size
+  micro-batches, each divisible by the n devices it is sharded over (`mesh.size`)."""
   unit = n * grad_accum_steps
   if global_batch_size <= 0 or global_batch_size % unit:
     accum = f" x {grad_accum_steps} gradient-accumulation steps" if grad_accum_steps > 1 else ""
+    problem = ("is not positive" if global_batch_size <= 0 else
+               f"is not divisible by the {n} devices{accum} (= {unit})")
     raise ValueError(
-        f"Global batch size {global_batch_size} is not divisible by the {n} devices{accum} "
-        f"(= {unit}); use a multiple of {unit}, e.g. {max(unit, round(global_batch_size / unit) * unit)}.")
+        f"Global batch size {global_batch_size} {problem}; use a multiple of {unit}, e.g. "
+        f"{max(unit, round(global_batch_size / unit) * unit)}.")
 
 
 def replicated(mesh: Mesh) -> NamedSharding:
@@ -209,7 +210,7 @@ def sharded_batches(y: np.ndarray, batch_size: int, mesh: Mesh):
   """Inputs y [N, ...] in batches of `batch_size` (the last one padded with copies of y's last
   item), each sharded over `data`: (number of batches, batch(b) -> array [batch_size, ...]).
   Raises ValueError unless the mesh's devices divide `batch_size`."""
-  check_batch_size(batch_size, mesh)
+  check_batch_size(batch_size, mesh.size)
   pad = -len(y) % batch_size
   y = np.concatenate([y, np.repeat(y[-1:], pad, 0)]) if pad else y
   sharding = data_sharded(mesh)

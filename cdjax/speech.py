@@ -309,7 +309,7 @@ def check_enhancement(config: ml_collections.ConfigDict) -> None:
   parallel.initialize_distributed()   # before the mesh starts JAX's backend
   mesh = parallel.make_mesh(config)
   experiment.check_setting("evaluation.batch_size", config.evaluation.batch_size,
-                           lambda b: parallel.check_batch_size(b, mesh))
+                           lambda b: parallel.check_batch_size(b, mesh.size))
   for key in ("signal_predictor", "corrector"):
     experiment.check_setting(f"sampling.{key}", config.sampling[key],
                              experiment.SAMPLING_NAMES[key])

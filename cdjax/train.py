@@ -556,7 +556,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, trainer_name: str) ->
   config = stage_config(config, trainer_name)
   mesh = parallel.make_mesh(config)
   trainer = TRAINERS.get(trainer_name)(config)
-  parallel.check_batch_size(trainer.batch_size, mesh, config.train.grad_accum_steps)
+  parallel.check_batch_size(trainer.batch_size, mesh.size, config.train.grad_accum_steps)
   os.makedirs(workdir, exist_ok=True)
   is_main = jax.process_index() == 0
 

@@ -96,7 +96,7 @@ def compile_step(config, b: int):
   config.train.trainer = "signal"
   mesh = parallel.make_mesh(config)
   trainer = train.TRAINERS.get("signal")(config)
-  parallel.check_batch_size(b, mesh, config.train.grad_accum_steps)
+  parallel.check_batch_size(b, mesh.size, config.train.grad_accum_steps)
   optimizer = train.make_optimizer(config.optim, trainer.num_steps)
   batch = _batch(config, b)
   k_init, k_train = jax.random.split(jax.random.PRNGKey(0))

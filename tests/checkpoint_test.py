@@ -60,18 +60,30 @@ def test_every_host_resumes_its_own_iterator_state(monkeypatch):
     checkpoint._this_host(saved, "ckpt/9")
 
 
+def test_legacy_single_host_iterator_state_and_none_saved():
+  """Checkpoints before 2026-12-06 held one host's state itself (no "hosts" list); an empty
+  `data` item means no iterator state was saved."""
+  legacy = {"last_seen_indices": {"0": 5}}
+  assert json.loads(checkpoint._this_host(legacy, "ckpt/3")) == legacy
+  assert checkpoint._this_host({}, "ckpt/3") is None
+
+
 def test_keep_below_one_is_refused(tmp_path):
   with pytest.raises(ValueError, match="checkpoint.keep=0 would delete every checkpoint"):
     checkpoint.Checkpointer(str(tmp_path), _ckpt_config(keep=0))
 
 
-def test_keeps_last_n_and_the_best(tmp_path):
-  ckpt = checkpoint.Checkpointer(str(tmp_path), _ckpt_config(keep=2, best_metric="acc"))
-  for step, acc in [(1, 0.5), (2, 0.9), (3, 0.6), (4, 0.7), (5, 0.1)]:
+@pytest.mark.parametrize("mode,best", [("max", 2), ("min", 3)])
+def test_keeps_last_n_and_the_best(tmp_path, mode, best):
+  """The last 2 (4 and 5) and the best: the largest acc (step 2) for "max", the smallest (step 3)
+  for "min"."""
+  ckpt = checkpoint.Checkpointer(str(tmp_path), _ckpt_config(keep=2, best_metric="acc",
+                                                             best_mode=mode))
+  for step, acc in [(1, 0.5), (2, 0.9), (3, 0.05), (4, 0.7), (5, 0.1)]:
     ckpt.save(step, _state(step), None, {}, metrics={"acc": acc})
   ckpt.wait()
-  assert sorted(int(d) for d in os.listdir(tmp_path) if d.isdigit()) == [2, 4, 5]
-  assert ckpt.best_step() == 2 and ckpt.latest_step() == 5
+  assert sorted(int(d) for d in os.listdir(tmp_path) if d.isdigit()) == sorted([best, 4, 5])
+  assert ckpt.best_step() == best and ckpt.latest_step() == 5
   ckpt.close()
 
 
@@ -215,6 +227,45 @@ def test_restore_into_another_train_state_names_the_difference(tmp_path):
   assert "1 other shapes (params.w (3, 2) vs (3, 4))" in message
   assert "only in the checkpoint" not in message
   assert (tmp_path / "2" / "state").is_dir()
+
+
+def test_tree_difference_counts_every_path_and_names_the_first_four():
+  """Sorted paths, at most `most` named per kind with the rest counted; equal trees: ""."""
+  z = np.zeros
+  saved = {"enc": {f"w{i}": z(1) for i in range(6)}, "b": z((2, 3))}
+  target = {"dec": {"w": z(1)}, "b": z((3, 2))}
+  assert checkpoint.tree_difference(saved, target) == (
+      "6 only in the checkpoint (enc.w0, enc.w1, enc.w2, enc.w3 and 2 more); "
+      "1 only in this config's state (dec.w); 1 other shapes (b (2, 3) vs (3, 2))")
+  assert checkpoint.tree_difference(saved, target, most=6).startswith(
+      "6 only in the checkpoint (enc.w0, enc.w1, enc.w2, enc.w3, enc.w4, enc.w5); ")
+  assert checkpoint.tree_difference(saved, jax.tree.map(lambda a: a + 1, saved)) == ""
+
+
+def test_check_frozen_wants_exactly_the_recorded_networks():
+  """A network given but not recorded (a model trained before the enhancer was frozen) is as
+  wrong as one recorded but not given, or another hash."""
+  recorded = {"classifier": "a" * 64}
+  checkpoint.check_frozen(recorded, {"classifier": "a" * 64}, "model")
+  checkpoint.check_frozen({}, {}, "model")
+  with pytest.raises(checkpoint.CheckpointError, match=r"model was trained against the frozen "
+                     r"enhancer with sha256 None, but the enhancer given has sha256 c+\."):
+    checkpoint.check_frozen(recorded, {"classifier": "a" * 64, "enhancer": "c" * 64}, "model")
+  with pytest.raises(checkpoint.CheckpointError, match="frozen classifier with sha256 a+, but the "
+                     "classifier given has sha256 None"):
+    checkpoint.check_frozen(recorded, {}, "model")
+
+
+def test_params_sha256_sees_names_shapes_and_dtypes_not_just_bytes():
+  """Parameters with the same bytes under another name, in another shape or as another dtype of
+  the same width are other parameters; equal trees hash equal, however built."""
+  w = np.arange(6, dtype=np.float32).reshape(2, 3)
+  sha = checkpoint.params_sha256({"dense": {"kernel": w}})
+  assert sha == checkpoint.params_sha256({"dense": {"kernel": jnp.asarray(w)}})
+  others = [{"dense": {"bias": w}}, {"dense": {"kernel": w.reshape(3, 2)}},
+            {"dense": {"kernel": w.view(np.int32)}}, {"dense": {"kernel": w + 1}}]
+  assert all(a.tobytes() == w.tobytes() for a in jax.tree.leaves(others[:3]))
+  assert len({sha} | {checkpoint.params_sha256(o) for o in others}) == 5
 
 
 def test_tree_difference_reads_optax_states_as_orbax_saves_them(tmp_path):

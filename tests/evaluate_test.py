@@ -1,9 +1,13 @@
 """The results table's rows: accuracies, f(x0)'s accuracy and the paired comparison with the
-reference method, on hand-made predictions; the degraded inputs every method sees."""
+reference method, on hand-made predictions; the degraded inputs every method sees; the
+evaluation cache's fingerprint; the Markdown table."""
 import jax
+import ml_collections
 import numpy as np
 
 from cdjax import evaluate
+from cdjax import parallel
+from configs import default
 
 
 def _result(method, predictions, classifier_predictions):
@@ -46,3 +50,34 @@ def test_degrade_draws_each_chunk_with_its_own_key(monkeypatch):
               for c, s in enumerate((0, 2, 4))]
   np.testing.assert_array_equal(noise, np.concatenate(expected))
   assert (noise[0:2] != noise[2:4]).any()
+
+
+def test_fingerprint_changes_with_every_input_it_names():
+  """The cache file's digest: equal for equal inputs, different when any one of the sampling
+  config, model config, parameter values or names, inputs, key, batch size or the sampler's
+  compiler options changes."""
+  mesh = parallel.make_mesh(default.get_config())
+  base = dict(cfg=ml_collections.ConfigDict({"strategy": "parallel"}), model_config=None,
+              params={"w": np.ones(3, np.float32)}, y=np.zeros((4, 2), np.float32),
+              key=jax.random.PRNGKey(0), batch_size=8, mesh=mesh)
+  digest = lambda **kw: evaluate._fingerprint(**dict(base, **kw))
+  assert digest() == digest(params={"w": np.ones(3, np.float32)}, key=jax.random.PRNGKey(0))
+  changed = [digest(cfg=ml_collections.ConfigDict({"strategy": "card"})),
+             digest(model_config=ml_collections.ConfigDict({"N": 5})),
+             digest(params={"w": np.array([1, 1, 2], np.float32)}),
+             digest(params={"v": np.ones(3, np.float32)}),
+             digest(y=np.eye(4, 2, dtype=np.float32)),
+             digest(key=jax.random.PRNGKey(1)),
+             digest(batch_size=16),
+             digest(compiler_options={"xla_cpu_use_thunk_runtime": False})]
+  assert len(set(changed + [digest()])) == len(changed) + 1
+
+
+def test_markdown_table_formats_floats_to_4_significant_digits():
+  """Floats to 4 significant digits whatever their size, other values as str, None and missing
+  columns empty."""
+  rows = [dict(method="parallel", ci95=0.0123456, seconds=1234.56, nfe=50),
+          dict(method="card", ci95=None)]
+  assert evaluate.markdown_table(rows, ["method", "ci95", "seconds", "nfe"]).split("\n") == [
+      "| method | ci95 | seconds | nfe |", "|---|---|---|---|",
+      "| parallel | 0.01235 | 1235 | 50 |", "| card |  |  |  |"]

@@ -28,17 +28,24 @@ def test_mesh_over_all_devices_or_a_given_number():
   assert parallel.make_mesh(_config(-1)).devices.size == 8
   mesh = parallel.make_mesh(_config(2))
   assert mesh.axis_names == ("data",) and mesh.devices.size == 2
-  with pytest.raises(ValueError, match="mesh.data=9"):
-    parallel.make_mesh(_config(9))
+  assert list(mesh.devices) == jax.devices()[:2]
+  for data in (9, 0, -2):
+    with pytest.raises(ValueError, match=rf"mesh.data={data} must be -1 or in \[1, 8\]"):
+      parallel.make_mesh(_config(data))
 
 
 def test_batch_not_divisible_names_both_numbers():
-  mesh = parallel.make_mesh(_config(-1))
-  parallel.check_batch_size(16, mesh)
-  with pytest.raises(ValueError, match=r"batch size 12 .* 8 devices"):
-    parallel.check_batch_size(12, mesh)
+  parallel.check_batch_size(16, 8)
+  with pytest.raises(ValueError, match=r"batch size 12 is not divisible by the 8 devices \(= 8\)"):
+    parallel.check_batch_size(12, 8)
   with pytest.raises(ValueError, match=r"16 .* 8 devices x 4 gradient-accumulation steps"):
-    parallel.check_batch_size(16, mesh, grad_accum_steps=4)
+    parallel.check_batch_size(16, 8, grad_accum_steps=4)
+  # The suggestion is the nearest multiple (at least one unit); an empty batch is refused too.
+  for size, problem, suggested in ((14, "is not divisible", 16), (0, "is not positive", 8),
+                                   (-8, "is not positive", 8), (70, "is not divisible", 72)):
+    with pytest.raises(ValueError,
+                       match=rf"batch size {size} {problem}.* multiple of 8, e\.g\. {suggested}\.$"):
+      parallel.check_batch_size(size, 8)
 
 
 def test_global_batch_is_sharded_over_data():
@@ -73,6 +80,16 @@ def test_multihost_environment_detection(monkeypatch):
   assert not parallel.is_multihost_env()
   monkeypatch.setenv("SLURM_NTASKS", "4")
   assert parallel.is_multihost_env()
+  monkeypatch.delenv("SLURM_NTASKS")
+  # Each of the other markers alone: one MPI rank or one TPU worker is a single host.
+  for name, single, several in (("OMPI_COMM_WORLD_SIZE", "1", "2"),
+                                ("TPU_WORKER_HOSTNAMES", "w0", "w0,w1"),
+                                ("JAX_COORDINATOR_ADDRESS", "", "10.0.0.1:1234")):
+    monkeypatch.setenv(name, single)
+    assert not parallel.is_multihost_env(), name
+    monkeypatch.setenv(name, several)
+    assert parallel.is_multihost_env(), name
+    monkeypatch.delenv(name)
 
 
 def _run_configured(code: str, xla_flags: str, host_cpu_devices: int = 3, mesh_flags=None,

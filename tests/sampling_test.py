@@ -181,6 +181,21 @@ def test_annealed_langevin_step_is_sgmses():
   np.testing.assert_allclose(np.std(x - x_mean), np.sqrt(2 * eps), rtol=0.01)
 
 
+def test_langevin_corrector_steps_draw_independent_noise():
+  """With a zero score, n corrector steps are a random walk: x - x_init ~ N(0, 2 eps n), each
+  step's noise independent of the earlier ones (x_mean is the state before the last noise)."""
+  sde = sde_lib.get_sde("ouve", N=10)
+  t = jnp.full((2,), 0.6)
+  eps = 2 * (0.5 * float(sde.coeffs(t)[1][0])) ** 2
+  x_init = jnp.ones((2, 50_000))
+  x, x_mean = sampling.CORRECTORS.get("annealed_langevin")(
+      sde, jax.random.PRNGKey(0), x_init, t, None, lambda x, t: jnp.zeros_like(x), 0.5, 3)
+  last, earlier = np.asarray(x - x_mean).ravel(), np.asarray(x_mean - x_init).ravel()
+  np.testing.assert_allclose(np.std(last), np.sqrt(2 * eps), rtol=0.02)
+  np.testing.assert_allclose(np.std(earlier), np.sqrt(2 * eps * 2), rtol=0.02)
+  assert abs(np.corrcoef(last, earlier)[0, 1]) < 0.02
+
+
 def test_step_runs_the_predictor_from_the_correctors_output():
   """One PC step: the corrector at t (first key), then the predictor from the corrected state
   (second key), with Tweedie's x0_hat at the corrected state. (The moment checks cannot see a
@@ -229,6 +244,30 @@ def test_ancestral_step_is_the_ddpm_posterior(t):
   assert (std > 0.05) == (t > 0)
   np.testing.assert_array_equal(sampling.PREDICTORS.get("posterior_mean")(*args),
                                 (x_mean, x_mean))
+
+
+@pytest.mark.parametrize("eta", [0.0, 0.5, 1.0])
+def test_ddim_step_keeps_the_noise_direction_and_adds_eta_times_the_posterior_std(eta):
+  """OUVE (mean a x0 + (1 - a) y): from x_t = a_t x0 + (1 - a_t) y + std_t eps with x0_hat = x0,
+  a DDIM step lands on a_s x0 + (1 - a_s) y + sqrt(std_s^2 - sigma^2) eps + sigma z, sigma = eta
+  times the std of q(x_s | x_t, x0): 1 / sigma_post^2 = 1 / std_s^2 + (a_t/a_s)^2 / v, with
+  v = std_t^2 - (a_t/a_s)^2 std_s^2 the variance of x_t | x_s."""
+  sde = sde_lib.get_sde("ouve", N=10)
+  t, s = (float(v) for v in sde.timesteps()[2:4])
+  (a_t, std_t), (a_s, std_s) = (np.asarray(sde.coeffs(jnp.float32(v)), np.float64) for v in (t, s))
+  x0, eps, y = (jax.random.normal(jax.random.PRNGKey(i), (2, DIM)) for i in range(3))
+  x = a_t * x0 + (1 - a_t) * y + std_t * eps
+  key = jax.random.PRNGKey(3)
+  x_next, x_mean = sampling.PREDICTORS.get("ddim")(
+      sde, key, x, jnp.full((2,), t), jnp.full((2,), s), None, x0, y, eta=eta)
+  a_ts = a_t / a_s
+  sigma = eta / np.sqrt(1 / std_s**2 + a_ts**2 / (std_t**2 - a_ts**2 * std_s**2))
+  x0, eps, y = (np.asarray(v, np.float64) for v in (x0, eps, y))
+  np.testing.assert_allclose(x_mean, a_s * x0 + (1 - a_s) * y + np.sqrt(std_s**2 - sigma**2) * eps,
+                             rtol=1e-4, atol=1e-5)
+  np.testing.assert_allclose(x_next - x_mean, sigma * sde_lib.normal(key, x.shape, x.dtype),
+                             rtol=1e-3, atol=1e-5)
+  assert (sigma > 0.1 * std_s) == (eta > 0)
 
 
 def test_sample_returns_the_last_steps_mean_and_every_x0_hat():

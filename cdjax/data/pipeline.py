@@ -12,6 +12,7 @@ import grain.python as grain
 import jax
 import numpy as np
 
+from cdjax import parallel
 from cdjax.data import audio
 from cdjax.data.sources import get_source
 
@@ -35,12 +36,7 @@ def standardize(example: dict) -> dict:
 def host_batch_size(global_batch_size: int, num_devices: int = 0) -> int:
   """This host's share of the global batch, which must divide the `num_devices` the batch is
   sharded over (0: every device; a mesh may use fewer)."""
-  n = num_devices or jax.device_count()
-  if global_batch_size <= 0 or global_batch_size % n:
-    nearest = max(n, round(global_batch_size / n) * n)
-    raise ValueError(
-        f"Global batch size {global_batch_size} is not divisible by the {n} devices; "
-        f"use a multiple of {n}, e.g. {nearest}.")
+  parallel.check_batch_size(global_batch_size, num_devices or jax.device_count())
   return global_batch_size // jax.process_count()
 
 
