@@ -111,6 +111,16 @@ def test_add_noise_draws_every_crop_start():
   assert set(corr.argmax(axis=1)) == {0, 1}
 
 
+def test_add_noise_draws_every_clip():
+  """With two clips as long as the audio, each item adds a scaled copy of one: both are drawn."""
+  clean = _speech(batch=16, length=1000)
+  noise = np.random.default_rng(2).normal(size=(2, 1000)).astype(np.float32)
+  residual = np.asarray(get_corruption("add_noise", snr_db=0.0, noise=noise)(KEY, clean) - clean)
+  corr = np.array([[np.corrcoef(r, n)[0, 1] for n in noise] for r in residual])
+  assert np.all(corr.max(axis=1) > 0.9999)
+  assert set(corr.argmax(axis=1)) == {0, 1}
+
+
 def test_add_noise_snr_range():
   noise = np.random.default_rng(0).normal(size=(3, 16000)).astype(np.float32)
   clean = _speech(batch=64)
@@ -151,6 +161,20 @@ def test_reverb_is_convolution_with_the_rir():
   np.testing.assert_allclose(fn(KEY, x)[0], np.convolve(x[0], h[0])[:8000], atol=1e-4)
 
 
+def test_reverb_rt60_range_is_drawn_per_item_with_full_length_rirs():
+  """rt60=(low, high): each item's RT60 is drawn from the range, and every RIR lasts `high`
+  seconds, so even a slow decay keeps its late tail (the share of the energy after 0.3 s)."""
+  impulse = jnp.zeros((8, 12000)).at[:, 0].set(1.0)
+  h = np.asarray(get_corruption("reverb", rt60=(0.3, 0.6))(KEY, impulse), np.float64)
+  rt60 = np.array([_rt60_schroeder(r[1:9600]) for r in h])
+  assert np.all((0.27 < rt60) & (rt60 < 0.66)) and rt60.std() > 0.04   # uniform: std 0.087
+  decay = lambda t: 10 ** (-6 * t / rt60)                                # energy envelope
+  late = (h[:, 4800:9600] ** 2).sum(1) / (h[:, 1:9600] ** 2).sum(1)
+  expected = (decay(0.3) - decay(0.6)) / (1 - decay(0.6))
+  np.testing.assert_allclose(np.log10(late / expected), 0, atol=0.5)
+  assert np.abs(h[:, 9600:]).max() < 1e-6                               # 0.6 s of taps
+
+
 def test_noise_reverb_snr_is_relative_to_reverberant_signal():
   noise = np.random.default_rng(0).normal(size=(4, 20000)).astype(np.float32)
   clean = _speech(batch=4)
@@ -189,7 +213,21 @@ def test_unknown_corruption_lists_known():
     ("gn_replace", dict(p=1.5), "gn_replace p must be"),
     ("blur", dict(sigma=1.0, size=4), "odd"),
     ("reverb", dict(rt60=(0.6, 0.2)), "increasing"),
+    ("gaussian", dict(sigma=-0.1), r"gaussian sigma must be a number in \[0.0, inf\], got -0.1"),
+    ("blur", dict(sigma=0.0), "blur sigma must be"),
+    ("salt_pepper", dict(p=(0.1, 0.2)), r"salt_pepper p must be a number in \[0.0, 1.0\]"),
+    ("add_noise", dict(snr_db=(10.0, 0.0), noise=np.ones((1, 9), np.float32)), "increasing"),
+    ("add_noise", dict(snr_db=0.0, noise=np.ones(9, np.float32)), r"noise clips \[N, Ln\].*\(9,\)"),
+    ("add_noise", dict(snr_db=0.0, noise=np.ones((0, 9), np.float32)), "N >= 1"),
 ])
 def test_invalid_parameters_are_named(name, kwargs, match):
   with pytest.raises(ValueError, match=match):
     get_corruption(name, **kwargs)
+
+
+@pytest.mark.parametrize("name", ["gn_replace", "salt_pepper"])
+def test_replacement_probability_ends_are_allowed_and_exact(name):
+  """p=0 changes nothing and p=1 replaces every element (both ends of [0, 1] are valid)."""
+  x = _images(shape=(2, 8, 8, 3))
+  np.testing.assert_array_equal(get_corruption(name, p=0.0)(KEY, x), x)
+  assert not np.any(np.asarray(get_corruption(name, p=1.0)(KEY, x)) == 0.25)

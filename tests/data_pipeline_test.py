@@ -114,6 +114,17 @@ def test_empty_and_too_small_sources():
     data.make_loader([], 8, seed=0)
   with pytest.raises(ValueError, match="5 examples, fewer than its batch of 8"):
     data.make_loader(_indexed_source(5), 8, seed=0)
+  with pytest.raises(ValueError, match="batch size 0 is not positive"):
+    data.make_loader(_indexed_source(), 0, seed=0)
+
+
+def test_too_small_source_counts_each_hosts_share(monkeypatch):
+  """10 examples over 2 hosts are 5 per host: too few for a host batch of 8 (global 16)."""
+  monkeypatch.setattr(jax, "process_count", lambda: 2)
+  monkeypatch.setattr(jax, "process_index", lambda: 0)
+  with pytest.raises(ValueError, match="Each of the 2 hosts gets 5 examples, fewer than its batch"
+                                       " of 8"):
+    data.make_loader(_indexed_source(10), 16, seed=0)
 
 
 def test_load_split(data_dir):
@@ -122,9 +133,11 @@ def test_load_split(data_dir):
   assert split["image"].min() == -1 and split["image"].max() == 1
   assert split["label"].shape == (100,) and len(np.unique(split["label"])) == 10
   assert len(data.load_split("mnist_local", "test", data_dir)["label"]) == 1000
+  with pytest.raises(ValueError, match="Split 'test' of 'mnist_local' has no examples"):
+    data.load_split("mnist_local", "test", data_dir, max_examples=0)
 
 
-def _clips(lengths=(700, 1000, 1300)):
+def _clips(lengths=(699, 1000, 1300)):   # 699: 301 zeros, 150 before and 151 after
   """Audio examples {"audio": int16 [n], "label": k} of these lengths, with distinct samples."""
   return [{"audio": (np.arange(n) * 7 + 1000 * k).astype(np.int16), "label": k}
           for k, n in enumerate(lengths)]
@@ -160,8 +173,20 @@ def test_loader_fits_variable_length_audio():
   assert len(set(starts)) > 1                             # random crops of the long clip
   again = next(iter(data.make_loader(clips, 8, seed=0, num_epochs=1, audio_length=1000)))
   np.testing.assert_array_equal(again["audio"], next(iter(loader))["audio"])
+  # The transform maps fitted clips: it sees [1000] samples.
+  lengths = data.make_loader(clips, 8, seed=0, audio_length=1000,
+                             transform=lambda ex: {**ex, "label": len(ex["audio"])})
+  assert next(iter(lengths))["label"].tolist() == [1000] * 8
   with pytest.raises(ValueError):                         # unfitted clips cannot be batched
     next(iter(data.make_loader(clips, 8, seed=0)))
+
+
+def test_fit_audio_draws_every_window_start():
+  """A clip one sample longer than the length has two windows (starts 0 and 1): both are drawn."""
+  wave = np.arange(1001, dtype=np.float32)
+  rng = np.random.default_rng(0)
+  starts = {int(data.fit_audio({"audio": wave}, 1000, rng)["audio"][0]) for _ in range(20)}
+  assert starts == {0, 1}
 
 
 def test_load_split_fits_variable_length_audio(monkeypatch):
@@ -177,3 +202,8 @@ def test_load_split_fits_variable_length_audio(monkeypatch):
 def test_audio_length_of_config():
   assert data.audio_length(speech_commands.get_config()) == 16000
   assert data.audio_length(default.get_config()) == 0   # images
+  config = default.get_config()
+  config.data.shape = (64,)                              # 1-D but not audio
+  assert data.audio_length(config) == 0
+  config.data.modality = "audio"
+  assert data.audio_length(config) == 64

