@@ -129,7 +129,8 @@ def test_parallel_without_switch_runs_cards_logit_steps(monkeypatch):
   Gaussian draw zeroed (so the two strategies' different keys cannot matter) the final logits are
   equal; with a switch they differ (the logits then see f(x0_hat)). Likewise the signal branch
   of signal_first Parallel."""
-  monkeypatch.setattr(sde_lib, "normal", lambda key, shape, dtype=jnp.float32: jnp.zeros(shape, dtype))
+  monkeypatch.setattr(sde_lib, "normal",
+                      lambda key, shape, dtype=jnp.float32: jnp.zeros(shape, dtype))
   _, y = toy_data(32, jax.random.PRNGKey(4))
   model = make_model(20)
   card = run(model, sampling_config(strategy="card"), y)
@@ -267,6 +268,38 @@ def test_signal_guidance_weights_classes_by_the_tempered_logits(temperature):
   np.testing.assert_allclose(g, expected, rtol=1e-5, atol=1e-6)
 
 
+def test_guided_scores_follow_the_guide_not_the_conditioning():
+  """A branch's guided score is its net's score plus the guidance term evaluated on the guide,
+  which Parallel passes apart from the conditioning (signal_first before the switch: signal on
+  f(y), guided by l0_hat; logits on y, guided by x0_hat): the signal's s_x (w_1 - sigmoid(w.x0_hat))
+  w with w_1 = sigmoid(guide logit difference / tau), and the logits' s_l (f(guide) - l0_hat) with
+  f on the logit scale, x0_hat and l0_hat the Tweedie estimates of the unguided scores."""
+  _, y = toy_data(4, jax.random.PRNGKey(3))
+  model = dataclasses.replace(make_model(10), logits_std=0.8)
+  branches = {}
+  for s_x, s_l in ((0.0, 0.0), (2.0, 0.5)):
+    cfg = sampling_config(strategy="parallel")
+    cfg.guidance.update(signal_scale=s_x, logits_scale=s_l, temperature=0.5)
+    branches[s_x] = coupled._Branches(model, cfg, {"signal": {}, "logits": {}}, {}, y)
+  t = jnp.full((4,), 5.0)
+  a, std = (np.asarray(v)[:, None] for v in model.signal_sde.coeffs(t))
+  # Signal: conditioned on zero logits, guided toward class 1 (logit difference 1, tau 0.5).
+  x = jax.random.normal(jax.random.PRNGKey(4), (4, D))
+  cond, guide = jnp.zeros((4, 2)), jnp.tile(jnp.array([[0.0, 1.0]]), (4, 1))
+  plain, guided = (b.signal_score_fn(cond, guide)(x, t) for b in branches.values())
+  x0_hat = (x + std**2 * plain) / a
+  expected = 2.0 * (jax.nn.sigmoid(2.0) - jax.nn.sigmoid(x0_hat @ W))[:, None] * W
+  np.testing.assert_allclose(guided - plain, expected, rtol=1e-4, atol=1e-6)
+  # Logits: conditioned on y and f(y), guided by -y (whose classifier logits are f(y)'s reversed).
+  st = lambda v: 0.8 * (v - v.mean(-1, keepdims=True)) / (v.std(-1, keepdims=True) + 1e-6)
+  l = jax.random.normal(jax.random.PRNGKey(5), (4, 2))
+  plain, guided = (b.logits_score_fn(y, st(classifier(None, y)), -y)(l, t)
+                   for b in branches.values())
+  l0_hat = (l + std**2 * plain) / a
+  np.testing.assert_allclose(guided - plain, 0.5 * (st(classifier(None, -y)) - l0_hat), rtol=1e-4,
+                             atol=1e-5)
+
+
 def test_logits_guidance_pulls_the_logits_toward_the_classifier():
   """The term is s_l (f(x0_hat) - l0_hat); on card (guided toward f(y)), with ancestral logit
   steps so that the logits keep their spread about f(y), a positive scale ends closer to f(y)
@@ -305,6 +338,39 @@ def test_clear_errors():
   fn = jax.jit(coupled.get_coupled_fn(model, sampling_config(strategy="parallel")))
   with pytest.raises(KeyError, match=r"params lacks \['logits'\]"):
     fn({"signal": {}}, {}, jax.random.PRNGKey(0), y)
+
+
+def test_reverting_branches_start_at_the_observation_and_its_logits(monkeypatch):
+  """With OUVE on both branches (speech), x_T = y + std(T) z and l_T = f(y) + std(T) z, f(y) on the
+  logit scale (the logit SDE reverts to its conditioning): with z zeroed exactly y and f(y)."""
+  monkeypatch.setattr(sde_lib, "normal",
+                      lambda key, shape, dtype=jnp.float32: jnp.zeros(shape, dtype))
+  _, y = toy_data(4, jax.random.PRNGKey(2))
+  ouve = sde_lib.get_sde("ouve", N=10)
+  model = dataclasses.replace(make_model(10), signal_sde=ouve, logits_sde=ouve, logits_std=0.8)
+  b = coupled._Branches(model, sampling_config(), {"signal": {}, "logits": {}}, {}, y)
+  np.testing.assert_array_equal(b.signal_init(jax.random.PRNGKey(0)), y)
+  np.testing.assert_allclose(b.logits_init(jax.random.PRNGKey(0)),
+                             coupled.standardize_logits(classifier(None, y), 0.8), atol=1e-6)
+
+
+def test_model_from_config_takes_each_sections_settings():
+  """Each CoupledModel field comes from its own config section: the SDEs with their kwargs, the
+  parameterizations, the x0 clip (None: none), the logit std and, for images only, y's shape."""
+  config = default.get_config()
+  config.signal.update(sde="ouve", parameterization="neg_score", x0_clip=None)
+  config.signal.sde_kwargs = ml_collections.ConfigDict(dict(N=7, theta=2.0))
+  config.logits.sde_kwargs = ml_collections.ConfigDict(dict(N=5, schedule="linear"))
+  config.logits.standardize_std, config.data.num_classes, config.data.shape = 0.5, 3, (8, 6, 2)
+  model = coupled.model_from_config(config)
+  assert model.signal_sde == sde_lib.get_sde("ouve", N=7, theta=2.0)
+  assert model.logits_sde == sde_lib.get_sde("vp_discrete", N=5, schedule="linear")
+  assert (model.signal_parameterization, model.logits_parameterization) == ("neg_score", "eps")
+  assert (model.signal_x0_range, model.logits_std, model.num_classes) == (None, 0.5, 3)
+  assert model.input_shape == (8, 6, 2)
+  config.signal.x0_clip, config.data.modality = (-2.0, 3.0), "audio"
+  model = coupled.model_from_config(config)
+  assert (model.signal_x0_range, model.input_shape) == ((-2.0, 3.0), None)
 
 
 def test_alternating_skip_last_logits_reports_the_previous_rounds_logits():
@@ -472,6 +538,52 @@ def test_noisy_conditioning_is_the_same_in_either_order():
                                   getattr(out["noisy", "signal_first"], field))
   assert np.abs(np.asarray(out["clean", "logits_first"].logits
                            - out["clean", "signal_first"].logits)).max() > 0.1   # measured 0.44
+
+
+@pytest.mark.parametrize("order", ["logits_first", "signal_first"])
+def test_parallel_signal_steps_see_the_logit_estimate_their_order_gives(order):
+  """The logits each signal step is conditioned on, recorded in step order: logits_first, logit
+  step i's l0_hat (computed just before it in the same step); signal_first, f(y) before the switch
+  (step 7 here), then the previous step's l0_hat."""
+  _, y = toy_data(8, jax.random.PRNGKey(7))
+  base, seen = make_model(10), []
+
+  def signal_net(params, x, t, cond, logits):
+    jax.debug.callback(lambda v: seen.append(np.asarray(v)), logits, ordered=True)
+    return base.signal_net(params, x, t, cond, logits)
+  cfg = sampling_config(strategy="parallel", switch_t=0.3, parallel_order=order,
+                        initial_logits="classifier", return_trajectory=True)
+  out = run(dataclasses.replace(base, signal_net=signal_net), cfg, y, key=2)
+  l0_traj = np.asarray(out.trajectory[1])
+  expected = (list(l0_traj) if order == "logits_first"
+              else [classifier(None, y)] * 7 + list(l0_traj[6:9]))
+  assert len(seen) == 10
+  for i, (got, want) in enumerate(zip(seen, expected)):
+    np.testing.assert_allclose(got, want, atol=1e-6, err_msg=f"signal step {i}")
+
+
+def test_parallel_branches_step_along_their_own_sdes_grids():
+  """Equal step counts, different SDEs (a DDPM signal, an OUVE logit branch): step i evaluates
+  each branch's net at its own grid time timesteps()[i] and steps to timesteps()[i + 1], so the
+  last step lands each branch on its clean time (-1, 0), where x and l are its x0_hat, l0_hat."""
+  _, y = toy_data(4, jax.random.PRNGKey(1))
+  base, times = make_model(10), {"signal": [], "logits": []}
+
+  def recorded(name, net):
+    def wrapper(params, state, t, *cond):
+      jax.debug.callback(lambda v: times[name].append(np.asarray(v)), t, ordered=True)
+      return net(params, state, t, *cond)
+    return wrapper
+  model = dataclasses.replace(base, signal_net=recorded("signal", base.signal_net),
+                              logits_net=recorded("logits", base.logits_net),
+                              logits_sde=sde_lib.get_sde("ouve", N=10))
+  out = run(model, sampling_config(strategy="parallel", switch_t=0.3, return_trajectory=True), y)
+  assert np.all(np.isfinite(out.x0)) and np.all(np.isfinite(out.logits))
+  np.testing.assert_allclose(out.x0, out.trajectory[0][-1], rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(out.logits, out.trajectory[1][-1], rtol=1e-5, atol=1e-6)
+  for name, sde in (("signal", model.signal_sde), ("logits", model.logits_sde)):
+    np.testing.assert_allclose(np.stack(times[name]), np.repeat(sde.timesteps()[:-1, None], 4, 1),
+                               rtol=1e-6, err_msg=name)
 
 
 @pytest.mark.parametrize("order", ["logits_first", "signal_first"])

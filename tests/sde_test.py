@@ -119,6 +119,8 @@ def test_complex_noise_has_unit_power():
   assert z.dtype == jnp.complex64
   np.testing.assert_allclose(np.mean(np.abs(z) ** 2), 1.0, rtol=0.02)
   np.testing.assert_allclose(np.var(z.real), 0.5, rtol=0.02)
+  # Circular: independent real and imaginary parts, so E z^2 = E zr^2 - E zi^2 + 2i E zr zi = 0.
+  assert abs(np.mean(z**2)) < 0.02   # 4 standard errors
 
 
 def test_sde_is_a_hashable_static_pytree():
@@ -145,6 +147,8 @@ def test_switch_step_boundary_is_halfway_to_the_previous_step():
   i, t_b = ouve.switch_step(0.1)
   assert i == 9 and t_b == pytest.approx((0.03 + 0.03 + 0.97 / 9) / 2)
   assert vp.switch_step(1.0) == (0, float("inf")) and vp.switch_step(0.0)[1] == -0.5
+  # The nearest step, not a truncation: 10 (1 - 0.24) = 7.6 and 10 (1 - 0.9) = 0.99999...
+  assert ouve.switch_step(0.24)[0] == 8 and ouve.switch_step(0.9)[0] == 1
 
 
 def test_linear_schedule_is_rescaled_to_n_steps():
@@ -171,3 +175,31 @@ def test_ve_marginal_std_closed_form():
   sde = sde_lib.get_sde("ve", sigma_min=1.0, sigma_max=2.0)
   np.testing.assert_allclose([float(sde.coeffs(t)[1]) for t in (0.0, 0.5, 1.0)],
                              [0.0, 1.0, math.sqrt(3.0)], rtol=1e-6, atol=1e-7)
+
+
+def test_training_times_cover_the_sampling_range():
+  """sample_time is uniform over the times the sampler visits: DDPM's step indices 0..N-1 (the
+  grid less its final -1), each 1/N of the draws; a continuous SDE's [t_eps, T]."""
+  n = 20000
+  vp = sde_lib.get_sde("vp_discrete", N=10)
+  t = np.asarray(vp.sample_time(jax.random.PRNGKey(0), (n,)))
+  assert set(t.tolist()) == set(vp.timesteps()[:-1].tolist())
+  np.testing.assert_allclose(np.bincount(t.astype(int)) / n, 0.1, atol=5 * math.sqrt(0.09 / n))
+  for name, kwargs, lo, hi in [("ve", dict(t_eps=0.2), 0.2, 1.0),
+                               ("ouve", dict(t_eps=0.1, T=0.6), 0.1, 0.6)]:
+    t = np.asarray(sde_lib.get_sde(name, **kwargs).sample_time(jax.random.PRNGKey(1), (n,)))
+    # n uniform draws come within (hi - lo) * 25 / n of either end with probability 1 - e^-25.
+    assert lo <= t.min() < lo + 1e-3 and hi - 1e-3 < t.max() <= hi, (name, t.min(), t.max())
+    assert abs(t.mean() - (lo + hi) / 2) < 5 * (hi - lo) / math.sqrt(12 * n)
+
+
+def test_complex_prior_sample_has_complex_noise():
+  """OUVE on a complex y (spectrograms): x_T = y + std(T) z with complex z, E|z|^2 = 1, so the
+  real and imaginary parts each have variance std(T)^2 / 2."""
+  sde = sde_lib.get_sde("ouve")
+  y = jnp.full((NUM_PATHS, 2), 0.3 - 0.2j, jnp.complex64)
+  x = np.asarray(sde.prior_sample(jax.random.PRNGKey(0), y.shape, y))
+  assert x.dtype == np.complex64
+  std = float(sde.coeffs(1.0)[1])
+  _check_moments(x.real, np.full(2, 0.3), std / math.sqrt(2))
+  _check_moments(x.imag, np.full(2, -0.2), std / math.sqrt(2))
