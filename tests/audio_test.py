@@ -66,6 +66,21 @@ def test_istft_rejects_wrong_bins():
     audio.istft(jnp.zeros((1, 100, 10), jnp.complex64), 1000)
 
 
+def test_stft_rejects_short_signals_and_istft_zero_fills_past_the_last_frame():
+  """Uncentered, 400 < n_fft samples make no frame: an error, not an empty spectrogram. The
+  centered STFT of 1024 samples has 9 frames, covering (9 - 1) * 128 + 510 - 255 = 1279
+  samples of the input (its reflected tail included); istft to 1500 samples zero-fills the rest."""
+  with pytest.raises(ValueError, match="shorter than n_fft=510"):
+    audio.stft(np.zeros(400, np.float32), center=False)
+  wave = np.random.default_rng(1).standard_normal(1024).astype(np.float32)
+  back = np.asarray(audio.istft(audio.stft(wave), 1500))
+  assert back.shape == (1500,)
+  np.testing.assert_allclose(back[:1024], wave, atol=1e-5)
+  # The reflected tail (the last ~20 samples, under one window's near-zero edge, lose precision).
+  np.testing.assert_allclose(back[1024:1250], wave[-2:-228:-1], atol=1e-5)
+  np.testing.assert_array_equal(back[1279:], 0.0)
+
+
 def test_center_and_random_crops_are_windows_of_each_row():
   wave = np.arange(3 * 100, dtype=np.float32).reshape(3, 100)
   np.testing.assert_array_equal(audio.center_crop(wave, 10), wave[:, 45:55])

@@ -8,9 +8,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from cdjax.nets.layers import (AttentionBlock, FiLM, GroupNorm, ResBlock, TimeEmbedding,
-                               conv_min8_features, dot_product_attention, group_norm, maybe_remat,
-                               sinusoidal_embedding)
+from cdjax.nets.layers import (AttentionBlock, ConvEncoder, FiLM, GroupNorm, ResBlock,
+                               TimeEmbedding, conv_min8_features, dot_product_attention, downsample,
+                               group_norm, maybe_remat, sinusoidal_embedding, upsample)
 from cdjax.nets.speech import _gn
 
 
@@ -194,3 +194,66 @@ def test_time_embedding_scales_t():
   params = TimeEmbedding(16, scale=1000.0).init(jax.random.PRNGKey(0), t)
   np.testing.assert_allclose(TimeEmbedding(16, scale=1000.0).apply(params, t),
                              TimeEmbedding(16).apply(params, 1000.0 * t), rtol=1e-5, atol=1e-6)
+
+
+def test_time_embedding_table_rounds_and_clips_t():
+  """num_steps > 0: row round(t) of a learned table, clipped to [0, num_steps - 1], then the MLP
+  Dense_0(SiLU(Dense_1(row))) (the outer Dense is created first)."""
+  t = jnp.array([0.0, 2.4, 2.6, 4.0, 9.0, -3.0])
+  module = TimeEmbedding(8, num_steps=5)
+  params = module.init(jax.random.PRNGKey(0), t)["params"]
+  rows = params["Embed_0"]["embedding"][np.array([0, 2, 3, 4, 4, 0])]
+  dense = lambda p, h: h @ p["kernel"] + p["bias"]
+  want = dense(params["Dense_0"], jax.nn.silu(dense(params["Dense_1"], rows)))
+  np.testing.assert_allclose(module.apply({"params": params}, t), want, rtol=1e-5, atol=1e-6)
+
+
+def test_conv_encoder_widths_are_capped_and_sizes_round_up():
+  """Stage i has width * min(2^i, max_mult) channels and halves the size, rounding up:
+  28 -> 14 -> 7 -> 4 -> 2 with widths 4, 8, 8, 8 (capped at max_mult = 2)."""
+  x = jnp.zeros((2, 28, 28, 3))
+  encoder = ConvEncoder(width=4, depth=4, max_mult=2, groups=2)
+  params = jax.eval_shape(encoder.init, jax.random.PRNGKey(0), x)["params"]
+  widths = [params[f"ConvBlock_{i}"]["Conv_0"]["kernel"].shape[-1] for i in range(9)]
+  assert widths == [4, 4, 4, 8, 8, 8, 8, 8, 8]
+  assert jax.eval_shape(encoder.apply, {"params": params}, x).shape == (2, 2, 2, 8)
+
+
+def test_upsample_is_nearest_and_downsample_keeps_every_other_pixel():
+  """With a 3x3 kernel that passes the centre tap through (identity over channels, zero bias),
+  upsample is nearest-neighbour 2x repetition and downsample (odd size 7 -> 4) takes pixels
+  0, 2, 4, 6."""
+  x = jax.random.normal(jax.random.PRNGKey(0), (2, 7, 7, 3))
+  centre = {"kernel": jnp.zeros((3, 3, 3, 3)).at[1, 1].set(jnp.eye(3)), "bias": jnp.zeros(3)}
+  up, down = _Call(upsample), _Call(downsample)
+  assert jax.tree.map(jnp.shape, up.init(jax.random.PRNGKey(1), x)["params"]["Conv_0"]) == \
+      jax.tree.map(jnp.shape, centre)
+  np.testing.assert_allclose(up.apply({"params": {"Conv_0": centre}}, x),
+                             jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2), rtol=0, atol=1e-6)
+  np.testing.assert_allclose(down.apply({"params": {"Conv_0": centre}}, x), x[:, ::2, ::2],
+                             rtol=0, atol=1e-6)
+
+
+def test_strided_res_block_projects_the_shortcut():
+  """A strided ResBlock of unchanged width still needs the 1x1 strided `shortcut` conv: with the
+  second conv zeroed it returns exactly that projection, x[:, ::2, ::2] @ kernel + bias."""
+  x = jax.random.normal(jax.random.PRNGKey(0), (2, 6, 6, 16))
+  block = ResBlock(16, stride=2)
+  params = block.init(jax.random.PRNGKey(1), x)["params"]
+  assert params["shortcut"]["kernel"].shape == (1, 1, 16, 16)
+  params["Conv_1"] = _zero(params["Conv_1"])
+  params["shortcut"]["bias"] = jax.random.normal(jax.random.PRNGKey(2), (16,))
+  want = x[:, ::2, ::2] @ params["shortcut"]["kernel"][0, 0] + params["shortcut"]["bias"]
+  np.testing.assert_allclose(block.apply({"params": params}, x), want, rtol=1e-5, atol=1e-5)
+
+
+def test_res_block_dropout_is_active_only_in_training():
+  """train=False: deterministic (no dropout rng needed), the same as without dropout; train=True
+  drops activations (outputs differ), and does nothing at rate 0."""
+  x = jax.random.normal(jax.random.PRNGKey(0), (2, 4, 4, 8))
+  params = ResBlock(8).init(jax.random.PRNGKey(1), x)
+  rngs = {"dropout": jax.random.PRNGKey(2)}
+  plain = ResBlock(8).apply(params, x)
+  np.testing.assert_array_equal(ResBlock(8, dropout=0.5).apply(params, x), plain)
+  np.testing.assert_array_equal(ResBlock(8).apply(params, x, None, True, rngs=rngs), plain)
+  assert not np.allclose(ResBlock(8, dropout=0.5).apply(params, x, None, True, rngs=rngs), plain)

@@ -97,3 +97,17 @@ def test_paired_bootstrap():
 
 def test_real_time_factor():
   assert metrics.real_time_factor(0.5, 2 * SR, SR) == 0.25
+
+
+def test_bad_inputs_raise_named_errors(voiced):
+  """Shapes that would otherwise broadcast, truncate or pair the wrong items are refused: e.g. an
+  estimate [1, 2, L] against references [2, L] holds the same 2 rows but is not item-aligned."""
+  both = np.stack([voiced, voiced])
+  with pytest.raises(ValueError, match=r"reference \[2, 48000\] and estimate \[1, 2, 48000\]"):
+    metrics.estoi(both, both[None])
+  with pytest.raises(ValueError, match="must be the same 1-D shape"):
+    metrics.paired_bootstrap(np.zeros((4, 2)), np.zeros((4, 2)))
+  with pytest.raises(ValueError, match="must be the same 1-D shape"):
+    metrics.paired_bootstrap(np.zeros(4), np.zeros(3))
+  with pytest.raises(ValueError, match="need n > 0 trials, got 0"):
+    metrics.accuracy(np.zeros(0), np.zeros(0))

@@ -240,3 +240,68 @@ def test_logit_block_is_the_identity_with_zero_residual_branches():
   attn = params["AttentionBlock_0"]["MultiHeadDotProductAttention_0"]
   attn["out"] = jax.tree.map(jnp.zeros_like, attn["out"])
   np.testing.assert_array_equal(block.apply({"params": params}, h, emb, context), h)
+
+
+def test_logit_net_with_zero_residual_branches_is_its_input_and_output_layers():
+  """With every LogitBlock's residual branches zeroed (MLP's last Dense, attention's output
+  projection), LogitNet is Dense(SiLU(LN(Dense(concat(l_t, f(c)))))), whatever t and c."""
+  net = nets.get_network("logit_net", **SMALL["logit_net"])
+  l, t, c, y = _args("logit_net", (28, 28, 1))
+  params = _random_params(net, (l, t, c, y))["params"]
+  for i in range(SMALL["logit_net"]["depth"]):
+    block = params[f"block{i}"]
+    block["Dense_1"] = jax.tree.map(jnp.zeros_like, block["Dense_1"])
+    attn = block["AttentionBlock_0"]["MultiHeadDotProductAttention_0"]
+    attn["out"] = jax.tree.map(jnp.zeros_like, attn["out"])
+  p = jax.tree.map(np.asarray, params)
+  h = np.concatenate([l, c], axis=-1) @ p["Dense_0"]["kernel"] + p["Dense_0"]["bias"]
+  h = (h - h.mean(-1, keepdims=True)) / np.sqrt(h.var(-1, keepdims=True) + 1e-6)
+  h = h * p["LayerNorm_0"]["scale"] + p["LayerNorm_0"]["bias"]
+  want = (h / (1 + np.exp(-h))) @ p["Dense_1"]["kernel"] + p["Dense_1"]["bias"]
+  np.testing.assert_allclose(net.apply({"params": params}, l, t, c, y), want, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["coupled_unet", "logit_net"])
+def test_time_steps_selects_a_learned_table_of_integer_times(name):
+  """time_steps = 5: the time embedding is a [5, dim] table read at round(t), so t = (2.4, 3.6)
+  gives exactly the output of t = (2, 4), and t = (3, 4) another one."""
+  net = nets.get_network(name, **SMALL[name], time_steps=5)
+  args = _args(name, (28, 28, 1))
+  params = _random_params(net, args)
+  assert params["params"]["TimeEmbedding_0"]["Embed_0"]["embedding"].shape[0] == 5
+  apply = jax.jit(lambda t: net.apply(params, *_replace(args, 1, t)))
+  base = apply(jnp.array([2.0, 4.0]))
+  np.testing.assert_array_equal(apply(jnp.array([2.4, 3.6])), base)
+  assert np.abs(apply(jnp.array([3.0, 4.0])) - base).max() > 1e-4
+
+
+def test_coupled_unet_pads_at_the_end_and_crops_back():
+  """H, W = 25, 22 with ch_mult (1, 2, 2) (factor 4) are zero-padded at the end to 28, 24: the
+  output is that of the explicitly end-padded inputs, cropped to 25 x 22."""
+  net = nets.get_network("coupled_unet", width=8, ch_mult=(1, 2, 2), attn_levels=())
+  x, t, y, l = _args("coupled_unet", (25, 22, 1))
+  pad = lambda a: jnp.pad(a, [(0, 0), (0, 3), (0, 2), (0, 0)])
+  params = _random_params(net, (pad(x), t, pad(y), l))
+  out = jax.jit(net.apply)(params, x, t, y, l)
+  assert out.shape == x.shape
+  np.testing.assert_allclose(out, jax.jit(net.apply)(params, pad(x), t, pad(y), l)[:, :25, :22],
+                             rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("attn_levels", [(1,), (0,)])
+def test_coupled_unet_attends_at_attn_levels_only(attn_levels):
+  """An AttentionBlock after every ResBlock of a level in attn_levels, in each encoder (1 per
+  level) and the decoder (num_res_blocks + 1 per level), and one in the middle."""
+  net = nets.get_network("coupled_unet", **{**SMALL["coupled_unet"], "attn_levels": attn_levels})
+  params = _init(net, _args("coupled_unet", (28, 28, 1)))["params"]
+  found = {f"{enc}/{name}" for enc in ("enc_x", "enc_y", "enc_logits") for name in params[enc]
+           if "attn" in name} | {name for name in params if "attn" in name}
+  (level,) = attn_levels
+  assert found == {f"{enc}/down{level}_attn0" for enc in ("enc_x", "enc_y", "enc_logits")} | {
+      "mid_attn", f"up{level}_attn0", f"up{level}_attn1"}
+
+
+def test_resnet_classifier_rejects_widths_and_blocks_of_different_lengths():
+  net = nets.get_network("resnet_classifier", widths=(8, 16, 32), blocks=(1, 1))
+  with pytest.raises(ValueError, match=r"widths \(8, 16, 32\) and blocks \(1, 1\)"):
+    _init(net, _args("resnet_classifier", (28, 28, 1)))
