@@ -113,6 +113,37 @@ def test_run_sweep_prints_members_and_runs_them_in_turn(tmp_path, capsys):
   assert ran[3] == (f"{tmp_path}/optim.lr=0.01,seed=1", 0.01, 1)
 
 
+def test_run_sweep_checks_every_member_before_running_any(tmp_path):
+  """An unknown field fails even without `execute`; a bad value in the last member fails before
+  the first member runs."""
+  config_file = tmp_path / "config.py"
+  for sweep, error in ((dict(zip={"seed": [0, 1], "optim.lrr": [1e-3, 1e-2]}), KeyError),
+                       (dict(product={"seed": [0, "one"]}), TypeError)):
+    config_file.write_text(f"def sweep():\n  return {sweep!r}\n")
+    for execute in (False, True):
+      ran = []
+      with pytest.raises(error):
+        main.run_sweep(mnist_classifier.get_config(), str(config_file), str(tmp_path), execute,
+                       mode=lambda cfg, workdir: ran.append(workdir))
+      assert not ran
+
+
+def test_main_gathers_and_refuses_other_arguments(tmp_path, capsys):
+  os.makedirs(tmp_path / "a")
+  (tmp_path / "a" / "metrics.jsonl").write_text(json.dumps({"step": 3, "loss": 0.5}) + "\n")
+  main.main(["cdjax", "gather", str(tmp_path / "a")])
+  assert capsys.readouterr().out.splitlines()[0] == "| workdir | step | loss |"
+  with pytest.raises(main.app.UsageError, match=r"Unexpected arguments \['train'\]"):
+    main.main(["cdjax", "train"])
+
+
+def test_cli_needs_config_and_workdir():
+  command = [sys.executable, "-m", "cdjax.main", "--config", "configs/mnist_classifier.py"]
+  out = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=120)
+  assert out.returncode != 0
+  assert "--config and --workdir are required" in out.stderr
+
+
 def test_modes_registry_and_gather(tmp_path, capsys):
   assert "train" in main.MODES
   for i, name in enumerate(["a", "b"]):

@@ -1,5 +1,6 @@
-"""Tests for cdjax.nets.speech: shapes, SGMSE+'s size, logit gate, latent modes, remat, and
-exact identities: NCSN++'s blocks, time features and output scaling, the enhancer's outputs."""
+"""Tests for cdjax.nets.speech: shapes, SGMSE+'s size, logit gate, latent modes, remat, errors,
+exact identities (NCSN++'s blocks, time features and output scaling, the enhancer's outputs) and
+numpy references (NCSN++'s residual block and attention, the latent integration)."""
 import flax
 import flax.linen as nn
 import jax
@@ -120,6 +121,19 @@ def test_ncsnpp_logits_and_latent_enter_only_when_given():
   np.testing.assert_allclose(ignored, out, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("latent_size, latent_level, width", [
+    ((F, T), None, 8), ((F // 2, T // 2), None, 16), ((F // 8, T // 8), None, 16),
+    ((F // 2, T // 2), 0, 8), ((F, T), -1, 16)])
+def test_ncsnpp_latent_enters_the_closest_or_the_chosen_level(latent_size, latent_level, width):
+  """The latent enters the down level (nf * ch_mult[i] channels: 8, 16) whose size is closest to
+  its own, or `latent_level` (negative counts from the last) when given."""
+  net = get_network("ncsnpp", **TINY, latent_mode="add", latent_level=latent_level)
+  x = jax.ShapeDtypeStruct((B, F, T), jnp.complex64)
+  latent = jax.ShapeDtypeStruct((B, *latent_size, 6), jnp.float32)
+  shapes = jax.eval_shape(net.init, KEY, x, jnp.ones((B,)), x, None, latent)
+  assert shapes["params"]["latent"]["Conv_0"]["kernel"].shape == (1, 1, 6, width)
+
+
 @pytest.mark.parametrize("kernel", [(1, 3, 3, 1), (1, 2, 1), (1, 4, 6, 4, 1), (2, 5, 1)])
 def test_fir_resampling_matches_upfirdn(kernel):
   rng = np.random.default_rng(6)
@@ -158,6 +172,27 @@ def test_latent_integration_modes(mode):
   assert not np.allclose(changed, module.apply(params, h, z), atol=1e-4)
 
 
+@pytest.mark.parametrize("mode", ["add", "concat", "film"])
+def test_latent_integration_formulas(mode):
+  """With random params and a latent of h's size (no resize), W and b the 1x1 conv's: add
+  h + z W + b; concat [h, z] W + b; film h (1 + s) + c with [s, c] = z W + b."""
+  rng = np.random.default_rng(13)
+  h = rng.standard_normal((B, 4, 6, 8)).astype(np.float32)
+  z = rng.standard_normal((B, 4, 6, 5)).astype(np.float32)
+  module = LatentIntegration(mode)
+  params = _random_params(module, h, z)
+  w, b = (np.asarray(params["params"]["Conv_0"][n], np.float64) for n in ("kernel", "bias"))
+  h64, z64, w = h.astype(np.float64), z.astype(np.float64), w[0, 0]
+  if mode == "add":
+    want = h64 + z64 @ w + b
+  elif mode == "concat":
+    want = np.concatenate([h64, z64], axis=-1) @ w + b
+  else:
+    s, c = np.split(z64 @ w + b, 2, axis=-1)
+    want = h64 * (1 + s) + c
+  np.testing.assert_allclose(module.apply(params, h, z), want, rtol=1e-5, atol=1e-5)
+
+
 def test_ncsnpp_remat_matches():
   rng = np.random.default_rng(2)
   x_t, y = _spec(rng), _spec(rng)
@@ -184,8 +219,17 @@ def test_ncsnpp_shape_errors():
   x_t = _spec(rng)
   with pytest.raises(ValueError, match="y"):
     net.init(KEY, x_t, 0.5, _spec(rng, (B, F, T + 2)))
-  with pytest.raises(ValueError, match="divisible"):
-    net.init(KEY, _spec(rng, (B, F, T + 1)), 0.5, _spec(rng, (B, F, T + 1)))
+  for shape in ((B, F, T + 1), (B, F + 1, T)):
+    with pytest.raises(ValueError, match="divisible"):
+      net.init(KEY, _spec(rng, shape), 0.5, _spec(rng, shape))
+  for logits in (np.zeros((B + 1, K)), np.zeros((B, 2, 3, K))):   # another batch, a 4-D array
+    with pytest.raises(ValueError, match=r"logits must be \[B, K\] or \[B, L, K\] with B=2"):
+      jax.eval_shape(net.init, KEY, x_t, 0.5, x_t, logits)   # traced: no compiling
+  with pytest.raises(ValueError, match=r"latent_mode must be one of \('none', 'add'"):
+    jax.eval_shape(net.clone(latent_mode="sum").init, KEY, x_t, 0.5, x_t)   # even without one
+  with pytest.raises(ValueError, match=r"latent must be \[B, F', T', C'\] with B=2"):
+    jax.eval_shape(net.clone(latent_mode="add").init, KEY, x_t, 0.5, x_t, None,
+                   np.zeros((B + 1, 4, 2, 3)))
   with pytest.raises(ValueError, match="complex"):
     net.init(KEY, np.ones((B, F, T), np.float32), 0.5, x_t)
 
@@ -201,6 +245,20 @@ def test_resunet_enhancer_mask_and_latent():
   assert count_params(params) > 0
 
 
+def test_resunet_enhancer_config_errors():
+  """One stride per level but the last, an output mode of the two, a complex [B, F, T] input."""
+  y = jax.ShapeDtypeStruct((B, F, T), jnp.complex64)
+  for kwargs, match in ((dict(strides=((2, 2),)), r"need len\(widths\) - 1 = 2 strides, got 1"),
+                        (dict(strides=((2, 2),) * 3), r"= 2 strides, got 3"),
+                        (dict(output="residual"), "output must be 'mask' or 'mapping'")):
+    net = get_network("resunet_enhancer", widths=(8, 16, 24), **kwargs)
+    with pytest.raises(ValueError, match=match):
+      jax.eval_shape(net.init, KEY, y)
+  with pytest.raises(ValueError, match="complex spectrogram"):
+    jax.eval_shape(get_network("resunet_enhancer").init, KEY,
+                   jax.ShapeDtypeStruct((B, F, T), jnp.float32))
+
+
 def test_speech_classifier():
   rng = np.random.default_rng(5)
   net = get_network("speech_classifier", num_classes=K, width=8, depth=2)
@@ -209,6 +267,21 @@ def test_speech_classifier():
   assert jax.jit(net.apply)(params, wave).shape == (B, K)
   with pytest.raises(ValueError, match=r"\[B, L\]"):
     net.apply(params, wave[0])
+
+
+def test_speech_logit_net_reads_the_pooled_magnitude():
+  """The logit branch's map of c is |c| average-pooled by `pool` (frequency, time), so it is
+  blind to the phase; a real input is refused."""
+  rng = np.random.default_rng(16)
+  c = _spec(rng)   # [B, 16, 8]
+  net = get_network("speech_logit_net", num_classes=K, pool=(4, 2))
+  got = net.apply({}, c, method="signal_map")
+  want = np.abs(c).reshape(B, F // 4, 4, T // 2, 2).mean((2, 4))[..., None]
+  np.testing.assert_allclose(got, want, rtol=1e-5)
+  phase = np.exp(2j * np.pi * rng.uniform(size=c.shape)).astype(np.complex64)
+  np.testing.assert_allclose(net.apply({}, c * phase, method="signal_map"), got, rtol=1e-5)
+  with pytest.raises(ValueError, match="complex spectrogram"):
+    net.apply({}, np.abs(c), method="signal_map")
 
 
 def _random_params(net, *args, seed=0):
@@ -233,30 +306,108 @@ def test_ncsn_blocks_are_x_over_sqrt2_at_init(block, args, last):
                              rtol=1e-6, atol=0)
 
 
+def _np_params(params):
+  return jax.tree.map(lambda p: np.asarray(p, np.float64), params["params"])
+
+
+def _np_silu(x):
+  return x / (1 + np.exp(-x))
+
+
+def _np_group_norm(x, p):
+  """NCSN++'s GroupNorm of x [B, H, W, C]: C // 4 groups, eps 1e-6, then scale and bias."""
+  b, c = x.shape[0], x.shape[-1]
+  g = x.reshape(b, -1, c // 4, 4)
+  g = (g - g.mean((1, 3), keepdims=True)) / np.sqrt(g.var((1, 3), keepdims=True) + 1e-6)
+  return g.reshape(x.shape) * p["scale"] + p["bias"]
+
+
+def _np_conv(x, p):
+  """'SAME' convolution of x [B, H, W, C] with an odd square kernel [k, k, C, C'] and a bias."""
+  k, (_, hh, ww, _) = p["kernel"].shape[0], x.shape
+  xp = np.pad(x, ((0, 0), (k // 2, k // 2), (k // 2, k // 2), (0, 0)))
+  return sum(xp[:, i:i + hh, j:j + ww] @ p["kernel"][i, j]
+             for i in range(k) for j in range(k)) + p["bias"]
+
+
+def test_ncsn_res_block_matches_a_reference():
+  """With random params, 8 -> 12 channels (a 1x1 shortcut): (S(x) + h) / sqrt(2), h =
+  Conv(SiLU(GN(Conv(SiLU(GN(x))) + Dense(SiLU(temb))))), in numpy."""
+  rng = np.random.default_rng(14)
+  x = rng.standard_normal((B, 4, 6, 8)).astype(np.float32)
+  temb = rng.standard_normal((B, 5)).astype(np.float32)
+  block = _NCSNResBlock(12)
+  params = _random_params(block, x, temb)
+  p, x64 = _np_params(params), x.astype(np.float64)
+  h = _np_conv(_np_silu(_np_group_norm(x64, p["GroupNorm_0"])), p["Conv_0"])
+  h = h + (_np_silu(temb.astype(np.float64)) @ p["Dense_0"]["kernel"] + p["Dense_0"]["bias"])[
+      :, None, None]
+  h = _np_conv(_np_silu(_np_group_norm(h, p["GroupNorm_1"])), p["Conv_1"])
+  want = (_np_conv(x64, p["shortcut"]) + h) / np.sqrt(2.0)
+  got = jax.jit(block.apply)(params, x, temb)
+  np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4 * np.abs(want).max())
+
+
+def test_ncsn_attention_matches_a_reference():
+  """With random params: (x + Out(softmax(Q K^T / sqrt(C)) V)) / sqrt(2) over all H W positions,
+  Q, K, V dense maps of GN(x), in numpy."""
+  rng = np.random.default_rng(15)
+  x = rng.standard_normal((B, 4, 3, 8)).astype(np.float32)
+  block = _NCSNAttention()
+  params = _random_params(block, x)
+  p = _np_params(params)
+  tokens = _np_group_norm(x.astype(np.float64), p["GroupNorm_0"]).reshape(B, 12, 8)
+  q, k, v = (tokens @ p[n]["kernel"] + p[n]["bias"] for n in ("q", "k", "v"))
+  scores = q @ k.transpose(0, 2, 1) / np.sqrt(8.0)   # [B, query, key]
+  weights = np.exp(scores - scores.max(-1, keepdims=True))
+  weights /= weights.sum(-1, keepdims=True)
+  h = (weights @ v) @ p["out"]["kernel"] + p["out"]["bias"]
+  want = (x + h.reshape(x.shape)) / np.sqrt(2.0)
+  np.testing.assert_allclose(jax.jit(block.apply)(params, x), want, rtol=1e-4, atol=1e-4)
+
+
+def _time_mlp_input(net, x_t, t, y):
+  """The input of NCSN++'s time MLP (its features of t) in `net(x_t, t, y)`, random params."""
+  seen = []
+
+  def spy(next_fun, args, kwargs, context):
+    if context.module.scope.path == ("Dense_0",):   # the first time Dense, not a block's
+      seen.append(args[0])
+    return next_fun(*args, **kwargs)
+
+  def run(params):
+    with nn.intercept_methods(spy):
+      net.apply(params, x_t, t, y)
+    return seen[0]
+
+  return jax.jit(run)(_random_params(net, x_t, t, y))
+
+
 def test_ncsnpp_fourier_features_of_log_t():
   """The time MLP's input is [sin(2 pi log(t) w), cos(2 pi log(t) w)], w ~ N(0, scale^2) [nf]
   drawn from `fourier_seed`."""
   rng = np.random.default_rng(10)
   net = get_network("ncsnpp", **MICRO, fourier_scale=4.0, fourier_seed=3)
   x_t, y, t = _spec(rng), _spec(rng), jnp.array([0.05, 0.7])
-
-  def time_mlp_input(params):
-    seen = []
-
-    def spy(next_fun, args, kwargs, context):
-      if context.module.scope.path == ("Dense_0",):   # the first time Dense, not a block's
-        seen.append(args[0])
-      return next_fun(*args, **kwargs)
-
-    with nn.intercept_methods(spy):
-      net.apply(params, x_t, t, y)
-    return seen[0]
-
-  got = jax.jit(time_mlp_input)(_random_params(net, x_t, t, y))
+  got = _time_mlp_input(net, x_t, t, y)
   w = np.asarray(jax.random.normal(jax.random.key(3), (8,)), np.float64) * 4.0
   proj = 2 * np.pi * np.log(np.asarray(t, np.float64))[:, None] * w
   np.testing.assert_allclose(got, np.concatenate([np.sin(proj), np.cos(proj)], axis=-1),
                              rtol=0, atol=1e-4)
+
+
+def test_ncsnpp_sinusoidal_features_of_scaled_t():
+  """embedding='sinusoidal' reads time_scale * t: halving the scale and doubling t changes
+  nothing, while t alone moves the features; an unknown embedding is refused."""
+  rng = np.random.default_rng(17)
+  net = get_network("ncsnpp", **MICRO, embedding="sinusoidal", time_scale=100.0)
+  x_t, y, t = _spec(rng), _spec(rng), jnp.array([0.2, 0.45])
+  got = _time_mlp_input(net, x_t, t, y)
+  np.testing.assert_allclose(_time_mlp_input(net.clone(time_scale=50.0), x_t, 2 * t, y), got,
+                             rtol=1e-5, atol=1e-5)
+  assert not np.allclose(_time_mlp_input(net, x_t, 2 * t, y), got, atol=1e-2)
+  with pytest.raises(ValueError, match="embedding must be 'fourier' or 'sinusoidal'"):
+    jax.eval_shape(net.clone(embedding="learned").init, KEY, x_t, t, y)
 
 
 def test_ncsnpp_scale_by_t_divides_the_output_by_t():
