@@ -258,7 +258,8 @@ def test_logit_net_with_zero_residual_branches_is_its_input_and_output_layers():
   h = (h - h.mean(-1, keepdims=True)) / np.sqrt(h.var(-1, keepdims=True) + 1e-6)
   h = h * p["LayerNorm_0"]["scale"] + p["LayerNorm_0"]["bias"]
   want = (h / (1 + np.exp(-h))) @ p["Dense_1"]["kernel"] + p["Dense_1"]["bias"]
-  np.testing.assert_allclose(net.apply({"params": params}, l, t, c, y), want, rtol=1e-4, atol=1e-5)
+  np.testing.assert_allclose(jax.jit(net.apply)({"params": params}, l, t, c, y), want, rtol=1e-4,
+                             atol=1e-5)
 
 
 @pytest.mark.parametrize("name", ["coupled_unet", "logit_net"])

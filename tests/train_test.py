@@ -538,11 +538,13 @@ def test_frozen_classifier_loads_in_inference_mode_and_refuses_another_network(t
   config.classifier.net_kwargs.dropout = 0.5   # in training mode, the logits would differ
   net = nets.get_network(config.classifier.net, **config.classifier.net_kwargs)
   x = jnp.asarray(np.random.default_rng(0).uniform(-1, 1, (2, 28, 28, 1)), jnp.float32)
-  params = net.init(jax.random.PRNGKey(0), x[:1])["params"]
+  params = jax.jit(net.init)(jax.random.PRNGKey(0), x[:1])["params"]
   config.checkpoint.classifier = str(tmp_path / "classifier")
   checkpoint.save_classifier(config.checkpoint.classifier, params, 0.5, config)
   classify, loaded = train._frozen_classifier(config)
-  np.testing.assert_allclose(classify(loaded, x), net.apply({"params": params}, x, train=False),
+  np.testing.assert_allclose(jax.jit(classify)(loaded, x),
+                             jax.jit(net.apply, static_argnames="train")({"params": params}, x,
+                                                                         train=False),
                              rtol=1e-6)
   config.classifier.net_kwargs.width = 16
   with pytest.raises(checkpoint.CheckpointError, match=(
