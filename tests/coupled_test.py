@@ -291,7 +291,7 @@ def test_guided_scores_follow_the_guide_not_the_conditioning():
   expected = 2.0 * (jax.nn.sigmoid(2.0) - jax.nn.sigmoid(x0_hat @ W))[:, None] * W
   np.testing.assert_allclose(guided - plain, expected, rtol=1e-4, atol=1e-6)
   # Logits: conditioned on y and f(y), guided by -y (whose classifier logits are f(y)'s reversed).
-  st = lambda v: 0.8 * (v - v.mean(-1, keepdims=True)) / (v.std(-1, keepdims=True) + 1e-6)
+  st = lambda v: coupled.standardize_logits(v, 0.8)   # the model's logits_std
   l = jax.random.normal(jax.random.PRNGKey(5), (4, 2))
   plain, guided = (b.logits_score_fn(y, st(classifier(None, y)), -y)(l, t)
                    for b in branches.values())
