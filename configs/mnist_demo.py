@@ -21,5 +21,5 @@ def get_config():
   c.train.update(joint_steps=0, ema_decay=0.99, log_every=50, ckpt_every=200)
   c.optim.update(lr=3e-3, schedule="cosine", warmup_steps=20)
   c.sampling.batch_size = 150
-  c.mesh.host_cpu_devices = 2   # both cores of a CPU-only machine (1.3-1.6x faster there)
+  c.mesh.host_cpu_devices = 2   # both cores of a CPU-only machine (sampler 1.3-1.6x faster there)
   return c
