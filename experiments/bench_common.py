@@ -140,12 +140,15 @@ def timeit(fn, repeats: int, warmup: int = 1, budget_s: float = float("inf")):
 def interleaved_runs(runs: dict, repeats: int, budget_s: float = float("inf")) -> dict:
   """Times the callables `runs` ({name: fn() blocking until its result is ready}) alike and side
   by side: one untimed first call each (one-time costs: buffer allocation, oneDNN primitive
-  creation, ...; for PyTorch's, those `torch_blocking` made, under `PeakTorchMemory`), then up
-  to `repeats` rounds calling each once in turn, so that every one sees the same machine state
-  (this VM's speed drifts by 10-30% within minutes), stopping after the first round whose timed
-  calls brought the total past `budget_s` per callable. Round r starts r places further along
-  `runs`, so that no callable always runs right after the same other one (in session 50, of two
-  near-identical JAX paths, the one right after PyTorch's ran 4-9% slower).
+  creation, ...; for PyTorch's, those `torch_blocking` made, under `PeakTorchMemory`), one
+  untimed round (without it the image scan's first timed call took 86-88 ms, its later ones
+  62-72 ms, session 62), then up to `repeats` rounds calling each once in turn, so that every one
+  sees the same machine state (this VM's speed drifts by 10-30% within minutes), stopping after
+  the first round whose timed calls brought the total past `budget_s` per callable. Rounds
+  follow `round_order` (the untimed one round 0's), so that no callable always runs right after
+  the same other one (in session 50, of two near-identical JAX paths, the one right after
+  PyTorch's ran 4-9% slower; in session 62 the image scan at batch 1 ran 7% slower after PyTorch
+  than after the per-step loop).
   Returns {name: dict(out=first output, sec=median, times, first_s, and for PyTorch's
   torch_peak_mib: its peak tensor memory during the first call)}."""
   res = {}
@@ -156,6 +159,8 @@ def interleaved_runs(runs: dict, repeats: int, budget_s: float = float("inf")) -
       res[name] = dict(out=out, first_s=time.perf_counter() - tic, times=[])
     if mem is not None:
       res[name]["torch_peak_mib"] = mem.mib
+  for name in round_order(list(runs), 0):
+    runs[name]()
   for i in range(repeats):
     for name in round_order(list(runs), i):
       tic = time.perf_counter()
@@ -169,9 +174,16 @@ def interleaved_runs(runs: dict, repeats: int, budget_s: float = float("inf")) -
 
 
 def round_order(items: list, i: int) -> list:
-  """`items` in the order of round i: starting i places further along, wrapping around."""
-  i %= len(items)
-  return items[i:] + items[:i]
+  """`items` in the order of round i, row i of a Williams design: row 0 takes items 0, 1, n-1, 2,
+  n-2, ...; row i adds i (mod n) to each; for odd n, rows n to 2n-1 are rows 0 to n-1 reversed.
+  Over n rounds (2n for odd n) each item runs right after each other item equally often (a
+  rotation of one order would keep every item after the same one)."""
+  n = len(items)
+  row = [(k + 1) // 2 if k % 2 else (n - k // 2) % n for k in range(n)]
+  row = [(j + i) % n for j in row]
+  if n % 2 and (i // n) % 2:
+    row.reverse()
+  return [items[j] for j in row]
 
 
 def paired_ratio(a: dict, b: dict) -> float:

@@ -715,9 +715,9 @@ def write(results: dict, config) -> None:
              ["partial: written after each stage, and the run stopped before the last"]),
            f"threads: BENCH_THREADS={results['threads']} (torch.set_num_threads, OMP), XLA_FLAGS="
            f"'{results['xla_flags']}' ({results['devices']} devices); {n} DDPM steps; every path "
-           f"of a batch size timed side by side: one untimed call each, then up to "
-           f"{_REPEATS.value} rounds calling each in turn, each round starting one path further "
-           f"along; value and baseline: each path's median; the ratio of two paths: the median "
+           f"of a batch size timed side by side: one untimed call each, one untimed round, then "
+           f"up to {_REPEATS.value} rounds calling each in turn, ordered by a Williams design "
+           f"(no path always right after the same one); value and baseline: each path's median; the ratio of two paths: the median "
            f"over rounds of their per-round ratio; "
            f"total script time {results['total_s']:.0f} s",
            f"FLOPs per item per trajectory: {traj_flops / 1e9:.2f} GFLOP (XLA cost analysis per "

@@ -3,6 +3,7 @@ temporary folder (BENCH_RESULTS_DIR): what the timed runs and a lent GPU's one c
 (experiments/device_bench.sh) rely on. Timings at these sizes mean nothing; the test checks what
 does not depend on them: the per-step loop equals the scan, the NFE of each strategy, memory
 saved by gradient accumulation, the sharded train step's loss, and the files written."""
+import collections
 import json
 import math
 import os
@@ -14,15 +15,21 @@ from cdjax import provenance
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def test_interleaved_runs_start_each_round_one_further_along():
+def test_interleaved_runs_follow_a_williams_design_after_an_untimed_round():
+  """First calls, an untimed round in round 0's order, then the timed rounds; over n rounds (2n
+  for odd n) every callable runs right after every other one equally often within the rounds."""
   sys.path.insert(0, os.path.join(ROOT, "experiments"))
   import bench_common   # pylint: disable=g-import-not-at-top
   calls = []
-  runs = {name: (lambda name=name: calls.append(name)) for name in "abc"}
+  runs = {name: (lambda name=name: calls.append(name)) for name in "abcd"}
   timed = bench_common.interleaved_runs(runs, repeats=3)
-  assert "".join(calls) == "abc" + "abc" + "bca" + "cab"   # first calls, then 3 rounds
-  assert [len(r["times"]) for r in timed.values()] == [3, 3, 3]
-  assert bench_common.round_order(list("abc"), 4) == list("bca")   # wraps around after 3
+  assert "".join(calls) == "abcd" + "abdc" + "abdc" + "bcad" + "cdba"
+  assert [len(r["times"]) for r in timed.values()] == [3, 3, 3, 3]
+  for n in range(2, 8):
+    rounds = [bench_common.round_order(list(range(n)), i) for i in range(n if n % 2 == 0 else 2 * n)]
+    assert all(sorted(r) == list(range(n)) for r in rounds), n
+    pairs = collections.Counter((r[k], r[k + 1]) for r in rounds for k in range(n - 1))
+    assert len(pairs) == n * (n - 1) and len(set(pairs.values())) == 1, (n, pairs)
 
 
 def _bench_common(monkeypatch, ticks=None):
