@@ -145,10 +145,10 @@ def interleaved_runs(runs: dict, repeats: int, budget_s: float = float("inf")) -
   62-72 ms, session 62), then up to `repeats` rounds calling each once in turn, so that every one
   sees the same machine state (this VM's speed drifts by 10-30% within minutes), stopping after
   the first round whose timed calls brought the total past `budget_s` per callable. Rounds
-  follow `round_order` (the untimed one round 0's), so that no callable always runs right after
-  the same other one (in session 50, of two near-identical JAX paths, the one right after
-  PyTorch's ran 4-9% slower; in session 62 the image scan at batch 1 ran 7% slower after PyTorch
-  than after the per-step loop).
+  follow `round_order` (the untimed one in round 0's order), so that no callable always runs
+  right after the same other one (in session 50, of two near-identical JAX paths, the one right
+  after PyTorch's ran 4-9% slower; in session 62 the image scan at batch 1 ran 7% slower after
+  PyTorch than after the per-step loop).
   Returns {name: dict(out=first output, sec=median, times, first_s, and for PyTorch's
   torch_peak_mib: its peak tensor memory during the first call)}."""
   res = {}

@@ -717,8 +717,8 @@ def write(results: dict, config) -> None:
            f"'{results['xla_flags']}' ({results['devices']} devices); {n} DDPM steps; every path "
            f"of a batch size timed side by side: one untimed call each, one untimed round, then "
            f"up to {_REPEATS.value} rounds calling each in turn, ordered by a Williams design "
-           f"(no path always right after the same one); value and baseline: each path's median; the ratio of two paths: the median "
-           f"over rounds of their per-round ratio; "
+           f"(no path always right after the same one); value and baseline: each path's median; "
+           f"the ratio of two paths: the median over rounds of their per-round ratio; "
            f"total script time {results['total_s']:.0f} s",
            f"FLOPs per item per trajectory: {traj_flops / 1e9:.2f} GFLOP (XLA cost analysis per "
            f"network call; {calls}{' + the enhancer once' if 'enhancer' in fl else ''}), as the "
